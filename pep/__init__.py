@@ -1,0 +1,1 @@
+"""pep: a transparent TCP split-connection Performance Enhancing Proxy."""

@@ -1,0 +1,223 @@
+"""Settings: a TOML file (tomllib) with CLI flags on top, validated in one place.
+
+Every problem is reported as a ``ConfigError`` naming the key, the value and what is allowed,
+so an operator fixes a typo without reading the source. Unknown keys are errors too: a
+misspelt ``listen_prot`` silently ignored is worse than a refusal to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "LegTuning", "load"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_IFNAME = re.compile(
+    r"^[^\s/:]{1,15}$"
+)  # IFNAMSIZ 16 incl. NUL; no '/', ':' or spaces (dev_valid_name)
+
+
+class ConfigError(ValueError):
+    """A setting the daemon refuses; ``str()`` is the message shown to the user."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config: {key} = {value!r}: {allowed}")
+
+
+@dataclass(frozen=True, slots=True)
+class LegTuning:
+    """Socket options for one leg of a split connection (client side or upstream side).
+
+    ``None`` means "leave the kernel's default": the sysctls (tcp_rmem/tcp_wmem autotuning,
+    tcp_congestion_control) usually know better than a fixed number.
+    """
+
+    nodelay: bool = True  # a relay must not add Nagle delay on top of the sender's own
+    sndbuf: int | None = None
+    rcvbuf: int | None = None
+    congestion: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    interfaces: tuple[str, ...] = ()
+    listen_port: int = 5000
+    queue: int = 0
+    log_level: str = "info"
+    # Mark set on split SYNs; the nat rule REDIRECTs only these. Within the mask only, so
+    # marks set by other tools survive.
+    split_mark: int = 0x5E9
+    mark_mask: int = 0xFFFF
+    # Kernel default NFQNL_QMAX_DEFAULT is 1024 (net/netfilter/nfnetlink_queue.c); SYNs are
+    # small and a burst of new connections should not spill into bypass.
+    queue_maxlen: int = 4096
+    # Netlink receive buffer (SO_RCVBUFFORCE); ENOBUFS below it is counted, not fatal.
+    queue_rcvbuf: int = 4 * 1024 * 1024
+    # A SYN's record lives until the redirected connection is accepted: milliseconds normally,
+    # up to the client's SYN retries (1 s, 3 s, ... tcp_syn_retries) when the listener is slow.
+    flow_ttl: float = 30.0
+    flow_table_size: int = 65536
+    # listen() backlog; the kernel caps it at net.core.somaxconn (4096 since Linux 5.4).
+    backlog: int = 4096
+    # HAProxy's documentation suggests "timeout connect 5s"; a satellite leg needs more.
+    connect_timeout: float = 10.0
+    # Idle connections are closed after this; 0 disables. HAProxy's "timeout client/server"
+    # are typically minutes; long-lived idle flows (SSH) should set keepalive instead.
+    idle_timeout: float = 3600.0
+    # os.splice pipe size; 1 MiB is the default /proc/sys/fs/pipe-max-size.
+    pipe_size: int = 1024 * 1024
+    client: LegTuning = field(default_factory=LegTuning)
+    upstream: LegTuning = field(default_factory=LegTuning)
+
+
+_LEG_KEYS = {f.name for f in dataclasses.fields(LegTuning)}
+
+
+def _int(key: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, value, f"must be an integer between {lo} and {hi}")
+    if not lo <= value <= hi:
+        raise ConfigError(key, value, f"must be between {lo} and {hi}")
+    return value
+
+
+def _float(key: str, value: object, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, value, f"must be a number of seconds between {lo} and {hi}")
+    if not lo <= value <= hi:
+        raise ConfigError(key, value, f"must be between {lo} and {hi}")
+    return float(value)
+
+
+def _congestion(key: str, value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]{1,15}", value):
+        raise ConfigError(key, value, "must be a congestion control name such as 'cubic' or 'bbr'")
+    available = _available_congestion()
+    if available is not None and value not in available:
+        raise ConfigError(
+            key, value, f"is not available on this kernel (available: {' '.join(available)})"
+        )
+    return value
+
+
+def _available_congestion() -> list[str] | None:
+    try:
+        text = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text()
+    except OSError:
+        return None
+    return text.split()
+
+
+def _leg(key: str, value: object) -> LegTuning:
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, value, f"must be a table with keys {sorted(_LEG_KEYS)}")
+    out: dict[str, Any] = {}
+    for name, v in value.items():
+        k = f"{key}.{name}"
+        if name == "nodelay":
+            if not isinstance(v, bool):
+                raise ConfigError(k, v, "must be true or false")
+            out[name] = v
+        elif name in ("sndbuf", "rcvbuf"):
+            out[name] = _int(k, v, 4096, 1 << 30)
+        elif name == "congestion":
+            out[name] = _congestion(k, v)
+        else:
+            raise ConfigError(k, v, f"unknown key (allowed: {', '.join(sorted(_LEG_KEYS))})")
+    return LegTuning(**out)
+
+
+def _interfaces(key: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(key, value, "must be a non-empty list of interface names")
+    for name in value:
+        if not isinstance(name, str) or not _IFNAME.match(name):
+            raise ConfigError(key, name, "is not a valid interface name (1-15 chars, no '/', ':')")
+    if len(set(value)) != len(value):
+        raise ConfigError(key, value, "lists an interface twice")
+    return tuple(value)
+
+
+def _log_level(key: str, value: object) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ConfigError(key, value, f"must be one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+# key -> validator returning the typed value
+_VALIDATORS: dict[str, Any] = {
+    "interfaces": _interfaces,
+    "listen_port": lambda k, v: _int(k, v, 1, 65535),
+    "queue": lambda k, v: _int(k, v, 0, 65535),
+    "log_level": _log_level,
+    "split_mark": lambda k, v: _int(k, v, 1, 0xFFFFFFFF),
+    "mark_mask": lambda k, v: _int(k, v, 1, 0xFFFFFFFF),
+    "queue_maxlen": lambda k, v: _int(k, v, 1, 1 << 20),
+    "queue_rcvbuf": lambda k, v: _int(k, v, 64 * 1024, 1 << 30),
+    "flow_ttl": lambda k, v: _float(k, v, 0.1, 3600),
+    "flow_table_size": lambda k, v: _int(k, v, 16, 1 << 24),
+    "backlog": lambda k, v: _int(k, v, 1, 65535),
+    "connect_timeout": lambda k, v: _float(k, v, 0.1, 600),
+    "idle_timeout": lambda k, v: _float(k, v, 0, 7 * 86400),
+    "pipe_size": lambda k, v: _int(k, v, 4096, 1 << 30),
+    "client": _leg,
+    "upstream": _leg,
+}
+assert set(_VALIDATORS) == {f.name for f in dataclasses.fields(Config)}
+
+
+def build(settings: Mapping[str, object]) -> Config:
+    """Validate a flat mapping of settings (file values already merged with CLI overrides)."""
+    typed: dict[str, Any] = {}
+    for key, value in settings.items():
+        validator = _VALIDATORS.get(key)
+        if validator is None:
+            raise ConfigError(
+                key, value, f"unknown key (allowed: {', '.join(sorted(_VALIDATORS))})"
+            )
+        typed[key] = validator(key, value)
+    cfg = Config(**typed)
+    if cfg.split_mark & ~cfg.mark_mask:
+        raise ConfigError(
+            "split_mark", hex(cfg.split_mark), f"must lie within mark_mask {cfg.mark_mask:#x}"
+        )
+    return cfg
+
+
+def read_file(path: str | Path) -> dict[str, object]:
+    """Parse a TOML file; syntax errors become ConfigError with the file's name and line."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("--config", str(path), "file does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", str(path), f"is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError("--config", str(path), f"cannot be read: {e.strerror}") from None
+
+
+def load(path: str | Path | None, overrides: Mapping[str, object]) -> Config:
+    """File settings, then CLI overrides (``None`` values mean "flag not given")."""
+    settings = read_file(path) if path is not None else {}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = build(settings)
+    if not cfg.interfaces:
+        raise ConfigError(
+            "interfaces", [], "at least one ingress interface is required (--interface)"
+        )
+    return cfg
+
+
+def log_level_number(level: str) -> int:
+    return getattr(logging, level.upper())

@@ -1,0 +1,73 @@
+"""The flow table: what the SYN reader learnt about a connection, until the listener accepts it.
+
+Keyed by the client's (address, port). Entries are short-lived (the gap between the SYN and
+accept()), the table is bounded (a SYN flood must not grow memory), and a new SYN for the same
+key replaces the old entry: PEPsal v1 kept the stale one and blocked the port for hours.
+
+A plain dict keeps insertion order, and re-inserting a key moves it to the end, so the oldest
+entry is always first: expiry and eviction pop from the front in O(1) amortised.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pep.syn import SynInfo
+
+__all__ = ["Flow", "FlowTable"]
+
+Key = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    syn: SynInfo
+    seen: float  # monotonic time of the SYN
+
+    @property
+    def original_dst(self) -> tuple[str, int]:
+        return (self.syn.dst, self.syn.dport)
+
+
+class FlowTable:
+    def __init__(
+        self, max_size: int, ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_size = max_size
+        self.ttl = ttl
+        self._clock = clock
+        self._flows: dict[Key, Flow] = {}
+        self.evicted = 0  # dropped because the table was full (a SYN flood, or a slow listener)
+        self.expired = 0  # never claimed within ttl (SYN that never completed the handshake)
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def record(self, syn: SynInfo) -> None:
+        now = self._clock()
+        key = (syn.src, syn.sport)
+        self._flows.pop(key, None)  # re-insert at the end: a new SYN replaces the old entry
+        self._flows[key] = Flow(syn, now)
+        self._expire(now)
+        while len(self._flows) > self.max_size:
+            del self._flows[next(iter(self._flows))]
+            self.evicted += 1
+
+    def claim(self, client: Key) -> Flow | None:
+        """Remove and return the flow for an accepted connection (each SYN is used once)."""
+        flow = self._flows.pop(client, None)
+        if flow is not None and self._clock() - flow.seen > self.ttl:
+            self.expired += 1
+            return None
+        return flow
+
+    def _expire(self, now: float) -> None:
+        flows = self._flows
+        while flows:
+            key = next(iter(flows))
+            if now - flows[key].seen <= self.ttl:
+                break
+            del flows[key]
+            self.expired += 1

@@ -1,0 +1,161 @@
+"""The client-side leg: accept redirected connections, find where they were going, split them.
+
+The original destination comes from conntrack (SO_ORIGINAL_DST); the flow table recorded by the
+SYN reader must agree, and a disagreement is logged (SO_ORIGINAL_DST wins: it is the NAT
+binding the kernel actually applied). A connection that was not redirected, i.e. whose
+original destination is the listener itself, is closed at once: pep is never an open proxy.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+import trio
+
+from pep.config import Config
+from pep.flows import FlowTable
+from pep.relay import RelayStats, abort, relay
+from pep.tuning import apply_tuning
+from pep.upstream import UpstreamError, connect
+
+__all__ = ["Listener", "ListenerCounters", "original_dst"]
+
+log = logging.getLogger(__name__)
+
+SO_ORIGINAL_DST = 80  # include/uapi/linux/netfilter_ipv4.h
+_SOCKADDR_IN = struct.Struct("!2xH4s8x")  # sin_family (host order, skipped), port, addr
+
+
+def original_dst(sock: trio.socket.SocketType) -> tuple[str, int] | None:
+    """The pre-NAT destination from conntrack, or None when conntrack has no entry for it."""
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+    except OSError:
+        return None  # ENOENT: not tracked, so certainly not redirected by us
+    port, addr = _SOCKADDR_IN.unpack(raw)
+    return socket.inet_ntop(socket.AF_INET, addr), port
+
+
+@dataclass(slots=True)
+class ListenerCounters:
+    accepted: int = 0
+    split: int = 0
+    not_redirected: int = 0  # direct connections to the listener: refused (no open proxy)
+    flow_missing: int = 0  # redirected, but the SYN reader had no record (e.g. evicted)
+    flow_mismatch: int = 0  # flow table and SO_ORIGINAL_DST disagree
+    upstream_failed: int = 0
+    accept_errors: int = 0
+    active: int = 0
+
+
+class Listener:
+    """Owns the listening socket; every connection runs as a task in the caller's nursery."""
+
+    def __init__(self, cfg: Config, flows: FlowTable) -> None:
+        self.cfg = cfg
+        self.flows = flows
+        self.counters = ListenerCounters()
+        self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit buffers, congestion control and TCP_NODELAY from the
+        # listener; buffers must be set here to count in the window scale of the SYN-ACK.
+        apply_tuning(self.sock, cfg.client)
+
+    async def bind(self) -> None:
+        await self.sock.bind(("0.0.0.0", self.cfg.listen_port))
+        self.sock.listen(self.cfg.backlog)
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                client, _ = await self.sock.accept()
+            except OSError as e:
+                self.counters.accept_errors += 1
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the connection stays in the backlog.
+                    # Back off instead of spinning on a listener that stays readable.
+                    log.warning("accept: %s; pausing 100 ms", e.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up before accept; nothing to do
+                raise
+            self.counters.accepted += 1
+            nursery.start_soon(self.handle, client)
+
+    async def handle(self, client: trio.socket.SocketType) -> None:
+        c = self.counters
+        try:
+            peer = client.getpeername()
+            local = client.getsockname()
+        except OSError:
+            client.close()  # reset between accept and here
+            return
+        dst = original_dst(client)
+        if dst is None or dst == local:
+            c.not_redirected += 1
+            log.info(
+                "refused %s:%d -> %s:%d: not redirected (pep is not an open proxy)", *peer, *local
+            )
+            abort(client)
+            return
+        flow = self.flows.claim((peer[0], peer[1]))
+        if flow is None:
+            c.flow_missing += 1
+            log.debug("no SYN record for %s:%d (using SO_ORIGINAL_DST)", *peer)
+        elif flow.original_dst != dst:
+            c.flow_mismatch += 1
+            log.warning(
+                "flow table says %s:%d, SO_ORIGINAL_DST says %s:%d for %s:%d; using the latter",
+                *flow.original_dst,
+                *dst,
+                *peer,
+            )
+        flow_text = "{}:{}".format(*flow.original_dst) if flow else "-"
+        t0 = time.monotonic()
+        try:
+            upstream = await connect(dst, self.cfg.upstream, self.cfg.connect_timeout)
+        except UpstreamError as e:
+            c.upstream_failed += 1
+            log.info("upstream %s:%d for %s:%d: %s; resetting client", *dst, *peer, e.reason)
+            abort(client)
+            return
+        except BaseException:
+            abort(client)
+            raise
+        c.split += 1
+        c.active += 1
+        connect_ms = (time.monotonic() - t0) * 1000
+        log.debug(
+            "split %s:%d -> %s:%d flow=%s connect=%.1fms",
+            *peer,
+            *dst,
+            flow_text,
+            connect_ms,
+        )
+        stats = RelayStats()
+        try:
+            await relay(
+                client,
+                upstream,
+                stats,
+                pipe_size=self.cfg.pipe_size,
+                idle_timeout=self.cfg.idle_timeout,
+            )
+        finally:
+            c.active -= 1
+            log.info(
+                "closed %s:%d -> %s:%d flow=%s duration=%.3fs up=%d down=%d reason=%s",
+                *peer,
+                *dst,
+                flow_text,
+                time.monotonic() - t0,
+                stats.up,
+                stats.down,
+                stats.close_reason,
+            )

@@ -1,0 +1,195 @@
+"""Test plumbing for the namespace integration tests: topology, the real daemon, trio peers.
+
+Topology (addresses are private to namespaces the test creates):
+
+    client ns            gateway ns (runs `pep run`)            server ns
+    eth0 10.77.1.2 --- cli0 10.77.1.1 | srv0 10.77.2.1 --- eth0 10.77.2.2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from pep.topology import Topology, ns_socket
+
+CLIENT_IP, GW_CLIENT_IP = "10.77.1.2", "10.77.1.1"
+SERVER_IP, GW_SERVER_IP = "10.77.2.2", "10.77.2.1"
+INGRESS = "cli0"
+
+
+def unique_prefix(tag: str) -> str:
+    """Namespace prefix unique to this process and call, so parallel runs never collide."""
+    return f"pep{tag}{os.getpid() % 100000}{secrets.token_hex(2)}"
+
+
+@contextlib.contextmanager
+def gateway_topology(tag: str = "t") -> Iterator[Topology]:
+    topo = Topology(unique_prefix(tag))
+    try:
+        topo.add_node("client")
+        topo.add_node("gw", forwarding=True)
+        topo.add_node("server")
+        topo.link("client", "eth0", CLIENT_IP, "gw", INGRESS, GW_CLIENT_IP)
+        topo.link("gw", "srv0", GW_SERVER_IP, "server", "eth0", SERVER_IP)
+        topo.route("client", "default", GW_CLIENT_IP)
+        topo.route("server", "default", GW_SERVER_IP)
+        yield topo
+    finally:
+        topo.destroy()
+
+
+@dataclass
+class PepProcess:
+    """The real daemon as a subprocess inside a namespace, its log in a file."""
+
+    topo: Topology
+    node: str
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 15) -> PepProcess:
+        fd, name = tempfile.mkstemp(prefix="pep-log-", suffix=".txt")
+        self.log_path = Path(name)
+        with os.fdopen(fd, "wb") as logf:
+            self.proc = self.topo.popen(
+                self.node,
+                [sys.executable, "-m", "pep.cli", "run", *self.args],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while "ready:" not in self.log():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pep exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pep not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Cleanup path: SIGTERM, then SIGKILL; never raises."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+
+    def closed_lines(self) -> list[dict[str, str]]:
+        """The daemon's one-line-per-connection records, as key=value dicts."""
+        out = []
+        for line in self.log().splitlines():
+            m = re.search(r"closed (\S+) -> (\S+) (.*)$", line)
+            if m:
+                rec = dict(kv.split("=", 1) for kv in m.group(3).split() if "=" in kv)
+                rec["client"], rec["dst"] = m.group(1), m.group(2)
+                out.append(rec)
+        return out
+
+
+def rules_in(topo: Topology, node: str) -> str:
+    """Every legacy-backend rule in a node (python-iptables writes the legacy backend)."""
+    return "".join(
+        topo.run(node, ["iptables-legacy", "-t", t, "-S"]).stdout for t in ("mangle", "nat")
+    )
+
+
+# --- trio peers -----------------------------------------------------------------------------
+
+Handler = Callable[[trio.socket.SocketType], Awaitable[None]]
+
+
+async def listen(ns: str, ip: str, port: int = 0) -> trio.socket.SocketType:
+    sock = trio.socket.from_stdlib_socket(ns_socket(ns))
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+    await sock.bind((ip, port))
+    sock.listen(1024)
+    return sock
+
+
+async def serve(
+    listener: trio.socket.SocketType, handler: Handler, accepted: list[tuple[str, int]]
+) -> None:
+    """Accept forever, one task per connection, recording each peer address."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            conn, peer = await listener.accept()
+            accepted.append(peer)
+            nursery.start_soon(_run_closing, handler, conn)
+
+
+async def _run_closing(handler: Handler, conn: trio.socket.SocketType) -> None:
+    with conn:
+        await handler(conn)
+
+
+async def connect(ns: str, dst: tuple[str, int]) -> trio.socket.SocketType:
+    sock = trio.socket.from_stdlib_socket(ns_socket(ns))
+    try:
+        await sock.connect(dst)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def send_all(
+    sock: trio.socket.SocketType, data: bytes | memoryview, chunk: int = 1 << 20
+) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view[:chunk])
+        view = view[n:]
+
+
+async def recv_to_eof(sock: trio.socket.SocketType) -> bytes:
+    parts = []
+    while True:
+        b = await sock.recv(1 << 20)
+        if not b:
+            return b"".join(parts)
+        parts.append(b)
+
+
+async def hash_to_eof(sock: trio.socket.SocketType) -> tuple[str, int]:
+    h, total = hashlib.sha256(), 0
+    while True:
+        b = await sock.recv(1 << 20)
+        if not b:
+            return h.hexdigest(), total
+        h.update(b)
+        total += len(b)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,95 @@
+"""Config validation: every bad value names its key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pep.config import Config, ConfigError, LegTuning, load
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "pep.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        'interfaces = ["eth1"]\nlisten_port = 6000\nqueue = 3\n'
+        "[upstream]\nsndbuf = 65536\nnodelay = false\n",
+    )
+    cfg = load(p, {"listen_port": 7000, "queue": None, "interfaces": None})
+    assert cfg.interfaces == ("eth1",)
+    assert cfg.listen_port == 7000  # flag beats file
+    assert cfg.queue == 3  # file beats default
+    assert cfg.upstream == LegTuning(nodelay=False, sndbuf=65536)
+    assert cfg.client == LegTuning()
+    assert Config().listen_port == 5000 and Config().queue == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ('interfaces = ["eth1"]\nlisten_port = 70000', "listen_port", "between 1 and 65535"),
+        ('interfaces = ["eth1"]\nlisten_port = "80"', "listen_port", "integer"),
+        ('interfaces = ["eth1"]\nlisten_prot = 80', "listen_prot", "unknown key"),
+        ('interfaces = ["eth1", "eth1"]', "interfaces", "twice"),
+        ('interfaces = ["bad/name"]', "interfaces", "not a valid interface name"),
+        ("interfaces = []", "interfaces", "non-empty"),
+        ('interfaces = ["eth1"]\nlog_level = "loud"', "log_level", "one of"),
+        ('interfaces = ["eth1"]\nconnect_timeout = -1', "connect_timeout", "between"),
+        ('interfaces = ["eth1"]\nqueue = true', "queue", "integer"),
+        (
+            'interfaces = ["eth1"]\n[upstream]\ncongestion = "nosuchcc"',
+            "upstream.congestion",
+            "not available",
+        ),
+        ('interfaces = ["eth1"]\n[client]\nsndbuf = 1', "client.sndbuf", "between"),
+        ('interfaces = ["eth1"]\n[client]\nfoo = 1', "client.foo", "unknown key"),
+        ('interfaces = ["eth1"]\nsplit_mark = 0x10000\nmark_mask = 0xffff', "split_mark", "within"),
+        ("listen_port = 5000", "interfaces", "at least one"),
+        ('interfaces = ["eth1"\n', "--config", "not valid TOML"),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(
+    tmp_path: Path, text: str, key: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text), {})
+    assert exc.value.key == key
+    assert fragment in str(exc.value)
+    assert str(exc.value).startswith(f"config: {key} = ")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load("/nonexistent/pep.toml", {})
+
+
+def test_cli_exits_2_with_message(tmp_path: Path) -> None:
+    p = write(tmp_path, 'interfaces = ["eth1"]\nlisten_port = 0\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "pep.cli", "run", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert "listen_port = 0" in r.stderr and "between 1 and 65535" in r.stderr
+
+
+def test_cli_help_mentions_every_flag() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pep.cli", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0
+    for flag in ("--config", "--interface", "--listen-port", "--queue", "--log-level"):
+        assert flag in r.stdout

@@ -1,0 +1,247 @@
+"""The core scenarios: the real daemon splitting real connections between real namespaces."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from pep.topology import Topology
+from tests.netenv import (
+    CLIENT_IP,
+    GW_CLIENT_IP,
+    GW_SERVER_IP,
+    INGRESS,
+    SERVER_IP,
+    PepProcess,
+    connect,
+    gateway_topology,
+    hash_to_eof,
+    listen,
+    recv_to_eof,
+    rules_in,
+    send_all,
+    serve,
+    sha,
+)
+
+pytestmark = pytest.mark.netns
+
+PORT = 8080
+PEP_ARGS = ["--interface", INGRESS, "--log-level", "debug"]
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    with gateway_topology() as t:
+        yield t
+
+
+@pytest.fixture
+def pep(topo: Topology) -> Iterator[PepProcess]:
+    p = PepProcess(topo, "gw", PEP_ARGS)
+    try:
+        yield p.start()
+    finally:
+        p.stop()
+
+
+async def echo_upper(conn: trio.socket.SocketType) -> None:
+    data = await recv_to_eof(conn)
+    await send_all(conn, data.upper())
+
+
+async def request(topo: Topology, payload: bytes) -> tuple[bytes, tuple[str, int]]:
+    """One request/response from the client; returns the reply and the client's peer."""
+    sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
+    with sock:
+        peer = sock.getpeername()
+        await send_all(sock, payload)
+        sock.shutdown(trio.socket.SHUT_WR)
+        return await recv_to_eof(sock), peer
+
+
+async def test_request_response_is_split(topo: Topology, pep: PepProcess) -> None:
+    accepted: list[tuple[str, int]] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            n.start_soon(
+                serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_upper, accepted
+            )
+            reply, peer = await request(topo, b"hello pep")
+            n.cancel_scope.cancel()
+    assert reply == b"HELLO PEP"
+    assert peer == (SERVER_IP, PORT)  # the client believes it talks to the server
+    assert [a[0] for a in accepted] == [GW_SERVER_IP]  # the server sees the gateway: split
+    [rec] = pep.closed_lines()
+    assert rec["dst"] == f"{SERVER_IP}:{PORT}"  # SO_ORIGINAL_DST
+    assert rec["flow"] == rec["dst"]  # flow table entry recorded from the SYN agrees
+    assert rec["client"].startswith(CLIENT_IP + ":")
+    assert (rec["up"], rec["down"]) == ("9", "9")
+
+
+async def test_100mib_each_way_byte_exact(topo: Topology, pep: PepProcess) -> None:
+    size = 100 * 1024 * 1024
+    upload, download = os.urandom(size), os.urandom(size)
+    results: dict[str, tuple[str, int]] = {}
+
+    async def server_side(conn: trio.socket.SocketType) -> None:
+        async with trio.open_nursery() as n:
+
+            async def rx() -> None:
+                results["server_got"] = await hash_to_eof(conn)
+
+            n.start_soon(rx)
+            await send_all(conn, download)
+            conn.shutdown(trio.socket.SHUT_WR)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as n:
+            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), server_side, [])
+            sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
+            with sock:
+                async with trio.open_nursery() as c:
+
+                    async def rx() -> None:
+                        results["client_got"] = await hash_to_eof(sock)
+
+                    c.start_soon(rx)
+                    await send_all(sock, upload)
+                    sock.shutdown(trio.socket.SHUT_WR)
+            while "server_got" not in results:
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+    assert results["server_got"] == (sha(upload), size)
+    assert results["client_got"] == (sha(download), size)
+
+
+async def test_half_close_then_10mib_reply(topo: Topology, pep: PepProcess) -> None:
+    reply = os.urandom(10 * 1024 * 1024)
+    got_request: list[bytes] = []
+
+    async def server_side(conn: trio.socket.SocketType) -> None:
+        got_request.append(await recv_to_eof(conn))  # reads until the client's FIN
+        await send_all(conn, reply)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), server_side, [])
+            sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
+            with sock:
+                await send_all(sock, b"GET /big")
+                sock.shutdown(trio.socket.SHUT_WR)
+                received = await recv_to_eof(sock)
+            n.cancel_scope.cancel()
+    assert got_request == [b"GET /big"]
+    assert sha(received) == sha(reply) and len(received) == len(reply)
+
+
+async def test_closed_upstream_port_resets_client_fast(topo: Topology, pep: PepProcess) -> None:
+    with trio.fail_after(2):
+        sock = await connect(topo.ns("client"), (SERVER_IP, PORT))  # pep accepts first
+        with sock:
+            try:
+                data = await sock.recv(100)
+            except OSError as e:
+                assert e.errno == errno.ECONNRESET
+            else:
+                assert data == b""
+    assert "upstream_failed=1" in pep.log() or "connect failed: ECONNREFUSED" in pep.log()
+
+
+async def test_200_concurrent_connections(topo: Topology, pep: PepProcess) -> None:
+    count = 200
+    accepted: list[tuple[str, int]] = []
+    results: dict[int, bytes] = {}
+
+    async def one(i: int) -> None:
+        payload = f"conn-{i}:".encode() + os.urandom(2000 + i * 37)
+        reply, _ = await request(topo, payload)
+        results[i] = reply
+        assert reply == payload.upper(), f"connection {i} got wrong data"
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(
+                serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_upper, accepted
+            )
+            async with trio.open_nursery() as clients:
+                for i in range(count):
+                    clients.start_soon(one, i)
+            n.cancel_scope.cancel()
+    assert len(results) == count
+    assert len(accepted) == count and {a[0] for a in accepted} == {GW_SERVER_IP}
+    assert len(pep.closed_lines()) == count
+
+
+async def server_peer(topo: Topology) -> str:
+    """Make one connection and return the address the server saw it from."""
+    accepted: list[tuple[str, int]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(
+                serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_upper, accepted
+            )
+            reply, _ = await request(topo, b"ping")
+            n.cancel_scope.cancel()
+    assert reply == b"PING"
+    return accepted[0][0]
+
+
+async def test_sigterm_removes_rules_and_traffic_flows_end_to_end(
+    topo: Topology, pep: PepProcess
+) -> None:
+    assert await server_peer(topo) == GW_SERVER_IP
+    assert "PEP" in rules_in(topo, "gw")
+    pep.signal(signal.SIGTERM)
+    assert pep.wait(10) == 0
+    assert "PEP" not in rules_in(topo, "gw")
+    assert await server_peer(topo) == CLIENT_IP  # routed end to end, unsplit
+
+
+async def test_kill9_fails_open_and_restart_replaces_stale_rules(
+    topo: Topology, pep: PepProcess
+) -> None:
+    assert await server_peer(topo) == GW_SERVER_IP
+    before = rules_in(topo, "gw")
+    pep.signal(signal.SIGKILL)
+    pep.wait(10)
+    assert rules_in(topo, "gw") == before  # stale rules stay behind...
+    assert await server_peer(topo) == CLIENT_IP  # ...yet new connections go end to end
+    again = PepProcess(topo, "gw", PEP_ARGS)
+    try:
+        again.start()
+        assert rules_in(topo, "gw") == before  # exactly one set, not two
+        assert await server_peer(topo) == GW_SERVER_IP  # splitting again
+    finally:
+        again.stop()
+
+
+async def test_direct_connection_to_listener_is_refused(topo: Topology, pep: PepProcess) -> None:
+    accepted: list[tuple[str, int]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(
+                serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_upper, accepted
+            )
+            try:
+                sock = await connect(topo.ns("client"), (GW_CLIENT_IP, 5000))
+            except ConnectionRefusedError:
+                pass
+            else:
+                with sock:
+                    try:
+                        await sock.send(b"CONNECT 10.77.2.2:8080\r\n\r\n")
+                        data = await sock.recv(100)
+                    except OSError as e:
+                        assert e.errno in (errno.ECONNRESET, errno.EPIPE)
+                    else:
+                        assert data == b""
+            await trio.sleep(0.2)
+            n.cancel_scope.cancel()
+    assert accepted == []  # no upstream connection was made
+    assert not pep.closed_lines()
