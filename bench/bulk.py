@@ -47,7 +47,7 @@ def iperf(topo: Topology, seconds: float, reverse: bool, streams: int) -> float:
 def measure(seconds: float, reverse: bool, streams: int) -> dict[str, object]:
     with gateway_topology("b") as topo:
         kernel = iperf(topo, seconds, reverse, streams)
-        pep = PepProcess(topo, "gw", ["--interface", INGRESS, "--log-level", "warning"])
+        pep = PepProcess(topo, "gw", ["--interface", INGRESS, "--log-level", "info"])
         try:
             pep.start()
             split = iperf(topo, seconds, reverse, streams)

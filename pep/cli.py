@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import trio
 
     from pep.daemon import serve
-    from pep.syn_queue import QueueError
+    from pep.nfq_socket import QueueError
 
     try:
         trio.run(serve, cfg)

@@ -18,29 +18,21 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket
 from dataclasses import dataclass
-
-import trio
 
 from pep import nfq_codec as nfq
 from pep.config import Config
 from pep.flows import FlowTable
+from pep.nfq_socket import QueueSocket
 from pep.syn import SynInfo, parse_syn
 
-__all__ = ["QueueError", "SynCounters", "SynQueue"]
+__all__ = ["SynCounters", "SynQueue"]
 
 log = logging.getLogger(__name__)
 
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 # IPv4 (<= 60 bytes) + TCP (<= 60 bytes) headers; the rest of the IPv6 room is for its
 # extension headers. Copying only headers keeps the netlink messages small.
 COPY_RANGE = 256
-_RECV_SIZE = 256 * 1024  # many PACKET messages per recv: the kernel batches them
-
-
-class QueueError(RuntimeError):
-    """Binding or configuring the queue failed; the message says which step and why."""
 
 
 @dataclass(slots=True)
@@ -58,82 +50,32 @@ class SynQueue:
         self.queue = queue
         self.flows = flows
         self.counters = SynCounters()
-        self._seq = 0
-        self.sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, nfq.NETLINK_NETFILTER
-        )
-        self.sock.bind((0, 0))
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, cfg.queue_rcvbuf)
-        except PermissionError:  # without CAP_NET_ADMIN fall back to the rmem_max-capped one
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.queue_rcvbuf)
+        self.nfq = QueueSocket(queue, cfg.queue_rcvbuf)
 
     def open(self) -> None:
-        """Bind the queue and configure it, each step acknowledged by the kernel (blocking)."""
-        self.sock.settimeout(5)
-        q = self.queue
-        self._config("bind", cmd=nfq.NFQNL_CFG_CMD_BIND, pf=socket.AF_INET)
-        self._config("copy parameters", copy_mode=nfq.NFQNL_COPY_PACKET, copy_range=COPY_RANGE)
-        self._config("queue maxlen", maxlen=self.cfg.queue_maxlen)
-        self._config("flags", flags=nfq.NFQA_CFG_F_FAIL_OPEN, mask=nfq.NFQA_CFG_F_FAIL_OPEN)
-        self.sock.setblocking(False)
-        log.debug("queue %d bound (copy %d bytes, maxlen %d)", q, COPY_RANGE, self.cfg.queue_maxlen)
-
-    def _config(self, what: str, **attrs: int) -> None:
-        self._seq += 1
-        seq = self._seq
-        try:
-            self.sock.send(nfq.build_config(self.queue, seq, **attrs))
-            while True:
-                for msg in nfq.parse_messages(self.sock.recv(65536)):
-                    if isinstance(msg, nfq.Ack) and msg.seq == seq:
-                        if msg.errno:
-                            raise OSError(msg.errno, errno.errorcode.get(msg.errno, "?"))
-                        return
-        except OSError as e:
-            hint = ""
-            if e.errno == errno.EBUSY:
-                hint = " (another process is bound to this queue: is pep already running?)"
-            elif e.errno == errno.EPERM:
-                hint = " (needs CAP_NET_ADMIN)"
-            raise QueueError(
-                f"NFQUEUE {self.queue}: {what} failed: {e.strerror or e}{hint}"
-            ) from None
+        self.nfq.open(
+            copy_mode=nfq.NFQNL_COPY_PACKET,
+            copy_range=COPY_RANGE,
+            maxlen=self.cfg.queue_maxlen,
+            flags=nfq.NFQA_CFG_F_FAIL_OPEN,
+        )
 
     def close(self) -> None:
-        try:
-            self.sock.setblocking(True)
-            self.sock.settimeout(1)
-            self._config("unbind", cmd=nfq.NFQNL_CFG_CMD_UNBIND, pf=socket.AF_INET)
-        except QueueError as e:
-            log.debug("%s", e)  # closing the socket unbinds too
-        finally:
-            self.sock.close()
+        self.nfq.close()
 
     async def run(self) -> None:
-        sock, buf = self.sock, bytearray(_RECV_SIZE)
-        view = memoryview(buf)
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            while True:
-                try:
-                    n = sock.recv_into(buf)
-                except BlockingIOError:
-                    break
-                except OSError as e:
-                    if e.errno != errno.ENOBUFS:
-                        raise
-                    self.counters.enobufs += 1
-                    log.warning(
-                        "queue %d: receive buffer overflow (ENOBUFS #%d); the kernel "
-                        "accepted the lost SYNs unsplit",
-                        self.queue,
-                        self.counters.enobufs,
-                    )
-                    continue
-                verdicts = self.verdicts(nfq.parse_messages(view[:n]))
-                if verdicts:
-                    await self._send(verdicts)
+        async for messages in self.nfq.batches():
+            if self.nfq.enobufs != self.counters.enobufs:
+                self.counters.enobufs = self.nfq.enobufs
+                log.warning(
+                    "queue %d: receive buffer overflow (ENOBUFS #%d); the kernel accepted the "
+                    "lost SYNs unsplit",
+                    self.queue,
+                    self.counters.enobufs,
+                )
+            verdicts = self.verdicts(messages)
+            if verdicts:
+                await self.nfq.send(verdicts)
 
     def verdicts(self, messages: list[nfq.Packet | nfq.Ack | nfq.Malformed]) -> bytes:
         """Decide every packet in one receive buffer; all verdicts go out in one send."""
@@ -169,11 +111,3 @@ class SynQueue:
                     errno.errorcode.get(msg.errno, msg.errno),
                 )
         return b"".join(out)
-
-    async def _send(self, data: bytes) -> None:
-        while True:
-            try:
-                self.sock.send(data)
-                return
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)

@@ -105,8 +105,18 @@ class PepProcess:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
 
-    def closed_lines(self) -> list[dict[str, str]]:
-        """The daemon's one-line-per-connection records, as key=value dicts."""
+    def closed_lines(self, expect: int = 0, timeout: float = 5) -> list[dict[str, str]]:
+        """The daemon's one-line-per-connection records, as key=value dicts.
+
+        The record is written after both sockets are closed, which can be a moment after the
+        test's peers saw their EOF: wait up to ``timeout`` for ``expect`` records.
+        """
+        deadline = time.monotonic() + timeout
+        while len(lines := self._closed_lines()) < expect and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return lines
+
+    def _closed_lines(self) -> list[dict[str, str]]:
         out = []
         for line in self.log().splitlines():
             m = re.search(r"closed (\S+) -> (\S+) (.*)$", line)
