@@ -72,6 +72,15 @@ class Config:
     # Idle connections are closed after this; 0 disables. HAProxy's "timeout client/server"
     # are typically minutes; long-lived idle flows (SSH) should set keepalive instead.
     idle_timeout: float = 3600.0
+    # TCP Fast Open (RFC 7413) on both legs: the listener accepts data in SYNs, and the
+    # upstream SYN carries the client's first bytes, saving one round trip per connection on
+    # the PEP-PEP leg of a satellite link. Off by default: it needs net.ipv4.tcp_fastopen on
+    # both ends, and some middleboxes drop SYNs with data (RFC 7413 section 7.1).
+    tcp_fastopen: bool = False
+    # How long to wait for the client's first bytes before connecting without them (a
+    # server-speaks-first protocol such as SMTP sends nothing first). A LAN client's request
+    # follows its handshake within a millisecond or so.
+    fastopen_wait: float = 0.05
     # os.splice pipe size; 1 MiB is the default /proc/sys/fs/pipe-max-size.
     pipe_size: int = 1024 * 1024
     client: LegTuning = field(default_factory=LegTuning)
@@ -123,9 +132,7 @@ def _leg(key: str, value: object) -> LegTuning:
     for name, v in value.items():
         k = f"{key}.{name}"
         if name == "nodelay":
-            if not isinstance(v, bool):
-                raise ConfigError(k, v, "must be true or false")
-            out[name] = v
+            out[name] = _bool(k, v)
         elif name in ("sndbuf", "rcvbuf"):
             out[name] = _int(k, v, 4096, 1 << 30)
         elif name == "congestion":
@@ -146,6 +153,12 @@ def _interfaces(key: str, value: object) -> tuple[str, ...]:
     if len(set(value)) != len(value):
         raise ConfigError(key, value, "lists an interface twice")
     return tuple(value)
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "must be true or false")
+    return value
 
 
 def _log_level(key: str, value: object) -> str:
@@ -169,6 +182,8 @@ _VALIDATORS: dict[str, Any] = {
     "backlog": lambda k, v: _int(k, v, 1, 65535),
     "connect_timeout": lambda k, v: _float(k, v, 0.1, 600),
     "idle_timeout": lambda k, v: _float(k, v, 0, 7 * 86400),
+    "tcp_fastopen": _bool,
+    "fastopen_wait": lambda k, v: _float(k, v, 0, 10),
     "pipe_size": lambda k, v: _int(k, v, 4096, 1 << 30),
     "client": _leg,
     "upstream": _leg,

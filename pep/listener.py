@@ -28,6 +28,8 @@ __all__ = ["Listener", "ListenerCounters", "original_dst"]
 log = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80  # include/uapi/linux/netfilter_ipv4.h
+# What one Fast Open SYN can carry is bounded by the MSS; more is sent after the handshake.
+_FIRST_BYTES_MAX = 64 * 1024
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # sin_family (host order, skipped), port, addr
 
 
@@ -65,6 +67,10 @@ class Listener:
         # Accepted sockets inherit buffers, congestion control and TCP_NODELAY from the
         # listener; buffers must be set here to count in the window scale of the SYN-ACK.
         apply_tuning(self.sock, cfg.client)
+        if cfg.tcp_fastopen:
+            # Queue length for pending Fast Open requests (the kernel's own listeners use
+            # the backlog here too).
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, cfg.backlog)
 
     async def bind(self) -> None:
         await self.sock.bind(("0.0.0.0", self.cfg.listen_port))
@@ -86,7 +92,15 @@ class Listener:
                     continue  # the client gave up before accept; nothing to do
                 raise
             self.counters.accepted += 1
-            nursery.start_soon(self.handle, client)
+            nursery.start_soon(self._guarded, client)
+
+    async def _guarded(self, client: trio.socket.SocketType) -> None:
+        """One connection's failure, even a bug, must not take the other connections down."""
+        try:
+            await self.handle(client)
+        except Exception:
+            log.exception("connection handler failed; connection dropped")
+            abort(client)
 
     async def handle(self, client: trio.socket.SocketType) -> None:
         c = self.counters
@@ -118,15 +132,27 @@ class Listener:
             )
         flow_text = "{}:{}".format(*flow.original_dst) if flow else "-"
         t0 = time.monotonic()
+        upstream = None
         try:
-            upstream = await connect(dst, self.cfg.upstream, self.cfg.connect_timeout)
+            first = await self._first_bytes(client) if self.cfg.tcp_fastopen else b""
+            upstream = await connect(dst, self.cfg.upstream, self.cfg.connect_timeout, first)
+            if first:
+                await self._consume(client, len(first))
         except UpstreamError as e:
             c.upstream_failed += 1
             log.info("upstream %s:%d for %s:%d: %s; resetting client", *dst, *peer, e.reason)
             abort(client)
             return
-        except BaseException:
+        except OSError as e:  # the client reset while its first bytes were being forwarded
+            log.info("client %s:%d gone before the relay started: %s", *peer, e)
             abort(client)
+            if upstream is not None:
+                abort(upstream)
+            return
+        except BaseException:  # cancelled: the daemon is stopping
+            abort(client)
+            if upstream is not None:
+                abort(upstream)
             raise
         c.split += 1
         c.active += 1
@@ -138,7 +164,7 @@ class Listener:
             flow_text,
             connect_ms,
         )
-        stats = RelayStats()
+        stats = RelayStats(up=len(first))
         try:
             await relay(
                 client,
@@ -159,3 +185,26 @@ class Listener:
                 stats.down,
                 stats.close_reason,
             )
+
+    async def _first_bytes(self, client: trio.socket.SocketType) -> bytes:
+        """Peek at what the client sent first, waiting at most ``fastopen_wait``.
+
+        Peeked, not read: if the upstream connect fails nothing was taken from the client,
+        and an EOF or error stays in the socket for the relay to see.
+        """
+        with trio.move_on_after(self.cfg.fastopen_wait):
+            await trio.lowlevel.wait_readable(client)
+            try:
+                return await client.recv(_FIRST_BYTES_MAX, socket.MSG_PEEK)
+            except OSError:  # the client already reset: the relay will see it too
+                return b""
+        return b""  # nothing yet: a server-speaks-first protocol
+
+    @staticmethod
+    async def _consume(client: trio.socket.SocketType, n: int) -> None:
+        """Drop the ``n`` peeked bytes that the upstream SYN already carried."""
+        while n:
+            got = len(await client.recv(n))
+            if not got:
+                raise ConnectionResetError("client closed while its first bytes were in flight")
+            n -= got

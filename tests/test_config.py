@@ -44,6 +44,8 @@ def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
         ('interfaces = ["eth1"]\nlog_level = "loud"', "log_level", "one of"),
         ('interfaces = ["eth1"]\nconnect_timeout = -1', "connect_timeout", "between"),
         ('interfaces = ["eth1"]\nqueue = true', "queue", "integer"),
+        ('interfaces = ["eth1"]\ntcp_fastopen = "yes"', "tcp_fastopen", "true or false"),
+        ('interfaces = ["eth1"]\nfastopen_wait = 11', "fastopen_wait", "between"),
         (
             'interfaces = ["eth1"]\n[upstream]\ncongestion = "nosuchcc"',
             "upstream.congestion",
