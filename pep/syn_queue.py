@@ -26,7 +26,7 @@ from pep.flows import FlowTable
 from pep.nfq_socket import QueueSocket
 from pep.syn import SynInfo, parse_syn
 
-__all__ = ["SynCounters", "SynQueue"]
+__all__ = ["SynCounters", "SynQueue", "decide"]
 
 log = logging.getLogger(__name__)
 
@@ -73,41 +73,50 @@ class SynQueue:
                     self.queue,
                     self.counters.enobufs,
                 )
-            verdicts = self.verdicts(messages)
+            verdicts = decide(
+                messages, self.flows, self.counters, self.cfg.split_mark, self.cfg.mark_mask
+            )
             if verdicts:
                 await self.nfq.send(verdicts)
 
-    def verdicts(self, messages: list[nfq.Packet | nfq.Ack | nfq.Malformed]) -> bytes:
-        """Decide every packet in one receive buffer; all verdicts go out in one send."""
-        c, out = self.counters, []
-        split_mark, mask = self.cfg.split_mark, self.cfg.mark_mask
-        for msg in messages:
-            if isinstance(msg, nfq.Packet):
-                c.queued += 1
-                syn = parse_syn(msg.payload)
-                if isinstance(syn, SynInfo):
-                    self.flows.record(syn)
-                    c.split += 1
-                    mark = (msg.mark & ~mask) | split_mark
-                    out.append(nfq.build_verdict(msg.queue, msg.packet_id, nfq.NF_ACCEPT, mark))
-                else:
-                    c.unparsable += 1
-                    log.debug(
-                        "queue %d: packet %d accepted unsplit: %s",
-                        self.queue,
-                        msg.packet_id,
-                        syn.reason,
-                    )
-                    out.append(nfq.build_verdict(msg.queue, msg.packet_id, nfq.NF_ACCEPT))
-            elif isinstance(msg, nfq.Malformed):
-                c.malformed += 1
-                log.warning("queue %d: malformed netlink message: %s", self.queue, msg.reason)
-                if msg.packet_id is not None:
-                    out.append(nfq.build_verdict(self.queue, msg.packet_id, nfq.NF_ACCEPT))
-            elif msg.errno:
-                log.warning(
-                    "queue %d: kernel rejected a verdict: %s",
-                    self.queue,
-                    errno.errorcode.get(msg.errno, msg.errno),
+
+def decide(
+    messages: list[nfq.Packet | nfq.Ack | nfq.Malformed],
+    flows: FlowTable,
+    counters: SynCounters,
+    split_mark: int,
+    mask: int,
+) -> bytes:
+    """Verdicts for every packet of one receive buffer, concatenated for one send.
+
+    The sans-IO core of the reader: every Packet, and every Malformed message whose packet id
+    could be read, gets exactly one ACCEPT; only a parsed SYN gets the split mark. The mark is
+    merged into the packet's existing mark under ``mask`` (a VERDICT's NFQA_MARK replaces
+    skb->mark whole), so other tools' mark bits survive.
+    """
+    out = []
+    for msg in messages:
+        if isinstance(msg, nfq.Packet):
+            counters.queued += 1
+            syn = parse_syn(msg.payload)
+            if isinstance(syn, SynInfo):
+                flows.record(syn)
+                counters.split += 1
+                mark = (msg.mark & ~mask) | split_mark
+                out.append(nfq.build_verdict(msg.queue, msg.packet_id, nfq.NF_ACCEPT, mark))
+            else:
+                counters.unparsable += 1
+                log.debug(
+                    "queue %d: packet %d accepted unsplit: %s", msg.queue, msg.packet_id, syn.reason
                 )
-        return b"".join(out)
+                out.append(nfq.build_verdict(msg.queue, msg.packet_id, nfq.NF_ACCEPT))
+        elif isinstance(msg, nfq.Malformed):
+            counters.malformed += 1
+            log.warning("malformed netlink message from the queue: %s", msg.reason)
+            if msg.packet_id is not None and msg.queue is not None:
+                out.append(nfq.build_verdict(msg.queue, msg.packet_id, nfq.NF_ACCEPT))
+        elif msg.errno:
+            log.warning(
+                "the kernel rejected a verdict: %s", errno.errorcode.get(msg.errno, msg.errno)
+            )
+    return b"".join(out)
