@@ -1,4 +1,5 @@
-"""The ``pep`` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage or config."""
+"""The ``pep`` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage or config,
+3 ``pep status`` found no daemon running (the LSB "program is not running" status)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--queue", type=int, metavar="N", help="NFQUEUE number for SYNs (default 0)")
     p.add_argument("--log-level", choices=config_mod.LOG_LEVELS, help="default info")
+    p.add_argument(
+        "--mode",
+        choices=("redirect", "tproxy"),
+        help="how connections reach pep: nat REDIRECT (default) or mangle TPROXY",
+    )
+    p.add_argument(
+        "--family", choices=("ipv4", "ipv6", "both"), help="IP versions to split (default both)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +57,21 @@ def _parser() -> argparse.ArgumentParser:
         "the given interfaces, and remove the rules on SIGINT/SIGTERM (exit 0).",
     )
     _common(run)
+    run.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        help='unix socket `pep status` reads (default /run/pep/pep.sock; "" for none)',
+    )
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by pep.workers
+    status = sub.add_parser(
+        "status",
+        help="show the running daemon's connections and counters",
+        description="Ask the running daemon (over its status socket) for its live connections, "
+        "totals, SYN verdicts and kernel queue counters. Exit 3 when no daemon is running.",
+    )
+    status.add_argument("--config", metavar="FILE", help="read status_socket from this file")
+    status.add_argument("--socket", metavar="PATH", help="status socket (overrides --config)")
+    status.add_argument("--json", action="store_true", help="the full status document as JSON")
     rules = sub.add_parser("rules", help="install, remove or show pep's netfilter rules")
     rules_sub = rules.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (
@@ -56,12 +80,15 @@ def _parser() -> argparse.ArgumentParser:
             "install the rules (replacing stale ones); nothing reads the queue, "
             "so SYNs pass unsplit until `pep run` starts",
         ),
-        ("remove", "remove every rule and chain pep installed"),
-        ("show", "print pep's installed rules in iptables-save syntax"),
+        ("remove", "remove every rule, chain and policy route pep installed"),
+        ("show", "print pep's installed rules (iptables-save syntax) and routes, per family"),
     ):
         p = rules_sub.add_parser(name, help=text, description=text)
         if name == "install":
             _common(p)
+    from pep.lab import cli as lab_cli
+
+    lab_cli.add_parser(sub)
     return parser
 
 
@@ -71,29 +98,79 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "listen_port": args.listen_port,
         "queue": args.queue,
         "log_level": args.log_level,
+        "mode": args.mode,
+        "family": args.family,
+        "status_socket": getattr(args, "status_socket", None),
     }
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, tag: str = "") -> None:
     # Under systemd (JOURNAL_STREAM set) the journal stamps each line itself.
-    fmt = "%(levelname)s %(name)s: %(message)s"
+    fmt = "%(levelname)s %(name)s" + tag + ": %(message)s"
     if "JOURNAL_STREAM" not in os.environ:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=config_mod.log_level_number(level), format=fmt, stream=sys.stderr)
+    # Libraries' own debug output (pyroute2 logs every netlink message) drowns pep's.
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from pep import status
+
+    path = args.socket
+    if path is None:
+        try:
+            cfg = config_mod.build(config_mod.read_file(args.config) if args.config else {})
+        except config_mod.ConfigError as e:
+            print(f"pep: {e}", file=sys.stderr)
+            return 2
+        path = cfg.status_socket
+        if not path:
+            print(f"pep: status_socket is disabled in {args.config}", file=sys.stderr)
+            return 2
+    try:
+        doc = status.fetch(path)
+    except status.NotRunning as e:
+        print(f"pep: {e}", file=sys.stderr)
+        return 3
+    except status.StatusError as e:
+        print(f"pep: {e}", file=sys.stderr)
+        return 1
+    status.fill_kernel_queues(doc)  # a daemon without root cannot read them; we may
+    print(json.dumps(doc, indent=2) if args.json else status.render(doc), end="\n" * args.json)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from pep import iptables_setup  # after parsing: --help works without python-iptables
+    if args.command == "lab":
+        from pep.lab import cli as lab_cli
+
+        return lab_cli.main(args)
+    if args.command == "status":
+        return _status(args)
+    # Imported after parsing: --help works even where python-iptables cannot load.
+    from pep import iptables_setup, routing
 
     if args.command == "rules" and args.action in ("remove", "show"):
         try:
             if args.action == "remove":
-                print(f"removed {iptables_setup.remove()} rule(s)")
+                from pep.daemon import remove_rules
+
+                print(f"removed {remove_rules()} rule(s) and route(s)")
             else:
-                for line in iptables_setup.show():
+                for family, tool in ((4, "iptables-legacy"), (6, "ip6tables-legacy")):
+                    print(f"# IPv{family} ({tool} -S)")
+                    for line in iptables_setup.show(family=family):
+                        print(line.removeprefix("-6 "))
+                print("# policy routing (TPROXY mode)")
+                for line in routing.show():
                     print(line)
-        except iptables_setup.RulesError as e:
+        except (iptables_setup.RulesError, routing.RoutingError) as e:
             print(f"pep: {e}", file=sys.stderr)
             return 1
         return 0
@@ -103,26 +180,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"pep: {e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level)
+    worker = getattr(args, "worker", None)
+    _setup_logging(cfg.log_level, "" if worker is None else f"[w{worker}]")
 
     if args.command == "rules":
-        from pep.daemon import rule_spec
+        from pep.daemon import install_rules
 
         try:
-            iptables_setup.install(rule_spec(cfg))
-        except iptables_setup.RulesError as e:
+            install_rules(cfg)
+        except (iptables_setup.RulesError, routing.RoutingError) as e:
             print(f"pep: {e}", file=sys.stderr)
             return 1
         return 0
 
     import trio
 
+    from pep import systemd, workers
     from pep.daemon import serve
     from pep.nfq_socket import QueueError
+    from pep.status import StatusError
 
+    def reload() -> config_mod.Config:
+        return config_mod.load(args.config, _overrides(args))
+
+    if worker is not None:
+        systemd.set_parent_death_signal()
+        if os.environ.get(workers.MASTER_PID_ENV) != str(os.getppid()):
+            logging.getLogger("pep").error("worker %d: its master is gone; exiting", worker)
+            return 1
     try:
-        trio.run(serve, cfg)
-    except (iptables_setup.RulesError, QueueError) as e:
+        if cfg.workers > 1 and worker is None:
+            trio.run(workers.supervise, cfg, argv, reload)
+        else:
+            trio.run(serve, cfg, reload, worker)
+    except (
+        iptables_setup.RulesError,
+        routing.RoutingError,
+        QueueError,
+        StatusError,
+        workers.WorkerError,
+    ) as e:
         logging.getLogger("pep").error("%s", e)
         return 1
     except OSError as e:

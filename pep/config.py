@@ -8,6 +8,7 @@ misspelt ``listen_prot`` silently ignored is worse than a refusal to start.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import re
 import tomllib
@@ -49,6 +50,18 @@ class LegTuning:
 @dataclass(frozen=True, slots=True)
 class Config:
     interfaces: tuple[str, ...] = ()
+    # "redirect" (nat REDIRECT + SO_ORIGINAL_DST) works everywhere; "tproxy" (mangle TPROXY +
+    # policy routing) keeps the original destination as the socket's own address and allows
+    # transparent_source.
+    mode: str = "redirect"
+    family: str = "both"  # which IP versions are split: "ipv4", "ipv6" or "both"
+    # TPROXY mode only: the upstream leg binds the client's address and port, so the server
+    # sees the client, not the gateway. The server's replies must route back via this gateway.
+    transparent_source: bool = False
+    # TPROXY mode: the mark that sends a packet to the local socket via policy routing
+    # (`ip rule fwmark M/M lookup route_table`); must not overlap mark_mask.
+    tproxy_mark: int = 0x10000
+    route_table: int = 1513
     listen_port: int = 5000
     queue: int = 0
     log_level: str = "info"
@@ -83,8 +96,24 @@ class Config:
     fastopen_wait: float = 0.05
     # os.splice pipe size; 1 MiB is the default /proc/sys/fs/pipe-max-size.
     pipe_size: int = 1024 * 1024
+    # After SIGTERM (new flows already go end to end), live connections get this long to
+    # finish before they are reset. Below systemd's default TimeoutStopSec of 90 s; the
+    # shipped unit sets TimeoutStopSec=45 to leave room for the rest of the shutdown.
+    drain_timeout: float = 30.0
+    # Unix socket `pep status` reads; "" disables it. /run/pep is the unit's RuntimeDirectory.
+    status_socket: str = "/run/pep/pep.sock"
+    # "ADDRESS:PORT" of the Prometheus endpoint (e.g. "127.0.0.1:9560"); "" serves none.
+    metrics_listen: str = ""
+    # Processes sharing the listener (SO_REUSEPORT), each reading one queue of
+    # queue .. queue + workers - 1. One is enough up to a few thousand new connections/s.
+    workers: int = 1
     client: LegTuning = field(default_factory=LegTuning)
     upstream: LegTuning = field(default_factory=LegTuning)
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """IP versions to split, as 4 and/or 6."""
+        return {"ipv4": (4,), "ipv6": (6,), "both": (4, 6)}[self.family]
 
 
 _LEG_KEYS = {f.name for f in dataclasses.fields(LegTuning)}
@@ -161,6 +190,61 @@ def _bool(key: str, value: object) -> bool:
     return value
 
 
+def _route_table(key: str, value: object) -> int:
+    table = _int(key, value, 1, 0xFFFFFFFF)
+    if table in (253, 254, 255):  # RT_TABLE_DEFAULT/MAIN/LOCAL, include/uapi/linux/rtnetlink.h
+        raise ConfigError(key, value, "is one of the kernel's own tables (253-255); pick another")
+    return table
+
+
+def _choice(*allowed: str) -> Any:
+    def check(key: str, value: object) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise ConfigError(key, value, f"must be one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+def _socket_path(key: str, value: object) -> str:
+    # sun_path is 108 bytes including the terminating NUL (include/uapi/linux/un.h), and
+    # workers serve theirs at PATH.N (up to ".127").
+    if not isinstance(value, str) or (value and not value.startswith("/")):
+        raise ConfigError(key, value, 'must be an absolute path, or "" for no status socket')
+    if len(value.encode()) > 103:
+        raise ConfigError(key, value, "is too long for a unix socket (at most 103 bytes)")
+    return value
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9560"`` or ``"[::1]:9560"`` -> (address, port); ValueError otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    else:
+        ipaddress.IPv4Address(host)
+    return host, int(port)
+
+
+def _listen_address(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, value, 'must be a string "ADDRESS:PORT"')
+    if value:
+        try:
+            parse_listen_address(value)
+        except ValueError:
+            raise ConfigError(
+                key,
+                value,
+                'must be "IPV4:PORT" or "[IPV6]:PORT" with a port 1-65535, e.g. "127.0.0.1:9560"'
+                ', or "" for no metrics endpoint',
+            ) from None
+    return value
+
+
 def _log_level(key: str, value: object) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise ConfigError(key, value, f"must be one of {', '.join(LOG_LEVELS)}")
@@ -170,6 +254,11 @@ def _log_level(key: str, value: object) -> str:
 # key -> validator returning the typed value
 _VALIDATORS: dict[str, Any] = {
     "interfaces": _interfaces,
+    "mode": _choice("redirect", "tproxy"),
+    "family": _choice("ipv4", "ipv6", "both"),
+    "transparent_source": _bool,
+    "tproxy_mark": lambda k, v: _int(k, v, 1, 0xFFFFFFFF),
+    "route_table": _route_table,
     "listen_port": lambda k, v: _int(k, v, 1, 65535),
     "queue": lambda k, v: _int(k, v, 0, 65535),
     "log_level": _log_level,
@@ -185,6 +274,10 @@ _VALIDATORS: dict[str, Any] = {
     "tcp_fastopen": _bool,
     "fastopen_wait": lambda k, v: _float(k, v, 0, 10),
     "pipe_size": lambda k, v: _int(k, v, 4096, 1 << 30),
+    "drain_timeout": lambda k, v: _float(k, v, 0, 86400),
+    "status_socket": _socket_path,
+    "metrics_listen": _listen_address,
+    "workers": lambda k, v: _int(k, v, 1, 128),
     "client": _leg,
     "upstream": _leg,
 }
@@ -202,9 +295,21 @@ def build(settings: Mapping[str, object]) -> Config:
             )
         typed[key] = validator(key, value)
     cfg = Config(**typed)
+    if cfg.transparent_source and cfg.mode != "tproxy":
+        raise ConfigError("transparent_source", True, "requires mode = \"tproxy\"")
+    if cfg.mode == "tproxy" and cfg.tproxy_mark & cfg.mark_mask:
+        raise ConfigError(
+            "tproxy_mark", hex(cfg.tproxy_mark), f"must not overlap mark_mask {cfg.mark_mask:#x}"
+        )
     if cfg.split_mark & ~cfg.mark_mask:
         raise ConfigError(
             "split_mark", hex(cfg.split_mark), f"must lie within mark_mask {cfg.mark_mask:#x}"
+        )
+    if cfg.queue + cfg.workers - 1 > 65535:
+        raise ConfigError("workers", cfg.workers, f"queue {cfg.queue} + workers - 1 exceeds 65535")
+    if cfg.workers > 1 and not cfg.status_socket:
+        raise ConfigError(
+            "status_socket", "", "is needed with workers > 1 (the workers report through it)"
         )
     return cfg
 

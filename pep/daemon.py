@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 
 import trio
 
-from pep import iptables_setup
+from pep import iptables_setup, routing, systemd
 from pep.config import Config
+from pep.control import Runtime
 from pep.flows import FlowTable
 from pep.listener import Listener
 from pep.syn_queue import SynQueue
 
-__all__ = ["rule_spec", "serve"]
+__all__ = ["install_rules", "remove_rules", "rule_spec", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -26,47 +28,87 @@ log = logging.getLogger(__name__)
 def rule_spec(cfg: Config) -> iptables_setup.RuleSpec:
     return iptables_setup.RuleSpec(
         interfaces=cfg.interfaces,
-        queues=(cfg.queue, cfg.queue),
+        queues=(cfg.queue, cfg.queue + cfg.workers - 1),  # --queue-balance with workers
         listen_port=cfg.listen_port,
         split_mark=cfg.split_mark,
         mark_mask=cfg.mark_mask,
+        mode=cfg.mode,
+        families=cfg.families,
+        tproxy_mark=cfg.tproxy_mark,
     )
 
 
-async def serve(cfg: Config) -> None:
-    """Run until SIGINT/SIGTERM; rules are removed on every way out, errors included."""
+def install_rules(cfg: Config) -> None:
+    """Netfilter rules, plus in TPROXY mode the policy routing they rely on (routes first)."""
+    if cfg.mode == "tproxy":
+        routing.install(cfg.tproxy_mark, cfg.route_table, cfg.families)
+    else:
+        routing.remove()  # a previous TPROXY run's, if any
+    iptables_setup.install(rule_spec(cfg))
+
+
+def remove_rules() -> int:
+    """Every rule and route pep installed, whatever mode installed it."""
+    return iptables_setup.remove() + routing.remove()
+
+
+async def serve(
+    cfg: Config, reload: Callable[[], Config] | None = None, worker: int | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM, then drain; rules are removed on every way out, errors included.
+
+    ``reload`` reads the configuration again on SIGHUP (pep.control). With ``worker`` set this
+    is worker N of a ``workers`` daemon (pep.workers): it reads queue ``queue + N``, shares the
+    port, and leaves the rules to the master.
+    """
     flows = FlowTable(cfg.flow_table_size, cfg.flow_ttl)
     listener = Listener(cfg, flows)
     queue: SynQueue | None = None
     installed = False
+    queue_num = cfg.queue + (worker or 0)
+    rt = Runtime(cfg, listener, flows, queues=(queue_num, queue_num), worker=worker, reload=reload)
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             await listener.bind()
-            queue = SynQueue(cfg, cfg.queue, flows)
+            queue = rt.queue = SynQueue(cfg, queue_num, flows)
             queue.open()
-            iptables_setup.install(rule_spec(cfg))
-            installed = True
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(queue.run)
-                nursery.start_soon(listener.serve, nursery)
-                log.info(
-                    "ready: splitting TCP from %s via queue %d to port %d",
-                    ",".join(cfg.interfaces),
-                    cfg.queue,
-                    cfg.listen_port,
-                )
-                async for signum in signals:
-                    log.info("%s: removing rules and stopping", signal.Signals(signum).name)
-                    break
-                iptables_setup.remove()
-                installed = False
-                nursery.cancel_scope.cancel()
+            await rt.services.open()
+            if worker is None:
+                install_rules(cfg)
+                installed = True
+            async with trio.open_nursery() as services:  # status, metrics: through the drain
+                rt.services.start(services)
+                services.start_soon(rt.watch_signals, signals)
+                async with trio.open_nursery() as connections:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(queue.run)
+                        nursery.start_soon(listener.serve, connections)
+                        if worker is None:
+                            log.info(
+                                "ready: splitting TCP from %s via queue %d to port %d",
+                                ",".join(cfg.interfaces),
+                                cfg.queue,
+                                cfg.listen_port,
+                            )
+                            systemd.notify("READY=1")
+                        else:
+                            log.info("worker %d: reading queue %d", worker, queue_num)
+                        await rt.stopping.wait()
+                        if installed:
+                            remove_rules()
+                            installed = False
+                        await rt.accept_grace()  # handshakes redirected just before
+                        nursery.cancel_scope.cancel()
+                    listener.close()  # stop accepting
+                    await rt.drain(connections.cancel_scope)
+                services.cancel_scope.cancel()
     finally:
         if installed:
-            iptables_setup.remove()
+            remove_rules()
         if queue is not None:
             queue.close()
-        listener.sock.close()
+        listener.close()
+        rt.services.close()
         if queue is not None:
             q, lc = queue.counters, listener.counters
             log.info(

@@ -46,7 +46,10 @@ extension output): call these functions from the main thread at startup/shutdown
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
+import multiprocessing
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -86,6 +89,9 @@ class RuleSpec:
     split_mark: int
     mark_mask: int
     chain_prefix: str = "PEP"
+    mode: str = "redirect"  # or "tproxy"
+    families: tuple[int, ...] = (4,)  # 4 -> iptables, 6 -> ip6tables
+    tproxy_mark: int = 0x10000  # TPROXY mode: mark routed to the local socket
 
     def __post_init__(self) -> None:
         if isinstance(self.interfaces, str):
@@ -132,6 +138,25 @@ class RuleSpec:
                 f"mark_mask {self.mark_mask:#x}"
             )
         _check_prefix(self.chain_prefix)
+        if self.mode not in ("redirect", "tproxy"):
+            raise ValueError(f"RuleSpec.mode must be 'redirect' or 'tproxy', got {self.mode!r}")
+        families = tuple(self.families)
+        if (
+            not families
+            or any(f not in (4, 6) for f in families)
+            or len(set(families)) != len(families)
+        ):
+            raise ValueError(
+                f"RuleSpec.families must be a non-empty subset of (4, 6), got {families!r}"
+            )
+        object.__setattr__(self, "families", families)
+        if self.mode == "tproxy" and (
+            not 1 <= self.tproxy_mark <= 0xFFFFFFFF or self.tproxy_mark & self.mark_mask
+        ):
+            raise ValueError(
+                f"RuleSpec.tproxy_mark {self.tproxy_mark:#x} must be non-zero and outside "
+                f"mark_mask {self.mark_mask:#x}"
+            )
 
 
 def _check_prefix(prefix: str) -> None:
@@ -143,13 +168,18 @@ def _check_prefix(prefix: str) -> None:
 
 
 def syn_chain(prefix: str = "PEP") -> str:
-    """Name of pep's mangle chain (SYN → NFQUEUE)."""
+    """Name of pep's mangle chain (SYN -> NFQUEUE; in TPROXY mode also marked SYN -> TPROXY)."""
     return f"{prefix}_SYN"
 
 
 def redirect_chain(prefix: str = "PEP") -> str:
-    """Name of pep's nat chain (marked → REDIRECT)."""
+    """Name of pep's nat chain (marked -> REDIRECT), REDIRECT mode only."""
     return f"{prefix}_REDIRECT"
+
+
+def divert_chain(prefix: str = "PEP") -> str:
+    """Name of pep's mangle chain for packets of TPROXY'd flows (-m socket -> local)."""
+    return f"{prefix}_DIVERT"
 
 
 def comment_tag(prefix: str = "PEP") -> str:
@@ -157,8 +187,11 @@ def comment_tag(prefix: str = "PEP") -> str:
     return prefix.lower()
 
 
-def _own_chain(table: str, prefix: str) -> str:
-    return syn_chain(prefix) if table == MANGLE else redirect_chain(prefix)
+def _own_chains(table: str, prefix: str) -> list[str]:
+    """Every chain pep may own in ``table``, whatever the mode: removal finds stale ones too."""
+    if table == MANGLE:
+        return [divert_chain(prefix), syn_chain(prefix)]
+    return [redirect_chain(prefix)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +219,7 @@ def _iptc_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def _table(name: str) -> Iterator[Any]:
+def _table(name: str, family: int = 4) -> Iterator[Any]:
     """Yield a python-iptables table with autocommit off, freshly read from the kernel.
 
     python-iptables caches one Table object per name for the whole process, and with autocommit
@@ -197,9 +230,10 @@ def _table(name: str) -> Iterator[Any]:
     """
     iptc = _iptc()
     try:
-        table = iptc.Table(name)
+        table = iptc.Table(name) if family == 4 else iptc.Table6(name)
     except _iptc_errors() as e:
-        raise RulesError(f"iptables table {name!r} is not available: {_text(e)}") from e
+        tool = "iptables" if family == 4 else "ip6tables"
+        raise RulesError(f"{tool} table {name!r} is not available: {_text(e)}") from e
     previous = table.autocommit
     table.autocommit = False
     try:
@@ -222,10 +256,11 @@ def _jump_target(rule: Any) -> str:
     return target.name if target is not None else ""
 
 
-def _own_jumps(table: Any, own: str) -> list[Any]:
-    """Rules in PREROUTING whose target (jump or goto) is our chain, in chain order."""
+def _own_jumps(table: Any, own: str | list[str]) -> list[Any]:
+    """Rules in PREROUTING whose target (jump or goto) is (one of) our chain(s), in order."""
+    owns = [own] if isinstance(own, str) else own
     hook = _iptc().Chain(table, HOOK_CHAIN)
-    return [r for r in hook.rules if _jump_target(r) == own]
+    return [r for r in hook.rules if _jump_target(r) in owns]
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,143 +279,249 @@ class _Op:
     apply: Callable[[Any], None]
 
 
-def _rule_text(table: str, chain: str, body: str) -> str:
-    return f"-t {table} -A {chain} {body}"
-
-
-def _syn_body(spec: RuleSpec) -> str:
-    first, last = spec.queues
-    queue = f"--queue-num {first}" if first == last else f"--queue-balance {first}:{last}"
-    return (
-        "-p tcp -m addrtype ! --dst-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN "
-        f"-j NFQUEUE {queue} --queue-bypass"
-    )
+def _rule_text(table: str, chain: str, body: str, family: int = 4) -> str:
+    return f"{'-6 ' if family == 6 else ''}-t {table} -A {chain} {body}"
 
 
 def _mark_text(mark: int, mask: int) -> str:
     return f"{mark:#x}" if mask == 0xFFFFFFFF else f"{mark:#x}/{mask:#x}"
 
 
-def _redirect_body(spec: RuleSpec) -> str:
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """One wanted rule: its iptables-save body and how python-iptables builds it."""
+
+    body: str
+    build: Callable[[Any], Any]  # given iptc.Rule or iptc.Rule6, returns the rule
+
+
+@dataclass(frozen=True, slots=True)
+class _ChainPlan:
+    table: str
+    chain: str
+    jumps: tuple[_Rule, ...]  # in PREROUTING, targeting ``chain``, in this order
+    rules: tuple[_Rule, ...]  # the chain's content, in this order
+
+
+def _rule(rule_cls: Any, **fields: str) -> Any:
+    rule = rule_cls()
+    rule.protocol = fields.get("protocol", "tcp")
+    if "in_interface" in fields:
+        rule.in_interface = fields["in_interface"]
+    return rule
+
+
+def _jump(iface: str | None, own: str, prefix: str) -> _Rule:
+    scope = f"-i {iface} " if iface else ""
+
+    def build(rule_cls: Any) -> Any:
+        rule = _rule(rule_cls, **({"in_interface": iface} if iface else {}))
+        rule.create_match("comment").comment = comment_tag(prefix)
+        rule.create_target(own)
+        return rule
+
+    return _Rule(f"{scope}-p tcp -m comment --comment {comment_tag(prefix)} -j {own}", build)
+
+
+def _queue_rule(spec: RuleSpec) -> _Rule:
+    first, last = spec.queues
+    queue = f"--queue-num {first}" if first == last else f"--queue-balance {first}:{last}"
+
+    def build(rule_cls: Any) -> Any:
+        rule = _rule(rule_cls)
+        # Connections to the gateway's own addresses (ssh to the box, or pep's listener port
+        # itself) are not forwarded traffic: never queue, mark or redirect them.
+        rule.create_match("addrtype").dst_type = "!LOCAL"
+        rule.create_match("tcp").tcp_flags = ["FIN,SYN,RST,ACK", "SYN"]
+        target = rule.create_target("NFQUEUE")
+        if first == last:
+            target.queue_num = str(first)
+        else:
+            target.queue_balance = f"{first}:{last}"
+        target.queue_bypass = ""
+        return rule
+
+    return _Rule(
+        "-p tcp -m addrtype ! --dst-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN "
+        f"-j NFQUEUE {queue} --queue-bypass",
+        build,
+    )
+
+
+def _redirect_rule(spec: RuleSpec) -> _Rule:
+    def build(rule_cls: Any) -> Any:
+        rule = _rule(rule_cls)
+        rule.create_match("mark").mark = f"{spec.split_mark:#x}/{spec.mark_mask:#x}"
+        rule.create_target("REDIRECT").to_ports = str(spec.listen_port)
+        return rule
+
     mark = _mark_text(spec.split_mark, spec.mark_mask)
-    return f"-p tcp -m mark --mark {mark} -j REDIRECT --to-ports {spec.listen_port}"
+    return _Rule(f"-p tcp -m mark --mark {mark} -j REDIRECT --to-ports {spec.listen_port}", build)
 
 
-def _jump_body(iface: str, own: str, prefix: str) -> str:
-    return f"-i {iface} -p tcp -m comment --comment {comment_tag(prefix)} -j {own}"
+def _tproxy_rule(spec: RuleSpec, family: int) -> _Rule:
+    tmark = f"{spec.tproxy_mark:#x}/{spec.tproxy_mark:#x}"
+
+    def build(rule_cls: Any) -> Any:
+        rule = _rule(rule_cls)
+        rule.create_match("mark").mark = f"{spec.split_mark:#x}/{spec.mark_mask:#x}"
+        # Revision 1 serves both families; python-iptables' default lookup misses it for IPv6.
+        target = rule.create_target("TPROXY", revision=1)
+        target.on_port = str(spec.listen_port)
+        target.tproxy_mark = tmark
+        return rule
+
+    mark = _mark_text(spec.split_mark, spec.mark_mask)
+    any_ip = "0.0.0.0" if family == 4 else "::"
+    return _Rule(
+        f"-p tcp -m mark --mark {mark} -j TPROXY --on-port {spec.listen_port} "
+        f"--on-ip {any_ip} --tproxy-mark {tmark}",
+        build,
+    )
 
 
-def expected_rules(spec: RuleSpec) -> list[str]:
+def _divert_rules(spec: RuleSpec) -> tuple[_Rule, _Rule]:
+    tmark = f"{spec.tproxy_mark:#x}/{spec.tproxy_mark:#x}"
+
+    def mark(rule_cls: Any) -> Any:
+        rule = _rule(rule_cls)
+        rule.create_match("socket").transparent = ""
+        rule.create_target("MARK").set_xmark = tmark
+        return rule
+
+    def accept(rule_cls: Any) -> Any:
+        rule = _rule(rule_cls, protocol="ip")
+        rule.create_match("mark").mark = tmark
+        rule.create_target("ACCEPT")
+        return rule
+
+    return (
+        _Rule(f"-p tcp -m socket --transparent -j MARK --set-xmark {tmark}", mark),
+        _Rule(f"-m mark --mark {tmark} -j ACCEPT", accept),
+    )
+
+
+def _plan(spec: RuleSpec, family: int) -> list[_ChainPlan]:
+    """pep's chains for one family, in the order their jumps appear in PREROUTING.
+
+    REDIRECT mode: the SYN reader marks a SYN and ACCEPTs it; nat PREROUTING (a later hook)
+    REDIRECTs marked flows. TPROXY mode: an ACCEPT verdict would end the mangle chain before a
+    TPROXY rule could see the SYN, so the reader answers NF_REPEAT with the mark instead; the
+    SYN re-enters mangle PREROUTING and the first rule of our chain TPROXYs it. Later packets
+    of a TPROXY'd flow (both legs, and the server's replies with ``transparent_source``) are
+    found by ``-m socket --transparent`` on any interface and routed to the local socket by
+    the mark.
+    """
+    prefix = spec.chain_prefix
+    syn = syn_chain(prefix)
+    syn_jumps = tuple(_jump(iface, syn, prefix) for iface in spec.interfaces)
+    if spec.mode == "redirect":
+        red = redirect_chain(prefix)
+        return [
+            _ChainPlan(MANGLE, syn, syn_jumps, (_queue_rule(spec),)),
+            _ChainPlan(
+                NAT,
+                red,
+                tuple(_jump(iface, red, prefix) for iface in spec.interfaces),
+                (_redirect_rule(spec),),
+            ),
+        ]
+    div = divert_chain(prefix)
+    return [
+        _ChainPlan(MANGLE, div, (_jump(None, div, prefix),), _divert_rules(spec)),
+        _ChainPlan(MANGLE, syn, syn_jumps, (_tproxy_rule(spec, family), _queue_rule(spec))),
+    ]
+
+
+def expected_rules(spec: RuleSpec, family: int = 4) -> list[str]:
     """The lines :func:`show` returns once ``spec`` is installed (iptables-save syntax)."""
+    plans = _plan(spec, family)
     out = []
-    for table, body in ((MANGLE, _syn_body(spec)), (NAT, _redirect_body(spec))):
-        own = _own_chain(table, spec.chain_prefix)
-        for iface in spec.interfaces:
-            jump = _jump_body(iface, own, spec.chain_prefix)
-            out.append(_rule_text(table, HOOK_CHAIN, jump))
-        out.append(_rule_text(table, own, body))
+    for table in (MANGLE, NAT):
+        mine = [p for p in plans if p.table == table]
+        for plan in mine:
+            out += [_rule_text(table, HOOK_CHAIN, j.body, family) for j in plan.jumps]
+        order = _own_chains(table, spec.chain_prefix)
+        for plan in sorted(mine, key=lambda p: order.index(p.chain)):
+            out += [_rule_text(table, plan.chain, r.body, family) for r in plan.rules]
     return out
 
 
-def _build_syn_rule(spec: RuleSpec) -> Any:
-    iptc = _iptc()
-    rule = iptc.Rule()
-    rule.protocol = "tcp"
-    # Connections to the gateway's own addresses (ssh to the box, or pep's listener port
-    # itself) are not forwarded traffic: never queue, mark or redirect them.
-    local = rule.create_match("addrtype")
-    local.dst_type = "!LOCAL"
-    tcp = rule.create_match("tcp")
-    tcp.tcp_flags = ["FIN,SYN,RST,ACK", "SYN"]
-    target = rule.create_target("NFQUEUE")
-    first, last = spec.queues
-    if first == last:
-        target.queue_num = str(first)
-    else:
-        target.queue_balance = f"{first}:{last}"
-    target.queue_bypass = ""
-    return rule
-
-
-def _build_redirect_rule(spec: RuleSpec) -> Any:
-    iptc = _iptc()
-    rule = iptc.Rule()
-    rule.protocol = "tcp"
-    mark = rule.create_match("mark")
-    mark.mark = f"{spec.split_mark:#x}/{spec.mark_mask:#x}"
-    target = rule.create_target("REDIRECT")
-    target.to_ports = str(spec.listen_port)
-    return rule
-
-
-def _build_jump(iface: str, own: str, prefix: str) -> Any:
-    iptc = _iptc()
-    rule = iptc.Rule()
-    rule.in_interface = iface
-    rule.protocol = "tcp"
-    comment = rule.create_match("comment")
-    comment.comment = comment_tag(prefix)
-    rule.create_target(own)
-    return rule
-
-
-def _install_ops(table_name: str, spec: RuleSpec) -> list[_Op]:
+def _install_ops(table_name: str, spec: RuleSpec, family: int = 4) -> list[_Op]:
     """The ops that make ``table_name`` hold exactly pep's rules for ``spec``.
 
-    The rule inside our chain is built here, before anything is changed, so a missing userspace
-    extension (e.g. libxt_NFQUEUE) is reported against the rule that needs it.
+    Every rule is built here, before anything is changed, so a missing userspace extension
+    (e.g. libxt_NFQUEUE) is reported against the rule that needs it. Chains of ours that the
+    plan does not use (left by a run in another mode) are removed.
     """
     iptc = _iptc()
-    prefix = spec.chain_prefix
-    own = _own_chain(table_name, prefix)
-    if table_name == MANGLE:
-        inner_text = _rule_text(table_name, own, _syn_body(spec))
-        build: Callable[[RuleSpec], Any] = _build_syn_rule
-    else:
-        inner_text = _rule_text(table_name, own, _redirect_body(spec))
-        build = _build_redirect_rule
-    try:
-        inner = build(spec)
-    except _iptc_errors() as e:
-        raise RulesError(f"cannot build rule `{inner_text}`: {_text(e)}") from e
-    jump_texts = [
-        (iface, _rule_text(table_name, HOOK_CHAIN, _jump_body(iface, own, prefix)))
-        for iface in spec.interfaces
-    ]
+    rule_cls = iptc.Rule if family == 4 else iptc.Rule6
+    plans = [p for p in _plan(spec, family) if p.table == table_name]
+    wanted = {p.chain for p in plans}
+    stale = [c for c in _own_chains(table_name, spec.chain_prefix) if c not in wanted]
+    built: dict[str, list[Any]] = {}
+    for plan in plans:
+        built[plan.chain] = []
+        for r in plan.rules:
+            try:
+                built[plan.chain].append(r.build(rule_cls))
+            except _iptc_errors() as e:
+                text = _rule_text(table_name, plan.chain, r.body, family)
+                raise RulesError(f"cannot build rule `{text}`: {_text(e)}") from e
 
-    def ensure_chain(table: Any) -> None:
-        if not table.is_chain(own):
-            table.create_chain(own)
-
-    def refill(table: Any) -> None:
-        table.flush_entries(own)  # our own chain only
-        iptc.Chain(table, own).append_rule(inner)
-
-    def drop_jumps(table: Any) -> None:
-        hook = iptc.Chain(table, HOOK_CHAIN)
-        for rule in reversed(_own_jumps(table, own)):
-            hook.delete_rule(rule)
-
-    ops = [
-        _Op(f"-t {table_name} -N {own}", ensure_chain),
-        _Op(inner_text, refill),
-        _Op(f"delete jumps to {own} from {table_name} {HOOK_CHAIN}", drop_jumps),
-    ]
-
-    def insert_jump(iface: str) -> Callable[[Any], None]:
-        # Built when applied, not up front: python-iptables accepts a chain name as a jump
-        # target only once the chain exists in one of its (cached) table handles.
+    def ensure_chain(chain: str) -> Callable[[Any], None]:
         def apply(table: Any) -> None:
-            iptc.Chain(table, HOOK_CHAIN).insert_rule(_build_jump(iface, own, prefix))
+            if not table.is_chain(chain):
+                table.create_chain(chain)
 
         return apply
 
-    # Insert at position 0 in reverse so the jumps end up at the top in the configured order.
-    ops += [_Op(text, insert_jump(iface)) for iface, text in reversed(jump_texts)]
+    def refill(chain: str) -> Callable[[Any], None]:
+        def apply(table: Any) -> None:
+            table.flush_entries(chain)  # our own chain only
+            for rule in built[chain]:
+                iptc.Chain(table, chain).append_rule(rule)
+
+        return apply
+
+    def drop_jumps(table: Any) -> None:
+        hook = iptc.Chain(table, HOOK_CHAIN)
+        for rule in reversed(_own_jumps(table, [*wanted, *stale])):
+            hook.delete_rule(rule)
+
+    def drop_stale(table: Any) -> None:
+        for chain in stale:
+            if table.is_chain(chain):
+                table.flush_entries(chain)
+                table.delete_chain(chain)
+
+    ops: list[_Op] = []
+    for plan in plans:
+        ops.append(_Op(f"-t {table_name} -N {plan.chain}", ensure_chain(plan.chain)))
+        body = "; ".join(r.body for r in plan.rules)
+        ops.append(_Op(f"-t {table_name} -A {plan.chain} {body}", refill(plan.chain)))
+    ops.append(_Op(f"delete jumps to pep's chains from {table_name} {HOOK_CHAIN}", drop_jumps))
+    if stale:
+        ops.append(_Op(f"-t {table_name} -X {' '.join(stale)}", drop_stale))
+
+    def insert_jump(jump: _Rule) -> Callable[[Any], None]:
+        # Built when applied, not up front: python-iptables accepts a chain name as a jump
+        # target only once the chain exists in one of its (cached) table handles.
+        def apply(table: Any) -> None:
+            iptc.Chain(table, HOOK_CHAIN).insert_rule(jump.build(rule_cls))
+
+        return apply
+
+    jumps = [j for plan in plans for j in plan.jumps]
+    # Insert at position 0 in reverse so the jumps end up at the top in the planned order.
+    ops += [
+        _Op(_rule_text(table_name, HOOK_CHAIN, j.body, family), insert_jump(j))
+        for j in reversed(jumps)
+    ]
     return ops
 
 
-def _apply(table_name: str, ops: list[_Op], attempted: list[str]) -> None:
+def _apply(table_name: str, ops: list[_Op], attempted: list[str], family: int = 4) -> None:
     """Apply ``ops`` to one table in a single commit; on refusal, name the op that is refused.
 
     A batch commit that fails says only "can't commit: <errno text>". To name the culprit the
@@ -389,7 +530,7 @@ def _apply(table_name: str, ops: list[_Op], attempted: list[str]) -> None:
     just before the kernel is first asked to change anything.
     """
     errors = _iptc_errors()
-    with _table(table_name) as table:
+    with _table(table_name, family) as table:
         for op in ops:
             try:
                 op.apply(table)
@@ -402,7 +543,7 @@ def _apply(table_name: str, ops: list[_Op], attempted: list[str]) -> None:
             batch_error = e
         else:
             return
-    culprit, error = _find_refused(table_name, ops)
+    culprit, error = _find_refused(table_name, ops, family)
     if culprit is None:
         raise RulesError(
             f"committing pep's {table_name} rules failed: {_text(batch_error)} "
@@ -411,10 +552,12 @@ def _apply(table_name: str, ops: list[_Op], attempted: list[str]) -> None:
     raise RulesError(f"the kernel refused `{culprit.what}`: {_text(error)}") from batch_error
 
 
-def _find_refused(table_name: str, ops: list[_Op]) -> tuple[_Op | None, BaseException | None]:
+def _find_refused(
+    table_name: str, ops: list[_Op], family: int
+) -> tuple[_Op | None, BaseException | None]:
     errors = _iptc_errors()
     try:
-        with _table(table_name) as table:
+        with _table(table_name, family) as table:
             for op in ops:
                 try:
                     op.apply(table)
@@ -431,46 +574,84 @@ def _find_refused(table_name: str, ops: list[_Op]) -> tuple[_Op | None, BaseExce
 # public API
 
 
+def _in_family_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a fresh interpreter (multiprocessing "spawn").
+
+    libxtables keeps one global registry of extensions: once a target such as REDIRECT or
+    TPROXY is loaded for IPv4, python-iptables cannot load it for IPv6 in the same process
+    (it reports "can't find target" or exits with "already registered"; python-iptables
+    issues #135, #316: "only use one address family per process"). So every family's work
+    runs in its own short-lived process, and the caller (the daemon) never loads libxtables.
+    A child inherits the caller's network namespace.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            return pool.submit(fn, *args).result()
+    except concurrent.futures.process.BrokenProcessPool as e:
+        raise RulesError(f"the python-iptables worker process died ({fn.__name__}{args})") from e
+
+
 def install(spec: RuleSpec) -> None:
     """Make the kernel hold exactly pep's rules for ``spec``; idempotent, replaces stale rules.
 
     Creates our chains if missing, flushes and refills only them, deletes every jump to them
     from ``PREROUTING`` (including jumps for interfaces no longer configured) and inserts the
-    wanted jumps at the top. Raises :class:`RulesError` on failure; if the kernel was asked to
-    change anything by then, first removes whatever pep has in place (the safe state: all
-    traffic routed end to end). A failure before that (not root, a missing userspace extension)
-    leaves the rules as they were.
+    wanted jumps at the top; a family not in ``spec`` is cleared of pep's rules. Raises
+    :class:`RulesError` on failure; if the kernel was asked to change anything by then, first
+    removes whatever pep has in place (the safe state: all traffic routed end to end). A failure
+    before that (not root, a missing userspace extension) leaves the rules as they were.
     """
     if not isinstance(spec, RuleSpec):
         raise TypeError(f"install() needs a RuleSpec, got {type(spec).__name__}")
+    done = False
+    try:
+        for family in (4, 6):
+            if family in spec.families:
+                _in_family_process(_install_family, spec, family)
+                done = True
+            elif _family_usable(family):  # stale rules of a run with both families
+                _in_family_process(_remove_family, spec.chain_prefix, family)
+    except RulesError as e:
+        if done:
+            try:
+                remove(spec.chain_prefix)
+            except RulesError as rollback:
+                e.add_note(f"rollback (remove) also failed: {rollback}")
+        raise
+
+
+def _install_family(spec: RuleSpec, family: int) -> None:
     attempted: list[str] = []
     try:
         for table_name in (MANGLE, NAT):
-            _apply(table_name, _install_ops(table_name, spec), attempted)
+            _apply(table_name, _install_ops(table_name, spec, family), attempted, family)
     except RulesError as e:
         if not attempted:
             raise
         try:
-            remove(spec.chain_prefix)
+            _remove_family(spec.chain_prefix, family)
         except RulesError as rollback:
             e.add_note(f"rollback (remove) also failed: {rollback}")
         raise
 
 
 def remove(chain_prefix: str = "PEP") -> int:
-    """Delete pep's jumps from ``PREROUTING``, flush and delete pep's chains.
+    """Delete pep's jumps from ``PREROUTING``, flush and delete pep's chains, both families.
 
     Returns the number of rules removed (jumps plus rules inside our chains); 0 and no error when
     nothing is installed. Each table changes in one commit. Best effort across tables: a failure
-    in mangle does not stop the nat cleanup (the daemon calls this on its way out); the first
-    error is raised once both tables were tried.
+    in one does not stop the others (the daemon calls this on its way out); the first error is
+    raised once all were tried. Chains of every mode are removed, whatever mode installed them.
     """
     _check_prefix(chain_prefix)
     removed = 0
     failures: list[RulesError] = []
-    for table_name in (MANGLE, NAT):
+    for family in (4, 6):
+        if not _family_usable(family):
+            continue
         try:
-            removed += _remove_from(table_name, _own_chain(table_name, chain_prefix))
+            removed += _in_family_process(_remove_family, chain_prefix, family)
         except RulesError as e:
             failures.append(e)
     if failures:
@@ -480,54 +661,84 @@ def remove(chain_prefix: str = "PEP") -> int:
     return removed
 
 
-def _remove_from(table_name: str, own: str) -> int:
+def _remove_family(chain_prefix: str, family: int) -> int:
+    removed = 0
+    failures: list[RulesError] = []
+    for table_name in (MANGLE, NAT):
+        try:
+            removed += _remove_from(table_name, _own_chains(table_name, chain_prefix), family)
+        except RulesError as e:
+            failures.append(e)
+    if failures:
+        for other in failures[1:]:
+            failures[0].add_note(str(other))
+        raise failures[0]
+    return removed
+
+
+def _family_usable(family: int) -> bool:
+    """IPv6 may be disabled in the kernel (ipv6.disable=1): then there is nothing to manage."""
+    return family == 4 or os.path.isdir("/proc/sys/net/ipv6")
+
+
+def _remove_from(table_name: str, owns: list[str], family: int = 4) -> int:
     errors = _iptc_errors()
     iptc = _iptc()
-    with _table(table_name) as table:
-        what = f"-t {table_name} -D {HOOK_CHAIN} ... -j {own}"
+    count = 0
+    failing = "|".join(owns)
+    with _table(table_name, family) as table:
+        what = f"-t {table_name} -D {HOOK_CHAIN} ... -j {'|'.join(owns)}"
         try:
-            jumps = _own_jumps(table, own)
+            jumps = _own_jumps(table, owns)
             hook = iptc.Chain(table, HOOK_CHAIN)
             for rule in reversed(jumps):
                 hook.delete_rule(rule)
             count = len(jumps)
-            chain_exists = table.is_chain(own)
-            if chain_exists:
+            existing = [own for own in owns if table.is_chain(own)]
+            for own in existing:
+                failing = own
                 what = f"-t {table_name} -F {own}; -t {table_name} -X {own}"
                 count += len(iptc.Chain(table, own).rules)
                 table.flush_entries(own)
                 table.delete_chain(own)
-            if not (jumps or chain_exists):
+            if not (jumps or existing):
                 return 0
-            what = f"commit the removal of {own} from {table_name}"
+            what = f"commit the removal of {', '.join(owns)} from {table_name}"
             table.commit()
         except errors as e:
             hint = ""
             if "Too many links" in _text(e):
-                hint = f" (a chain other than {HOOK_CHAIN} still jumps to {own}; pep leaves it)"
+                hint = f" (a chain other than {HOOK_CHAIN} still jumps to {failing}; pep leaves it)"
             raise RulesError(f"removing pep's rules failed at `{what}`: {_text(e)}{hint}") from e
     return count
 
 
-def show(chain_prefix: str = "PEP") -> list[str]:
-    """pep's installed rules in iptables-save syntax: jumps from ``PREROUTING``, then our chain.
+def show(chain_prefix: str = "PEP", family: int = 4) -> list[str]:
+    """pep's installed rules in iptables-save syntax: jumps from ``PREROUTING``, then our chains.
 
-    One line per rule, each starting with ``-t TABLE -A CHAIN``; mangle first, then nat. An empty
-    list when nothing is installed.
+    One line per rule, each starting with ``-t TABLE -A CHAIN`` (``-6 -t ...`` for ip6tables);
+    mangle first, then nat. An empty list when nothing is installed.
     """
     _check_prefix(chain_prefix)
+    if not _family_usable(family):
+        return []
+    return _in_family_process(_show_family, chain_prefix, family)
+
+
+def _show_family(chain_prefix: str, family: int) -> list[str]:
     errors = _iptc_errors()
     iptc = _iptc()
     lines: list[str] = []
     for table_name in (MANGLE, NAT):
-        own = _own_chain(table_name, chain_prefix)
-        with _table(table_name) as table:
+        owns = _own_chains(table_name, chain_prefix)
+        with _table(table_name, family) as table:
             try:
-                for rule in _own_jumps(table, own):
-                    lines.append(_format_rule(table_name, HOOK_CHAIN, rule))
-                if table.is_chain(own):
-                    for rule in iptc.Chain(table, own).rules:
-                        lines.append(_format_rule(table_name, own, rule))
+                for rule in _own_jumps(table, owns):
+                    lines.append(_format_rule(table_name, HOOK_CHAIN, rule, family))
+                for own in owns:
+                    if table.is_chain(own):
+                        for rule in iptc.Chain(table, own).rules:
+                            lines.append(_format_rule(table_name, own, rule, family))
             except errors as e:
                 raise RulesError(f"reading pep's {table_name} rules failed: {_text(e)}") from e
     return lines
@@ -550,7 +761,7 @@ def _address(value: str | None) -> str | None:
     if not value:
         return None
     neg = value.startswith("!")
-    net = ipaddress.IPv4Network(value.lstrip("!"), strict=False)
+    net = ipaddress.ip_network(value.lstrip("!"), strict=False)
     if net.prefixlen == 0:
         return None
     return ("!" if neg else "") + net.with_prefixlen
@@ -573,8 +784,8 @@ def _params(params: dict[str, list[str]]) -> list[str]:
     return out
 
 
-def _format_rule(table: str, chain: str, rule: Any) -> str:
-    parts = ["-t", table, "-A", chain]
+def _format_rule(table: str, chain: str, rule: Any, family: int = 4) -> str:
+    parts = (["-6"] if family == 6 else []) + ["-t", table, "-A", chain]
     parts += _negatable("-s", _address(rule.src))
     parts += _negatable("-d", _address(rule.dst))
     parts += _negatable("-i", rule.in_interface)

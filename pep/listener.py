@@ -1,9 +1,14 @@
 """The client-side leg: accept redirected connections, find where they were going, split them.
 
-The original destination comes from conntrack (SO_ORIGINAL_DST); the flow table recorded by the
-SYN reader must agree, and a disagreement is logged (SO_ORIGINAL_DST wins: it is the NAT
-binding the kernel actually applied). A connection that was not redirected, i.e. whose
-original destination is the listener itself, is closed at once: pep is never an open proxy.
+The original destination comes from the kernel: in REDIRECT mode from conntrack
+(SO_ORIGINAL_DST), in TPROXY mode it is the accepted socket's own address. The flow table
+recorded by the SYN reader must agree, and a disagreement is logged (the kernel wins: it is
+what was actually applied). A connection that was not redirected, i.e. whose original
+destination is the listener itself, is closed at once: pep is never an open proxy.
+
+One listening socket per IP version (IPv6 with IPV6_V6ONLY), rather than one dual-stack
+socket: IPv4 clients then appear with their plain addresses, as the SYN reader recorded them,
+and each family's SO_ORIGINAL_DST is asked at its own level.
 """
 
 from __future__ import annotations
@@ -18,29 +23,48 @@ from dataclasses import dataclass
 import trio
 
 from pep.config import Config
+from pep.connections import ConnectionTable
 from pep.flows import FlowTable
 from pep.relay import RelayStats, abort, relay
-from pep.tuning import apply_tuning
+from pep.tuning import apply_tuning, transparent
 from pep.upstream import UpstreamError, connect
 
 __all__ = ["Listener", "ListenerCounters", "original_dst"]
 
 log = logging.getLogger(__name__)
 
-SO_ORIGINAL_DST = 80  # include/uapi/linux/netfilter_ipv4.h
+SO_ORIGINAL_DST = 80  # include/uapi/linux/netfilter_ipv4.h (IP6T_SO_ORIGINAL_DST is 80 too)
 # What one Fast Open SYN can carry is bounded by the MSS; more is sent after the handshake.
 _FIRST_BYTES_MAX = 64 * 1024
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # sin_family (host order, skipped), port, addr
+_SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, addr, scope id
+_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 def original_dst(sock: trio.socket.SocketType) -> tuple[str, int] | None:
     """The pre-NAT destination from conntrack, or None when conntrack has no entry for it."""
+    if sock.family == socket.AF_INET6:
+        level, layout = socket.IPPROTO_IPV6, _SOCKADDR_IN6
+    else:
+        level, layout = socket.SOL_IP, _SOCKADDR_IN
     try:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+        raw = sock.getsockopt(level, SO_ORIGINAL_DST, layout.size)
     except OSError:
         return None  # ENOENT: not tracked, so certainly not redirected by us
-    port, addr = _SOCKADDR_IN.unpack(raw)
-    return socket.inet_ntop(socket.AF_INET, addr), port
+    port, addr = layout.unpack(raw)
+    return socket.inet_ntop(sock.family, addr), port
+
+
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` is one of this namespace's own addresses (bind() without
+    IP_TRANSPARENT succeeds only for those)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(slots=True)
@@ -56,30 +80,58 @@ class ListenerCounters:
 
 
 class Listener:
-    """Owns the listening socket; every connection runs as a task in the caller's nursery."""
+    """Owns the listening sockets; every connection runs as a task in the caller's nursery."""
 
     def __init__(self, cfg: Config, flows: FlowTable) -> None:
         self.cfg = cfg
         self.flows = flows
         self.counters = ListenerCounters()
-        self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.table = ConnectionTable()  # live connections and totals: pep status, metrics
+        self.socks = [self._socket(_FAMILY[f]) for f in cfg.families]
+
+    def _socket(self, family: int) -> trio.socket.SocketType:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.cfg.workers > 1:  # each worker binds its own socket on the port (pep.workers)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if self.cfg.mode == "tproxy":
+            transparent(sock)
         # Accepted sockets inherit buffers, congestion control and TCP_NODELAY from the
         # listener; buffers must be set here to count in the window scale of the SYN-ACK.
-        apply_tuning(self.sock, cfg.client)
-        if cfg.tcp_fastopen:
+        apply_tuning(sock, self.cfg.client)
+        if self.cfg.tcp_fastopen:
             # Queue length for pending Fast Open requests (the kernel's own listeners use
             # the backlog here too).
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, cfg.backlog)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, self.cfg.backlog)
+        return sock
 
     async def bind(self) -> None:
-        await self.sock.bind(("0.0.0.0", self.cfg.listen_port))
-        self.sock.listen(self.cfg.backlog)
+        for sock in self.socks:
+            host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+            try:
+                await sock.bind((host, self.cfg.listen_port))
+            except OSError as e:
+                raise OSError(
+                    e.errno, f"cannot listen on [{host}]:{self.cfg.listen_port}: {e.strerror}"
+                ) from None
+            sock.listen(self.cfg.backlog)
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
 
     async def serve(self, nursery: trio.Nursery) -> None:
+        """Accept on every listening socket until cancelled."""
+        async with trio.open_nursery() as accepting:
+            for sock in self.socks:
+                accepting.start_soon(self._accept_loop, sock, nursery)
+
+    async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
             try:
-                client, _ = await self.sock.accept()
+                client, _ = await sock.accept()
             except OSError as e:
                 self.counters.accept_errors += 1
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -105,13 +157,13 @@ class Listener:
     async def handle(self, client: trio.socket.SocketType) -> None:
         c = self.counters
         try:
-            peer = client.getpeername()
-            local = client.getsockname()
+            peer = client.getpeername()[:2]  # IPv6 adds flowinfo, scope id
+            local = client.getsockname()[:2]
         except OSError:
             client.close()  # reset between accept and here
             return
-        dst = original_dst(client)
-        if dst is None or dst == local:
+        dst = self._original_dst(client, local)
+        if dst is None:
             c.not_redirected += 1
             log.info(
                 "refused %s:%d -> %s:%d: not redirected (pep is not an open proxy)", *peer, *local
@@ -132,24 +184,31 @@ class Listener:
             )
         flow_text = "{}:{}".format(*flow.original_dst) if flow else "-"
         t0 = time.monotonic()
+        conn = self.table.open(peer, dst, flow_text)
         upstream = None
         try:
             first = await self._first_bytes(client) if self.cfg.tcp_fastopen else b""
-            upstream = await connect(dst, self.cfg.upstream, self.cfg.connect_timeout, first)
+            source = (peer[0], peer[1]) if self.cfg.transparent_source else None
+            upstream = await connect(
+                dst, self.cfg.upstream, self.cfg.connect_timeout, first, source=source
+            )
             if first:
                 await self._consume(client, len(first))
         except UpstreamError as e:
             c.upstream_failed += 1
+            self.table.close(conn, failure=e.reason)
             log.info("upstream %s:%d for %s:%d: %s; resetting client", *dst, *peer, e.reason)
             abort(client)
             return
         except OSError as e:  # the client reset while its first bytes were being forwarded
             log.info("client %s:%d gone before the relay started: %s", *peer, e)
+            self.table.close(conn)
             abort(client)
             if upstream is not None:
                 abort(upstream)
             return
         except BaseException:  # cancelled: the daemon is stopping
+            self.table.close(conn)
             abort(client)
             if upstream is not None:
                 abort(upstream)
@@ -165,6 +224,7 @@ class Listener:
             connect_ms,
         )
         stats = RelayStats(up=len(first))
+        self.table.established(conn, stats, connect_ms / 1000)
         try:
             await relay(
                 client,
@@ -175,6 +235,7 @@ class Listener:
             )
         finally:
             c.active -= 1
+            self.table.close(conn)
             log.info(
                 "closed %s:%d -> %s:%d flow=%s duration=%.3fs up=%d down=%d reason=%s",
                 *peer,
@@ -185,6 +246,21 @@ class Listener:
                 stats.down,
                 stats.close_reason,
             )
+
+    def _original_dst(
+        self, client: trio.socket.SocketType, local: tuple[str, int]
+    ) -> tuple[str, int] | None:
+        """Where the client was going, or None when it came to the listener itself."""
+        if self.cfg.mode == "tproxy":
+            # A TPROXY'd socket's own address is the original destination. Only a direct
+            # connection has our port on one of our own addresses: the queue rule never marks
+            # SYNs for local addresses, so those are never TPROXY'd.
+            dst = (local[0], local[1])
+            if dst[1] == self.cfg.listen_port and is_local_address(dst[0]):
+                return None
+            return dst
+        dst = original_dst(client)
+        return None if dst is None or dst == (local[0], local[1]) else dst
 
     async def _first_bytes(self, client: trio.socket.SocketType) -> bytes:
         """Peek at what the client sent first, waiting at most ``fastopen_wait``.

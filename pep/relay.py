@@ -42,6 +42,9 @@ class RelayStats:
     up: int = 0  # client -> server bytes
     down: int = 0  # server -> client bytes
     close_reason: str = ""
+    # The FIN read from one side has been passed on (half-closed), for `pep status`.
+    up_eof: bool = False
+    down_eof: bool = False
 
 
 class _PeerError(Exception):
@@ -62,9 +65,22 @@ def _make_pipe(size: int) -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     # Over /proc/sys/fs/pipe-max-size or the per-user pipe budget the default 64 KiB pipe
     # still works, only with more syscalls per byte.
-    with contextlib.suppress(OSError):
+    try:
         fcntl.fcntl(w, F_SETPIPE_SZ, size)
+    except OSError as e:
+        global _pipe_warned
+        if not _pipe_warned:  # once per process: it is a setting to fix, not an event
+            _pipe_warned = True
+            log.warning(
+                "splice pipes stay small (F_SETPIPE_SZ %d: %s): over fs.pipe-max-size, or, "
+                "not running as root, over fs.pipe-user-pages-soft (see deploy/pep-sysctl.conf)",
+                size,
+                e.strerror,
+            )
     return r, w
+
+
+_pipe_warned = False
 
 
 class _Relay:
@@ -127,6 +143,7 @@ class _Relay:
             except OSError as e:
                 if e.errno != errno.ENOTCONN:  # the peer already closed both ways
                     raise _PeerError(names[1], e) from None
+            setattr(stats, attr + "_eof", True)
         finally:
             os.close(pr)
             os.close(pw)

@@ -51,6 +51,10 @@ class SynQueue:
         self.flows = flows
         self.counters = SynCounters()
         self.nfq = QueueSocket(queue, cfg.queue_rcvbuf)
+        # TPROXY lives in the same mangle chain as the queue rule, and ACCEPT would leave that
+        # chain: a split SYN is REPEATed instead, re-entering the chain where the TPROXY rule
+        # (first in pep's chain) now sees its mark. See iptables_setup._plan.
+        self.split_verdict = nfq.NF_REPEAT if cfg.mode == "tproxy" else nfq.NF_ACCEPT
 
     def open(self) -> None:
         self.nfq.open(
@@ -74,7 +78,12 @@ class SynQueue:
                     self.counters.enobufs,
                 )
             verdicts = decide(
-                messages, self.flows, self.counters, self.cfg.split_mark, self.cfg.mark_mask
+                messages,
+                self.flows,
+                self.counters,
+                self.cfg.split_mark,
+                self.cfg.mark_mask,
+                self.split_verdict,
             )
             if verdicts:
                 await self.nfq.send(verdicts)
@@ -86,6 +95,7 @@ def decide(
     counters: SynCounters,
     split_mark: int,
     mask: int,
+    split_verdict: int = nfq.NF_ACCEPT,
 ) -> bytes:
     """Verdicts for every packet of one receive buffer, concatenated for one send.
 
@@ -103,7 +113,7 @@ def decide(
                 flows.record(syn)
                 counters.split += 1
                 mark = (msg.mark & ~mask) | split_mark
-                out.append(nfq.build_verdict(msg.queue, msg.packet_id, nfq.NF_ACCEPT, mark))
+                out.append(nfq.build_verdict(msg.queue, msg.packet_id, split_verdict, mark))
             else:
                 counters.unparsable += 1
                 log.debug(

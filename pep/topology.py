@@ -66,22 +66,39 @@ class Topology:
         self.nodes.append(node)
         with NetNS(name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        # No duplicate address detection: test links are point to point, and DAD would leave
+        # a new IPv6 address "tentative" (unusable) for a second or more.
+        for conf in ("all", "default"):
+            sysctl(name, f"net.ipv6.conf.{conf}.accept_dad", 0)
         if forwarding:
             sysctl(name, "net.ipv4.ip_forward", 1)
+            sysctl(name, "net.ipv6.conf.all.forwarding", 1)
         return name
 
     def link(
-        self, a: str, a_if: str, a_addr: str, b: str, b_if: str, b_addr: str, prefixlen: int = 24
+        self,
+        a: str,
+        a_if: str,
+        a_addr: str | Sequence[str],
+        b: str,
+        b_if: str,
+        b_addr: str | Sequence[str],
+        prefixlen: int = 24,
     ) -> None:
-        """A veth pair ``a_if`` (in node a) <-> ``b_if`` (in node b), addressed and up."""
+        """A veth pair ``a_if`` (in node a) <-> ``b_if`` (in node b), addressed and up.
+
+        Addresses are one string or several, each ``addr`` (with ``prefixlen``) or ``addr/len``.
+        """
         with NetNS(self.ns(a)) as ipr:
             ipr.link(
                 "add", ifname=a_if, kind="veth", peer={"ifname": b_if, "net_ns_fd": self.ns(b)}
             )
-        for node, ifname, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
+        for node, ifname, addrs in ((a, a_if, a_addr), (b, b_if, b_addr)):
             with NetNS(self.ns(node)) as ipr:
                 idx = ipr.link_lookup(ifname=ifname)[0]
-                ipr.addr("add", index=idx, address=addr, prefixlen=prefixlen)
+                for addr in [addrs] if isinstance(addrs, str) else addrs:
+                    host, _, plen = addr.partition("/")
+                    ipr.addr("add", index=idx, address=host, prefixlen=int(plen or prefixlen))
                 ipr.link("set", index=idx, state="up")
 
     def route(self, node: str, dst: str, gateway: str, **attrs: object) -> None:

@@ -15,7 +15,7 @@ import socket
 import trio
 
 from pep.config import LegTuning
-from pep.tuning import apply_tuning
+from pep.tuning import apply_tuning, transparent
 
 __all__ = ["UpstreamError", "connect"]
 
@@ -35,6 +35,7 @@ async def connect(
     tuning: LegTuning,
     timeout: float,
     first_bytes: bytes = b"",
+    source: tuple[str, int] | None = None,
 ) -> trio.socket.SocketType:
     """Connect to ``dst``; with ``first_bytes``, carry them in the SYN (TCP Fast Open).
 
@@ -42,11 +43,20 @@ async def connect(
     request crosses a satellite link with the handshake instead of one round trip after it
     (RFC 7413). Without first bytes (server-speaks-first protocols) the connect is ordinary.
     Either way the call returns only once the connection is established or has failed.
+
+    ``source`` (full transparency, TPROXY mode) binds the client's own address and port with
+    IP_TRANSPARENT, so the server sees the client; its replies are routed back to this socket
+    by the DIVERT rule (``-m socket --transparent``) and pep's policy route.
     """
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
     ok = False
     try:
         apply_tuning(sock, tuning)
+        if source is not None:
+            transparent(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind(source)
         if first_bytes:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
         with trio.move_on_after(timeout):

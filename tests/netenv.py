@@ -1,9 +1,10 @@
 """Test plumbing for the namespace integration tests: topology, the real daemon, trio peers.
 
-Topology (addresses are private to namespaces the test creates):
+Topology (addresses are private to namespaces the test creates; every link is dual-stack):
 
     client ns            gateway ns (runs `pep run`)            server ns
     eth0 10.77.1.2 --- cli0 10.77.1.1 | srv0 10.77.2.1 --- eth0 10.77.2.2
+         fd77:1::2          fd77:1::1 |      fd77:2::1          fd77:2::2
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,23 @@ from pep.topology import Topology, ns_socket
 CLIENT_IP, GW_CLIENT_IP = "10.77.1.2", "10.77.1.1"
 SERVER_IP, GW_SERVER_IP = "10.77.2.2", "10.77.2.1"
 INGRESS = "cli0"
+
+
+@dataclass(frozen=True)
+class Addrs:
+    """One family's addresses in the gateway topology."""
+
+    family: int
+    client: str
+    gw_client: str
+    gw_server: str
+    server: str
+
+
+ADDRS = {
+    4: Addrs(4, CLIENT_IP, GW_CLIENT_IP, GW_SERVER_IP, SERVER_IP),
+    6: Addrs(6, "fd77:1::2", "fd77:1::1", "fd77:2::1", "fd77:2::2"),
+}
 
 
 def unique_prefix(tag: str) -> str:
@@ -43,10 +63,26 @@ def gateway_topology(tag: str = "t") -> Iterator[Topology]:
         topo.add_node("client")
         topo.add_node("gw", forwarding=True)
         topo.add_node("server")
-        topo.link("client", "eth0", CLIENT_IP, "gw", INGRESS, GW_CLIENT_IP)
-        topo.link("gw", "srv0", GW_SERVER_IP, "server", "eth0", SERVER_IP)
-        topo.route("client", "default", GW_CLIENT_IP)
-        topo.route("server", "default", GW_SERVER_IP)
+        v4, v6 = ADDRS[4], ADDRS[6]
+        topo.link(
+            "client",
+            "eth0",
+            [f"{v4.client}/24", f"{v6.client}/64"],
+            "gw",
+            INGRESS,
+            [f"{v4.gw_client}/24", f"{v6.gw_client}/64"],
+        )
+        topo.link(
+            "gw",
+            "srv0",
+            [f"{v4.gw_server}/24", f"{v6.gw_server}/64"],
+            "server",
+            "eth0",
+            [f"{v4.server}/24", f"{v6.server}/64"],
+        )
+        for node, via in (("client", "gw_client"), ("server", "gw_server")):
+            topo.route(node, "default", getattr(v4, via))
+            topo.route(node, "::/0", getattr(v6, via), family=socket.AF_INET6)
         yield topo
     finally:
         topo.destroy()
@@ -61,14 +97,25 @@ class PepProcess:
     args: list[str]
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # Status socket; by default one in a fresh temporary directory, so parallel daemons
+    # never share /run/pep/pep.sock.
+    status_socket: str | None = None
+    prefix: Sequence[str] = ()  # command run before python, e.g. setpriv with its options
+    _tmpdir: str | None = None
 
     def start(self, timeout: float = 15) -> PepProcess:
         fd, name = tempfile.mkstemp(prefix="pep-log-", suffix=".txt")
         self.log_path = Path(name)
+        args = list(self.args)
+        if "--status-socket" not in args:
+            if self.status_socket is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="pep-run-")
+                self.status_socket = os.path.join(self._tmpdir, "pep.sock")
+            args += ["--status-socket", self.status_socket]
         with os.fdopen(fd, "wb") as logf:
             self.proc = self.topo.popen(
                 self.node,
-                [sys.executable, "-m", "pep.cli", "run", *self.args],
+                [*self.prefix, sys.executable, "-m", "pep.cli", "run", *args],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
             )
@@ -93,17 +140,19 @@ class PepProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        """Cleanup path: SIGTERM, then SIGKILL; never raises."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Cleanup path: SIGTERM (which drains), SIGINT (resets what is left), SIGKILL;
+        never raises."""
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGINT, 5), (signal.SIGKILL, None)):
+            if self.proc is None or self.proc.poll() is not None:
+                break
+            self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(wait)
         if self.log_path is not None:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def closed_lines(self, expect: int = 0, timeout: float = 5) -> list[dict[str, str]]:
         """The daemon's one-line-per-connection records, as key=value dicts.
@@ -128,10 +177,16 @@ class PepProcess:
 
 
 def rules_in(topo: Topology, node: str) -> str:
-    """Every legacy-backend rule in a node (python-iptables writes the legacy backend)."""
-    return "".join(
-        topo.run(node, ["iptables-legacy", "-t", t, "-S"]).stdout for t in ("mangle", "nat")
-    )
+    """Every legacy-backend rule of both families (python-iptables writes the legacy backend)
+    and every policy rule and route in a node: what pep may install."""
+    cmds = [
+        [tool, "-t", t, "-S"]
+        for tool in ("iptables-legacy", "ip6tables-legacy")
+        for t in ("mangle", "nat")
+    ]
+    cmds += [["ip", f"-{f}", "rule"] for f in (4, 6)]
+    cmds += [["ip", f"-{f}", "route", "show", "table", "all"] for f in (4, 6)]
+    return "".join(topo.run(node, cmd).stdout for cmd in cmds)
 
 
 # --- trio peers -----------------------------------------------------------------------------
@@ -139,8 +194,12 @@ def rules_in(topo: Topology, node: str) -> str:
 Handler = Callable[[trio.socket.SocketType], Awaitable[None]]
 
 
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
 async def listen(ns: str, ip: str, port: int = 0) -> trio.socket.SocketType:
-    sock = trio.socket.from_stdlib_socket(ns_socket(ns))
+    sock = trio.socket.from_stdlib_socket(ns_socket(ns, _family(ip)))
     sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
     await sock.bind((ip, port))
     sock.listen(1024)
@@ -164,7 +223,7 @@ async def _run_closing(handler: Handler, conn: trio.socket.SocketType) -> None:
 
 
 async def connect(ns: str, dst: tuple[str, int]) -> trio.socket.SocketType:
-    sock = trio.socket.from_stdlib_socket(ns_socket(ns))
+    sock = trio.socket.from_stdlib_socket(ns_socket(ns, _family(dst[0])))
     try:
         await sock.connect(dst)
     except BaseException:

@@ -45,6 +45,11 @@ def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
         ('interfaces = ["eth1"]\nconnect_timeout = -1', "connect_timeout", "between"),
         ('interfaces = ["eth1"]\nqueue = true', "queue", "integer"),
         ('interfaces = ["eth1"]\ntcp_fastopen = "yes"', "tcp_fastopen", "true or false"),
+        ('interfaces = ["eth1"]\nmode = "nat"', "mode", "one of redirect, tproxy"),
+        ('interfaces = ["eth1"]\nfamily = "ipv5"', "family", "one of ipv4, ipv6, both"),
+        ('interfaces = ["eth1"]\ntransparent_source = true', "transparent_source", "tproxy"),
+        ('interfaces = ["eth1"]\nmode = "tproxy"\ntproxy_mark = 0x1', "tproxy_mark", "overlap"),
+        ('interfaces = ["eth1"]\nroute_table = 254', "route_table", "kernel's own"),
         ('interfaces = ["eth1"]\nfastopen_wait = 11', "fastopen_wait", "between"),
         (
             'interfaces = ["eth1"]\n[upstream]\ncongestion = "nosuchcc"',

@@ -319,16 +319,17 @@ def test_kernel_refusal_names_the_rule_and_rolls_back(netns: str) -> None:
         f"""
         import iptc
         s.install({SPEC})  # a previous good state: replaced, then rolled back to nothing
-        def refused(spec):
-            rule = iptc.Rule()
+        def refused(rule_cls):
+            rule = rule_cls()
             rule.protocol = "tcp"
             target = rule.create_target("TPROXY")
             target.on_port = "1"
             target.tproxy_mark = "0x1/0x1"
             return rule
-        s._build_redirect_rule = refused
+        real = s._redirect_rule
+        s._redirect_rule = lambda spec: s._Rule(real(spec).body, refused)
         try:
-            s.install({SPEC})
+            s._install_family({SPEC}, 4)  # in this process, where the patch applies
         except RulesError as e:
             result = str(e)
         """,

@@ -1,0 +1,313 @@
+"""Running the daemon for real: signals, reload, drain, and the state status/metrics read.
+
+- SIGTERM/SIGINT: ``stopping`` is set; ``daemon.serve`` removes the rules (new flows go end to
+  end), stops accepting, then ``drain`` lets live connections finish for up to
+  ``drain_timeout`` before resetting the rest. A second SIGINT (Ctrl-C twice) resets them now;
+  more SIGTERMs are ignored, because systemd and a ``workers`` master may both send one.
+- SIGHUP: the config is read again and validated as a whole; an invalid file is rejected with a
+  logged error and the running configuration stays. Keys that only a restart can change (the
+  rules, the sockets, the queues) keep their running value and are named in a warning; only
+  ``RELOADABLE`` keys take effect, for new connections (live ones keep what they started with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from pep import metrics, status, systemd
+from pep.config import Config, ConfigError, LegTuning, log_level_number
+from pep.flows import FlowTable
+from pep.tuning import apply_tuning
+
+__all__ = ["RELOADABLE", "ReloadPlan", "Runtime", "Services", "plan_reload"]
+
+log = logging.getLogger(__name__)
+
+# Keys a SIGHUP applies. Everything else is fixed at start: it shapes the rules, the queue
+# bindings or the sockets. A key added to Config is restart-only until it is listed here (with
+# whatever ``Runtime.apply`` must do for it), so a reload can never half-apply something new.
+RELOADABLE = frozenset(
+    {
+        "log_level",
+        "flow_ttl",
+        "flow_table_size",
+        "connect_timeout",
+        "idle_timeout",
+        "fastopen_wait",
+        "pipe_size",
+        "drain_timeout",
+        "client",
+        "upstream",
+    }
+)
+# The client leg is set on the listening socket and inherited by accepted sockets. A buffer
+# size or congestion control, once set, cannot be put back to "kernel default" there.
+_STICKY_CLIENT = ("sndbuf", "rcvbuf", "congestion")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    config: Config  # new values of the reloadable keys, running values of the rest
+    changed: tuple[str, ...]  # applied
+    kept: tuple[str, ...]  # changed in the file, but need a restart: not applied
+
+
+def plan_reload(running: Config, new: Config) -> ReloadPlan:
+    changes: dict[str, Any] = {}
+    changed: list[str] = []
+    kept: list[str] = []
+    for f in dataclasses.fields(Config):
+        old_value, new_value = getattr(running, f.name), getattr(new, f.name)
+        if old_value == new_value:
+            continue
+        if f.name not in RELOADABLE:
+            kept.append(f.name)
+            continue
+        if f.name == "client":
+            sticky = {
+                k: getattr(old_value, k)
+                for k in _STICKY_CLIENT
+                if getattr(new_value, k) is None and getattr(old_value, k) is not None
+            }
+            kept += [f"client.{k}" for k in sticky]
+            new_value = dataclasses.replace(new_value, **sticky)
+            if new_value == old_value:
+                continue
+        changes[f.name] = new_value
+        changed.append(f.name)
+    return ReloadPlan(dataclasses.replace(running, **changes), tuple(changed), tuple(kept))
+
+
+def retune_listener(sock: Any, leg: LegTuning) -> None:
+    """Apply client-leg options to a listening socket; new connections inherit them."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(leg.nodelay))
+    apply_tuning(sock, leg)
+
+
+# Bounds of the accept grace after the rules are removed (see Runtime.accept_grace).
+ACCEPT_GRACE_MIN = 0.05
+ACCEPT_GRACE_MAX = 3.0
+_SYN_RECV = "03"  # TCP_SYN_RECV in /proc/net/tcp's "st" column (include/net/tcp_states.h)
+
+
+def count_syn_recv(text: str, port: int) -> int:
+    """Half-open connections to local ``port`` in /proc/net/tcp or tcp6 text."""
+    n = 0
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == _SYN_RECV and fields[1].endswith(f":{port:04X}"):
+            n += 1
+    return n
+
+
+def pending_handshakes(port: int) -> int:
+    """Handshakes in progress to ``port`` in this network namespace (the files are 0444)."""
+    n = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                n += count_syn_recv(f.read(), port)
+        except OSError:
+            pass
+    return n
+
+
+class Services:
+    """The status socket and the metrics endpoint of one process.
+
+    Bound by ``open`` before the rules go in, outside any nursery, so that a clash (another pep
+    on the same status socket, a taken metrics port) fails the start with a plain error and
+    nothing installed; served by ``start`` in a nursery that outlives the drain; ``close`` is
+    safe on every way out.
+    """
+
+    def __init__(
+        self, status_path: str, metrics_listen: str, get_doc: Callable[[], Awaitable[status.Doc]]
+    ) -> None:
+        self.status_path = status_path
+        self.metrics_listen = metrics_listen
+        self.get_doc = get_doc
+        self._status: tuple[socket.socket, int] | None = None
+        self._metrics: list[trio.SocketListener] = []
+
+    async def open(self) -> None:
+        if self.status_path:
+            sock = status.bind_unix(self.status_path)
+            self._status = (sock, os.stat(self.status_path).st_ino)
+        if self.metrics_listen:
+            self._metrics = await metrics.open_listeners(self.metrics_listen)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        if self._status is not None:
+            nursery.start_soon(status.serve_status, self._status[0], self.get_doc)
+        if self._metrics:
+            nursery.start_soon(metrics.serve_metrics, self._metrics, self.get_doc)
+            log.info("metrics on http://%s/metrics", self.metrics_listen)
+
+    def close(self) -> None:
+        if self._status is not None:
+            status.unlink_socket(self._status[0], self.status_path, self._status[1])
+            self._status = None
+        for listener in self._metrics:
+            listener.socket.close()
+        self._metrics = []
+
+
+class Runtime:
+    """What one daemon process shares between its tasks: the running config, its parts, its
+    state. ``daemon.serve`` owns it; status, metrics, the signal watcher and drain read it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        listener: Any,
+        flows: FlowTable,
+        *,
+        queues: tuple[int, int],
+        worker: int | None = None,
+        reload: Callable[[], Config] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.listener = listener
+        self.flows = flows
+        self.queue: Any = None  # the SynQueue, once open
+        self.queues = queues
+        self.worker = worker
+        self._reload = reload
+        self.state = "running"
+        self.started = time.monotonic()
+        self.reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last_error": None}
+        self.stopping = trio.Event()
+        self.force = trio.Event()
+        path = cfg.status_socket
+        if path and worker is not None:
+            path = status.worker_socket(path, worker)
+        # A worker serves no metrics: its master serves the sum over all workers.
+        listen = cfg.metrics_listen if worker is None else ""
+        self.services = Services(path, listen, self.get_document)
+
+    # --- status and metrics
+
+    def document(self) -> status.Doc:
+        kernel, error = status.read_kernel_queues(self.queues)
+        return status.document(
+            cfg=self.cfg,
+            table=self.listener.table,
+            listener=self.listener.counters,
+            syn=None if self.queue is None else self.queue.counters,
+            flows=self.flows,
+            queues=self.queues,
+            kernel_queues=kernel,
+            kernel_queues_error=error,
+            queue_portids=[] if self.queue is None else [self.queue.nfq.sock.getsockname()[0]],
+            state=self.state,
+            started=self.started,
+            worker=self.worker,
+            reloads=self.reloads,
+        )
+
+    async def get_document(self) -> status.Doc:
+        return self.document()
+
+    # --- signals
+
+    async def watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                systemd.reloading()
+                self.reload()
+                systemd.notify("READY=1")
+            elif not self.stopping.is_set():
+                log.info(
+                    "%s: removing rules, then draining live connections (up to %.0f s)",
+                    name,
+                    self.cfg.drain_timeout,
+                )
+                systemd.notify("STOPPING=1")
+                self.stopping.set()
+            elif signum == signal.SIGINT:
+                log.info("%s again: resetting the remaining connections now", name)
+                self.force.set()
+            else:
+                log.info("%s: already stopping", name)
+
+    # --- reload
+
+    def reload(self) -> bool:
+        """Re-read the config; apply it, or keep the running one if it is invalid."""
+        if self._reload is None:
+            log.info("SIGHUP: no configuration to reload")
+            return False
+        try:
+            new = self._reload()
+        except ConfigError as e:
+            self.reloads["failed"] += 1
+            self.reloads["last_error"] = str(e)
+            log.error("SIGHUP: reload rejected, the running configuration stays: %s", e)
+            return False
+        plan = plan_reload(self.cfg, new)
+        self.apply(plan.config)
+        self.reloads["ok"] += 1
+        self.reloads["last_error"] = None
+        if plan.kept:
+            log.warning(
+                "SIGHUP: %s changed but only take effect on restart; running values kept",
+                ", ".join(plan.kept),
+            )
+        log.info(
+            "SIGHUP: reloaded (%s)",
+            "changed: " + ", ".join(plan.changed) if plan.changed else "no changes",
+        )
+        return True
+
+    def apply(self, cfg: Config) -> None:
+        """Make ``cfg`` the running config (it differs from the old one in RELOADABLE keys)."""
+        self.cfg = cfg
+        self.listener.cfg = cfg  # read per connection: timeouts, pipe size, upstream leg
+        if self.queue is not None:
+            self.queue.cfg = cfg
+        self.flows.ttl = cfg.flow_ttl
+        self.flows.max_size = cfg.flow_table_size
+        for sock in self.listener.socks:
+            retune_listener(sock, cfg.client)
+        logging.getLogger().setLevel(log_level_number(cfg.log_level))
+
+    # --- stopping
+
+    async def accept_grace(self) -> None:
+        """After the rules are removed, keep accepting while handshakes redirected just
+        before are still completing (a client-side round trip: 600 ms when the clients of a
+        far-end PEP sit behind a GEO hop), so they are relayed rather than reset."""
+        with trio.move_on_after(min(ACCEPT_GRACE_MAX, self.cfg.drain_timeout)):
+            await trio.sleep(ACCEPT_GRACE_MIN)  # SYNs still waiting for their verdict
+            while pending_handshakes(self.cfg.listen_port):
+                await trio.sleep(0.05)
+
+    async def drain(self, connections: trio.CancelScope) -> None:
+        """Wait for live connections to finish, up to drain_timeout (or a second SIGINT),
+        then cancel the rest: the relay resets both sides of each."""
+        self.state = "draining"
+        table = self.listener.table
+        if len(table):
+            log.info("draining %d live connection(s)", len(table))
+        with trio.move_on_after(self.cfg.drain_timeout):
+            while len(table) and not self.force.is_set():
+                await trio.sleep(0.05)
+        if len(table):
+            log.warning(
+                "resetting %d connection(s) still open after the drain (drain_timeout %.0f s)",
+                len(table),
+                self.cfg.drain_timeout,
+            )
+        connections.cancel()

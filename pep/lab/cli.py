@@ -1,0 +1,197 @@
+"""``pep lab ...``: the subcommands. Exit codes as for ``pep``: 0 ok, 1 failure, 2 bad usage.
+
+Kept light to import (no trio, pyroute2 or matplotlib at module level): ``pep --help`` builds
+this parser every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "main"]
+
+DEFAULT_PREFIX = "peplab"  # `pep lab up/down/status/exec/split`
+DEMO_PREFIX = "pepdemo"  # demo and bench build (and remove) their own lab
+BENCH_PREFIX = "pepbench"
+NODES = ("client", "pepa", "link", "pepb", "server")
+
+
+def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
+    g = p.add_argument_group("link")
+    g.add_argument(
+        "--profile",
+        default=default_profile,
+        help=f"geo (600 ms, 20/5 Mbit/s), meo (150 ms, 50/20), leo (40 ms, 100/20), lan "
+        f"(no impairment); default {default_profile}",
+    )
+    g.add_argument("--rtt", metavar="MS", help="round-trip time, e.g. 600 or 600ms or 0.6s")
+    g.add_argument("--down", metavar="RATE", help="downlink rate, e.g. 20 (Mbit/s) or 512kbit")
+    g.add_argument("--up", metavar="RATE", help="uplink rate; 0 = unlimited")
+    g.add_argument("--loss", metavar="PCT", help="random loss per direction, percent (0.5)")
+    g.add_argument(
+        "--topology",
+        choices=("symmetric", "one-ended"),
+        default="symmetric",
+        help="client-pepa-link-pepb-server, or client-pepa-link-server (default symmetric)",
+    )
+
+
+def _prefix(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--prefix",
+        default=default,
+        help=f"namespace name prefix: nodes are PREFIX-client ... (default {default})",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``pep lab`` on the ``pep`` command's subparsers."""
+    lab = sub.add_parser(
+        "lab",
+        help="emulated satellite link in network namespaces: demo and benchmark",
+        description="An emulated satellite link (delay, rate, loss) in network namespaces, "
+        "with pep on the PEP nodes. Needs root.",
+    )
+    s = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+
+    p = s.add_parser("up", help="build a lab and start its processes")
+    _link_options(p, "geo")
+    p.add_argument("--no-pep", action="store_true", help="same topology, plain routing")
+    _prefix(p, DEFAULT_PREFIX)
+
+    p = s.add_parser("down", help="remove a lab: namespaces, processes, state (also after a crash)")
+    _prefix(p, DEFAULT_PREFIX)
+
+    p = s.add_parser("status", help="nodes, link parameters, processes")
+    _prefix(p, DEFAULT_PREFIX)
+
+    p = s.add_parser("exec", help="run a command in a node: pep lab exec NODE -- CMD ...")
+    p.add_argument("node", help=f"one of {', '.join(NODES)}")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
+    _prefix(p, DEFAULT_PREFIX)
+
+    p = s.add_parser("split", help="start (on) or stop (off) pep on the PEP nodes")
+    p.add_argument("state", choices=("on", "off"))
+    _prefix(p, DEFAULT_PREFIX)
+
+    for name, prefix, sizes, text in (
+        ("demo", DEMO_PREFIX, "100k,1M,10M", "one-command demo: GEO lab, with and without PEP"),
+        ("bench", BENCH_PREFIX, "1M,10M", "with/without-PEP benchmark: table, JSON and PNG"),
+    ):
+        p = s.add_parser(name, help=text, description=text)
+        _link_options(p, "geo")
+        p.add_argument("--sizes", default=sizes, help=f"object sizes (default {sizes})")
+        p.add_argument("--out", type=Path, default=Path(f"lab-{name}.png"), help="PNG chart path")
+        p.add_argument(
+            "--timeout", type=float, default=300.0, help="seconds allowed per fetch (300)"
+        )
+        if name == "bench":
+            p.add_argument("--reps", type=int, default=3, help="repetitions (median; default 3)")
+            p.add_argument("--json", type=Path, help="write all measurements here")
+        _prefix(p, prefix)
+
+
+def _profile(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pep.lab import profiles
+
+    prof = profiles.profile(args.profile)
+    return prof.with_overrides(
+        rtt_ms=None if args.rtt is None else profiles.parse_rtt(args.rtt),
+        down_bps=None if args.down is None else profiles.parse_rate(args.down),
+        up_bps=None if args.up is None else profiles.parse_rate(args.up),
+        loss=None if args.loss is None else profiles.parse_loss(args.loss),
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pep.lab import lab as lab_mod
+    from pep.lab.profiles import ParseError
+
+    try:
+        return _dispatch(args)
+    except (lab_mod.LabError, ParseError) as e:
+        print(f"pep lab: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ParseError) else 1
+    except KeyboardInterrupt:
+        print("pep lab: interrupted", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from pep.lab import lab as lab_mod
+
+    cmd = args.lab_command
+    if cmd == "status":
+        print(lab_mod.status_text(args.prefix))
+        return 0
+    if cmd in ("up", "demo", "bench"):
+        prof = _profile(args)  # parse errors before anything else
+    lab_mod.check_environment()
+    if cmd == "up":
+        spec = lab_mod.LabSpec(prof, args.topology, not args.no_pep, args.prefix)
+        lab_mod.up(spec, lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(lab_mod.status_text(args.prefix))
+        return 0
+    if cmd == "down":
+        removed = lab_mod.down(args.prefix)
+        if removed:
+            print(f"removed lab {args.prefix!r}: {', '.join(removed)}")
+        else:
+            print(f"no lab with prefix {args.prefix!r}; nothing to remove")
+        return 0
+    if cmd == "exec":
+        return _exec(args)
+    if cmd == "split":
+        lab = lab_mod.Lab.load(args.prefix)
+        if lab is None:
+            raise lab_mod.LabError(f"no lab with prefix {args.prefix!r}")
+        lab.set_split(args.state == "on")
+        print(f"pep {args.state} on {', '.join(lab.pep_nodes)}")
+        return 0
+    return _bench(args, prof)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from pep.lab import lab as lab_mod
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("pep lab exec: no command (usage: pep lab exec NODE -- CMD ...)", file=sys.stderr)
+        return 2
+    node = args.node.lower()
+    ns = f"{args.prefix}-{node}"
+    if not lab_mod.exists(args.prefix) or not os.path.exists(f"/run/netns/{ns}"):
+        raise lab_mod.LabError(
+            f"no node {node!r} in lab {args.prefix!r} (nodes: {', '.join(NODES)})"
+        )
+    os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
+    return 1  # not reached
+
+
+def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-def]
+    from pep.lab import bench, profiles
+    from pep.lab import lab as lab_mod
+
+    sizes = profiles.parse_sizes(args.sizes)
+    reps = getattr(args, "reps", 1)
+    if reps < 1:
+        raise profiles.ParseError(f"--reps {reps}: must be at least 1")
+    spec = lab_mod.LabSpec(prof, args.topology, True, args.prefix)
+    progress = bench.Progress()
+    result = bench.run(spec, sizes, reps, args.timeout, progress)
+    print(f"{prof.describe()}, {args.topology}" + (f", median of {reps}" if reps > 1 else ""))
+    print(bench.format_table(result.rows()))
+    bench.chart(result, args.out)
+    print(f"chart: {args.out}")
+    if getattr(args, "json", None):
+        bench.write_json(result, args.json)
+        print(f"json: {args.json}")
+    progress.say(f"done in {result.elapsed:.0f} s")
+    return 0

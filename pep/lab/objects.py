@@ -1,0 +1,286 @@
+"""A small HTTP/1.0-like object server and client for the lab: fetch N bytes, check every byte.
+
+Protocol (one request per connection, like a browser fetching one object on a fresh
+connection, which is the case a PEP speeds up most)::
+
+    GET /<n> HTTP/1.0\\r\\n\\r\\n        -> 200, Content-Length: n, n bytes of body(n), close
+    PUT /<n> HTTP/1.0\\r\\n\\r\\n<n bytes> -> 200, the sha256 hex digest of what arrived, close
+
+``body(n)`` is deterministic pseudo-random content (Mersenne Twister seeded with n): it does
+not compress, and both ends can compute the sha256 the client checks without shipping a file.
+The client measures completion time from the start of connect() to the last byte, as a user
+waiting for a download does, and records (time, bytes) progress samples for the charts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import logging
+import random
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+__all__ = [
+    "FetchError",
+    "Transfer",
+    "body",
+    "body_sha256",
+    "fetch",
+    "handle",
+    "main",
+    "serve",
+    "upload",
+]
+
+log = logging.getLogger("pep.lab.objects")
+
+PORT = 80
+_REQUEST = re.compile(rb"^(GET|PUT) /(\d{1,11}) HTTP/1\.[01]\r\n")
+_HEADER_MAX = 4096
+_RECV = 1 << 18
+SAMPLE_EVERY = 0.005  # seconds between progress samples: smooth curves, bounded JSON
+
+
+class FetchError(RuntimeError):
+    """The transfer failed or its bytes were wrong; the message says which."""
+
+
+@functools.lru_cache(maxsize=4)
+def body(n: int) -> bytes:
+    """The object of size n (cached: a demo asks for the same few sizes again and again)."""
+    return random.Random(n).randbytes(n)
+
+
+@functools.lru_cache(maxsize=64)
+def body_sha256(n: int) -> str:
+    return hashlib.sha256(body(n)).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# server
+
+
+async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+    """Read up to the blank line; returns (head, whatever body bytes came with it)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(_HEADER_MAX)
+        if not chunk:
+            raise FetchError("connection closed before the request head ended")
+        buf += chunk
+        if len(buf) > _HEADER_MAX:
+            raise FetchError("request head too long")
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head + b"\r\n", rest
+
+
+async def handle(stream: trio.SocketStream) -> None:
+    peer = "?"
+    try:
+        peer = "{}:{}".format(*stream.socket.getpeername())
+        head, rest = await _read_head(stream)
+        m = _REQUEST.match(head)
+        if not m:
+            await stream.send_all(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            return
+        method, n = m.group(1), int(m.group(2))
+        t0 = time.monotonic()
+        if method == b"GET":
+            await stream.send_all(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
+            await stream.send_all(body(n))
+        else:
+            h = hashlib.sha256(rest)
+            got = len(rest)
+            while got < n:
+                chunk = await stream.receive_some(_RECV)
+                if not chunk:
+                    break
+                h.update(chunk)
+                got += len(chunk)
+            digest = h.hexdigest().encode() if got == n else b"short"
+            await stream.send_all(
+                b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(digest), digest)
+            )
+        log.info("%s %d from %s in %.3fs", method.decode(), n, peer, time.monotonic() - t0)
+    except (FetchError, trio.BrokenResourceError, OSError) as e:
+        log.info("request from %s failed: %s", peer, e)
+    finally:
+        await stream.aclose()
+
+
+async def serve(port: int = PORT, host: str = "0.0.0.0") -> None:
+    """Serve forever; each connection in its own task, a failing one never stops the others."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    log.info("listening on %s:%d", host, port)
+    await trio.serve_listeners(handle, listeners)
+
+
+# --------------------------------------------------------------------------------------------
+# client
+
+
+@dataclass
+class Transfer:
+    """One completed transfer, as measured by the client."""
+
+    method: str
+    size: int
+    seconds: float  # connect() start -> last byte
+    first_byte: float  # connect() start -> first response byte
+    connect: float  # connect() start -> connection established
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (s since start, bytes)
+
+    @property
+    def goodput_bps(self) -> float:
+        return self.size * 8 / self.seconds if self.seconds > 0 else 0.0
+
+
+async def _connect(ns: str | None, dst: tuple[str, int]) -> trio.socket.SocketType:
+    if ns is None:
+        sock = trio.socket.socket()
+    else:
+        from pep.topology import ns_socket
+
+        sock = trio.socket.from_stdlib_socket(ns_socket(ns))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await sock.connect(dst)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _split_response(buf: bytes) -> tuple[int, bytes] | None:
+    if b"\r\n\r\n" not in buf:
+        return None
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        raise FetchError(f"server answered {head.splitlines()[0]!r}")
+    m = re.search(rb"\r\nContent-Length: (\d+)", head)
+    if not m:
+        raise FetchError("response without Content-Length")
+    return int(m.group(1)), rest
+
+
+async def fetch(
+    ns: str | None,
+    dst: tuple[str, int],
+    size: int,
+    on_progress: Callable[[int, float], None] | None = None,
+) -> Transfer:
+    """GET ``size`` bytes from ``dst`` (from namespace ``ns``) and check their sha256.
+
+    Raises FetchError on a short or wrong body: a benchmark must never time corrupt data.
+    """
+    t0 = time.monotonic()
+    sock = await _connect(ns, dst)
+    with sock:
+        t_conn = time.monotonic() - t0
+        await sock.send(b"GET /%d HTTP/1.0\r\n\r\n" % size)
+        h = hashlib.sha256()
+        got = 0
+        first_byte = 0.0
+        buf = b""
+        length: int | None = None
+        samples: list[tuple[float, int]] = [(0.0, 0)]
+        last_sample = 0.0
+        while True:
+            chunk = await sock.recv(_RECV)
+            now = time.monotonic() - t0
+            if not chunk:
+                break
+            if length is None:
+                if not first_byte:
+                    first_byte = now
+                buf += chunk
+                split = _split_response(buf)
+                if split is None:
+                    continue
+                length, chunk = split
+                if length != size:
+                    raise FetchError(f"asked for {size} bytes, server announced {length}")
+            h.update(chunk)
+            got += len(chunk)
+            if now - last_sample >= SAMPLE_EVERY or got >= size:
+                samples.append((round(now, 4), got))
+                last_sample = now
+                if on_progress is not None:
+                    on_progress(got, now)
+            if got >= size:
+                break
+        seconds = time.monotonic() - t0
+    if got != size:
+        raise FetchError(f"fetch of {size} bytes ended after {got} bytes")
+    if h.hexdigest() != body_sha256(size):
+        raise FetchError(f"fetch of {size} bytes: sha256 mismatch (data corrupted in transit)")
+    if samples[-1][1] != got:
+        samples.append((round(seconds, 4), got))
+    return Transfer("GET", size, seconds, first_byte, t_conn, samples)
+
+
+async def upload(ns: str | None, dst: tuple[str, int], size: int) -> Transfer:
+    """PUT ``size`` bytes; the server's sha256 of what it received must match ours."""
+    t0 = time.monotonic()
+    sock = await _connect(ns, dst)
+    with sock:
+        t_conn = time.monotonic() - t0
+        data = memoryview(b"PUT /%d HTTP/1.0\r\n\r\n" % size + body(size))
+        while data:
+            data = data[await sock.send(data[:_RECV]) :]
+        buf = b""
+        while True:
+            chunk = await sock.recv(_HEADER_MAX)
+            if not chunk:
+                break
+            buf += chunk
+        seconds = time.monotonic() - t0
+    split = _split_response(buf)
+    if split is None:
+        raise FetchError(f"upload of {size} bytes: no complete response ({buf[:80]!r})")
+    _, digest = split
+    if digest.decode(errors="replace") != body_sha256(size):
+        raise FetchError(f"upload of {size} bytes: server got different bytes ({digest[:16]!r})")
+    return Transfer("PUT", size, seconds, seconds, t_conn, [(0.0, 0), (seconds, size)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pep.lab.objects", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve objects until killed")
+    s.add_argument("--port", type=int, default=PORT)
+    s.add_argument("--host", default="0.0.0.0")
+    f = sub.add_parser("fetch", help="fetch one object and print its timing")
+    f.add_argument("host")
+    f.add_argument("size", type=int)
+    f.add_argument("--port", type=int, default=PORT)
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.cmd == "serve":
+            trio.run(serve, args.port, args.host)
+        else:
+            t = trio.run(fetch, None, (args.host, args.port), args.size)
+            print(
+                f"{t.size} bytes in {t.seconds:.3f} s ({t.goodput_bps / 1e6:.2f} Mbit/s), sha256 ok"
+            )
+    except FetchError as e:
+        print(f"objects: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

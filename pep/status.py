@@ -1,0 +1,482 @@
+"""``pep status``: the daemon's state as one JSON document, served on a unix socket.
+
+The document is built by pure functions (``document``, ``merge``, ``render``), so what an
+operator sees, what ``--json`` prints and what the Prometheus endpoint exports (pep.metrics
+reads the same document) cannot drift apart, and all of it is unit-tested without a daemon.
+
+Protocol: connect, read until EOF, one UTF-8 JSON object. No request: there is one thing to
+ask for, and a reader that just connects is trivial to write in any language (``socat - UNIX:``).
+The socket is 0660 (owner and group), never world-writable: it tells who talks to whom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import trio
+
+from pep.config import Config
+from pep.connections import ConnectionTable
+from pep.flows import FlowTable
+
+__all__ = [
+    "NFQUEUE_PROC",
+    "StatusError",
+    "afetch",
+    "decode",
+    "document",
+    "encode",
+    "fetch",
+    "fill_kernel_queues",
+    "merge",
+    "parse_nfqueue",
+    "read_kernel_queues",
+    "render",
+    "serve_status",
+    "unlink_socket",
+    "worker_socket",
+]
+
+VERSION = 1
+NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
+# Columns of NFQUEUE_PROC (net/netfilter/nfnetlink_queue.c, seq_show); the last is always 1.
+_NFQUEUE_COLUMNS = (
+    "queue",
+    "portid",
+    "waiting",
+    "copy_mode",
+    "copy_range",
+    "queue_dropped",
+    "user_dropped",
+    "last_id",
+)
+Doc = dict[str, Any]
+
+
+class StatusError(RuntimeError):
+    """The status socket could not be served or read; the message says what to do."""
+
+
+class NotRunning(StatusError):
+    """Nothing answers on the socket: no daemon runs with this status_socket."""
+
+
+# --------------------------------------------------------------------------------------------
+# sans-IO: building, merging, encoding and rendering the document
+
+
+def hostport(addr: Sequence[Any]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def parse_nfqueue(text: str, queues: tuple[int, int] | None = None) -> list[dict[str, int]]:
+    """Rows of /proc/net/netfilter/nfnetlink_queue, optionally only queues first..last."""
+    rows = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < len(_NFQUEUE_COLUMNS) or not all(f.isdigit() for f in fields):
+            continue
+        row = dict(zip(_NFQUEUE_COLUMNS, map(int, fields), strict=False))
+        if queues is None or queues[0] <= row["queue"] <= queues[1]:
+            rows.append(row)
+    return rows
+
+
+def _counters(obj: object) -> dict[str, int]:
+    """Every int field of a counters dataclass: fields added later show up by themselves."""
+    if obj is None:
+        return {}
+    return {
+        f.name: v
+        for f in dataclasses.fields(obj)  # type: ignore[arg-type]
+        if isinstance(v := getattr(obj, f.name), int) and not isinstance(v, bool)
+    }
+
+
+def document(
+    *,
+    cfg: Config,
+    table: ConnectionTable,
+    listener: object,
+    syn: object | None,
+    flows: FlowTable,
+    queues: tuple[int, int],
+    kernel_queues: list[dict[str, int]] | None,
+    kernel_queues_error: str | None = None,
+    queue_portids: Sequence[int] = (),
+    state: str = "running",
+    started: float = 0.0,
+    now: float | None = None,
+    worker: int | None = None,
+    reloads: Mapping[str, Any] | None = None,
+) -> Doc:
+    """The status of one daemon process (``started``/``now`` are monotonic seconds)."""
+    now = table.clock() if now is None else now
+    up, down = table.bytes_total()
+    conns = []
+    for c in table:
+        s = c.stats
+        conns.append(
+            {
+                "client": hostport(c.client),
+                "dst": hostport(c.dst),
+                "flow": c.flow,
+                "age": round(now - c.started, 3),
+                "state": c.state,
+                "up": s.up if s else 0,
+                "down": s.down if s else 0,
+                "connect_ms": None
+                if c.connect_seconds is None
+                else round(c.connect_seconds * 1e3, 3),
+                "worker": worker,
+            }
+        )
+    hist = table.connect_latency
+    return {
+        "version": VERSION,
+        "pid": os.getpid(),
+        "worker": worker,
+        "workers": [],
+        "state": state,
+        "uptime": round(now - started, 3),
+        "queues": list(queues),
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+        "reloads": dict(reloads or {"ok": 0, "failed": 0, "last_error": None}),
+        "connections": conns,
+        "totals": {
+            "active": len(conns),
+            "closed": table.closed,
+            "bytes_up": up,
+            "bytes_down": down,
+        },
+        "listener": _counters(listener),
+        "syn": _counters(syn),
+        "upstream_failures": dict(table.failures),
+        "connect_latency": {
+            "le": list(hist.bounds),
+            "counts": list(hist.counts),
+            "sum": hist.total,
+        },
+        "flows": {"pending": len(flows), "evicted": flows.evicted, "expired": flows.expired},
+        "kernel_queues": kernel_queues,
+        "kernel_queues_error": kernel_queues_error,
+        "queue_portids": list(queue_portids),  # our netlink sockets: the proc file's "portid"
+    }
+
+
+def _add(into: dict[str, Any], more: Mapping[str, Any]) -> None:
+    for k, v in more.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            into[k] = into.get(k, 0) + v
+
+
+def merge(master: Doc, workers: Iterable[tuple[int, Doc | str]]) -> Doc:
+    """One document for a ``workers = N`` daemon: the master's identity and config, the
+    workers' connections and counters summed. A worker that could not be asked is listed with
+    its error (it is being restarted, and its queue is bypassed meanwhile)."""
+    out = dict(master)
+    out.update(
+        connections=[], workers=[], kernel_queues=[], kernel_queues_error=None, queue_portids=[]
+    )
+    for section in ("totals", "listener", "syn", "upstream_failures", "flows"):
+        out[section] = {}
+    hist: dict[str, Any] | None = None
+    for index, doc in workers:
+        if isinstance(doc, str):
+            out["workers"].append({"worker": index, "pid": None, "state": "down", "error": doc})
+            continue
+        out["workers"].append(
+            {"worker": index, "pid": doc["pid"], "state": doc["state"], "error": None}
+        )
+        out["connections"].extend(doc["connections"])
+        out["queue_portids"].extend(doc["queue_portids"])
+        for section in ("totals", "listener", "syn", "upstream_failures", "flows"):
+            _add(out[section], doc[section])
+        lat = doc["connect_latency"]
+        if hist is None:
+            hist = {"le": lat["le"], "counts": list(lat["counts"]), "sum": lat["sum"]}
+        else:
+            hist["counts"] = [a + b for a, b in zip(hist["counts"], lat["counts"], strict=True)]
+            hist["sum"] += lat["sum"]
+        if doc["kernel_queues"] is not None:
+            out["kernel_queues"].extend(doc["kernel_queues"])
+        elif doc.get("kernel_queues_error"):
+            out["kernel_queues_error"] = doc["kernel_queues_error"]
+    if hist is not None:
+        out["connect_latency"] = hist
+    if out["kernel_queues_error"]:
+        out["kernel_queues"] = None
+    return out
+
+
+def encode(doc: Doc) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(data: bytes) -> Doc:
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise StatusError(f"the daemon's status is not valid JSON: {e}") from None
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if version != VERSION:
+        raise StatusError(
+            f"unexpected status document (version {version}, this pep reads version "
+            f"{VERSION}): is the daemon a different pep version?"
+        )
+    return doc
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _duration(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f}s"
+    m, s = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h < 48 else f"{h // 24}d{h % 24:02d}h"
+
+
+def render(doc: Doc, limit: int = 200) -> str:
+    """The human view: a summary, then the live connections oldest first (at most ``limit``)."""
+    cfg, tot, lc, syn = doc["config"], doc["totals"], doc["listener"], doc["syn"]
+    q0, q1 = doc["queues"]
+    queues = f"queue {q0}" if q0 == q1 else f"queues {q0}-{q1}"
+    lines = [
+        f"pep (pid {doc['pid']}) {doc['state']}, up {_duration(doc['uptime'])}: "
+        f"{','.join(cfg['interfaces'])} -> port {cfg['listen_port']}, {queues}"
+        + (f", {len(doc['workers'])} workers" if doc["workers"] else ""),
+    ]
+    for w in doc["workers"]:
+        if w["error"]:
+            lines.append(f"  worker {w['worker']}: DOWN ({w['error']})")
+    fails = doc["upstream_failures"]
+    fail_text = ", ".join(f"{k}: {v}" for k, v in sorted(fails.items()))
+    lines += [
+        f"connections: {tot['active']} active, {lc.get('split', 0)} split, "
+        f"{lc.get('not_redirected', 0)} refused (not redirected), "
+        f"{lc.get('upstream_failed', 0)} upstream failures" + (f" ({fail_text})" if fails else ""),
+        f"relayed: {_bytes(tot['bytes_up'])} up, {_bytes(tot['bytes_down'])} down",
+    ]
+    other = {k: v for k, v in syn.items() if k not in ("queued", "split") and v}
+    lines.append(
+        f"SYN verdicts: {syn.get('queued', 0)} queued, {syn.get('split', 0)} split, "
+        f"{syn.get('queued', 0) - syn.get('split', 0)} not split"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(other.items()))})" if other else "")
+    )
+    fl = doc["flows"]
+    lines.append(
+        f"flow table: {fl['pending']} pending, {fl['evicted']} evicted, {fl['expired']} expired"
+    )
+    if doc["kernel_queues"] is None:
+        lines.append(f"kernel queues: unavailable ({doc['kernel_queues_error']})")
+    else:
+        for kq in doc["kernel_queues"]:
+            lines.append(
+                f"kernel queue {kq['queue']}: {kq['waiting']} waiting, "
+                f"{kq['queue_dropped']} queue dropped, {kq['user_dropped']} user dropped"
+            )
+    conns = doc["connections"]
+    if conns:
+        rows = [("CLIENT", "DESTINATION", "AGE", "STATE", "UP", "DOWN")]
+        for c in sorted(conns, key=lambda c: -c["age"])[:limit]:
+            rows.append(
+                (
+                    c["client"],
+                    c["dst"],
+                    _duration(c["age"]),
+                    c["state"],
+                    _bytes(c["up"]),
+                    _bytes(c["down"]),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.append("")
+        for r in rows:
+            lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        if len(conns) > limit:
+            lines.append(f"... and {len(conns) - limit} more (--json lists all)")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# IO: the kernel's queue counters, the socket server and its clients
+
+
+def read_kernel_queues(
+    queues: tuple[int, int], path: str = NFQUEUE_PROC
+) -> tuple[list[dict[str, int]] | None, str | None]:
+    """Our queues' kernel counters, or (None, why not).
+
+    The file is 0440 root:root, so a daemon running as a non-root user with only
+    CAP_NET_ADMIN + CAP_NET_RAW cannot read it; ``pep status`` run as root then reads it
+    itself (it is per network namespace, like the daemon's queues).
+    """
+    try:
+        with open(path) as f:
+            return parse_nfqueue(f.read(), queues), None
+    except OSError as e:
+        return None, f"{path}: {e.strerror}"
+
+
+def fill_kernel_queues(doc: Doc, path: str = NFQUEUE_PROC) -> None:
+    """Fill in the kernel queue counters the daemon could not read, if we can read them.
+
+    Only rows bound by the daemon's own netlink sockets count, so a ``pep status`` run in
+    another network namespace than the daemon's shows nothing rather than someone else's queue.
+    """
+    if doc.get("kernel_queues") is not None or not doc.get("queue_portids"):
+        return
+    rows, _ = read_kernel_queues(tuple(doc["queues"]), path)  # type: ignore[arg-type]
+    if rows is None:
+        return
+    ours = [r for r in rows if r["portid"] in doc["queue_portids"]]
+    if ours:
+        doc["kernel_queues"], doc["kernel_queues_error"] = ours, None
+
+
+def _probe(path: str) -> bool:
+    """Whether a daemon answers on ``path`` (False for a stale socket file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(1)
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # e.g. EACCES: it exists and we cannot tell; do not remove it
+    return True
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at ``path``, mode 0660; replaces a stale file from a crash.
+
+    Refuses when another daemon answers there: two peps must not share a status socket.
+    """
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+    except OSError as e:
+        raise StatusError(
+            f"status_socket {path}: cannot create {directory}: {e.strerror}"
+        ) from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StatusError(f"status_socket {path} exists and is not a socket; remove it")
+        if _probe(path):
+            raise StatusError(
+                f"status_socket {path} is in use: another pep is running (stop it, or give this "
+                "one its own status_socket)"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: left behind by a daemon that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # umask is per process: the socket file is born 0660, never briefly wider.
+    old = os.umask(0o117)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise StatusError(f"status_socket {path}: cannot bind: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    return sock
+
+
+async def serve_status(
+    sock: socket.socket,
+    get_doc: Callable[[], Awaitable[Doc]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the document on a socket from ``bind_unix`` until cancelled."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    async def handle(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(5):  # a reader that does not read must not pin a task
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(encode(await get_doc()))
+        await trio.aclose_forcefully(stream)
+
+    async with listener:
+        await trio.serve_listeners(handle, [listener], task_status=task_status)
+
+
+def unlink_socket(sock: socket.socket, path: str, inode: int) -> None:
+    """Close ``sock`` and remove its file (``inode`` as bound), unless a successor has
+    already replaced it."""
+    sock.close()
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+
+
+def _connect_error(path: str, e: OSError) -> StatusError:
+    if isinstance(e, FileNotFoundError | ConnectionRefusedError):
+        return NotRunning(f"no pep daemon is running (nothing answers on {path})")
+    if isinstance(e, PermissionError):
+        return StatusError(
+            f"cannot connect to {path}: permission denied (run as root, or as a member of "
+            "the socket's group)"
+        )
+    return StatusError(f"cannot read {path}: {e.strerror or e}")
+
+
+def fetch(path: str, timeout: float = 5.0) -> Doc:
+    """Blocking client, for the CLI."""
+    chunks = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            while chunk := s.recv(1 << 16):
+                chunks.append(chunk)
+        except TimeoutError:
+            raise StatusError(f"the daemon on {path} did not answer within {timeout} s") from None
+        except OSError as e:
+            raise _connect_error(path, e) from None
+    return decode(b"".join(chunks))
+
+
+async def afetch(path: str, timeout: float = 5.0) -> Doc:
+    """Async client, for the ``workers = N`` master asking its workers."""
+    chunks = []
+    with trio.move_on_after(timeout):
+        try:
+            stream = await trio.open_unix_socket(path)
+        except OSError as e:
+            raise _connect_error(path, e) from None
+        async with stream:
+            try:
+                while chunk := await stream.receive_some(1 << 16):
+                    chunks.append(chunk)
+            except trio.BrokenResourceError as e:
+                raise StatusError(f"{path}: {e}") from None
+        return decode(b"".join(chunks))
+    raise StatusError(f"the daemon on {path} did not answer within {timeout} s")
+
+
+def worker_socket(path: str, index: int) -> str:
+    """Where worker ``index`` of a ``workers = N`` daemon serves its own status."""
+    return f"{path}.{index}"

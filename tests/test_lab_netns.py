@@ -1,0 +1,241 @@
+"""`pep lab` for real: namespaces, the delay line, tbf, loss rules, pep on the PEP nodes.
+
+Each test builds its own lab under a unique prefix and removes it in a ``finally`` (through the
+``prefix`` fixture), so a failing assertion never leaves a namespace or a process behind.
+Timing tests use the short profiles (LEO 40 ms, MEO 150 ms) to stay well under a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from pyroute2 import netns
+
+from pep.lab import bench, objects
+from pep.lab import lab as lab_mod
+from pep.lab.profiles import PROFILES
+from pep.topology import Topology, ns_socket
+from tests.netenv import unique_prefix
+
+pytestmark = pytest.mark.netns
+
+SERVER = (lab_mod.SERVER_IP, lab_mod.SERVER_PORT)
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    p = unique_prefix("lab")
+    try:
+        yield p
+    finally:
+        lab_mod.down(p)
+        assert not _namespaces(p)
+
+
+def _namespaces(prefix: str) -> list[str]:
+    return [n for n in netns.listnetns() if n.startswith(prefix + "-")]
+
+
+def _pep_lab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pep.cli", "lab", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def _alive(pid: int) -> bool:
+    return lab_mod.pid_running(pid)
+
+
+def _rules(ns: str, table: str) -> str:
+    r = subprocess.run(
+        ["ip", "netns", "exec", ns, "iptables-legacy", "-t", table, "-S"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return r.stdout
+
+
+def test_cli_up_status_exec_split_down_leaves_nothing(prefix: str) -> None:
+    r = _pep_lab("up", "--profile", "leo", "--prefix", prefix)
+    assert r.returncode == 0, r.stderr
+    lab = lab_mod.Lab.load(prefix)
+    assert lab is not None
+    pids = {name: int(info["pid"]) for name, info in lab.procs.items()}  # type: ignore[call-overload]
+    assert set(pids) == {"delayline", "server", "pepa", "pepb"}
+    assert all(_alive(pid) for pid in pids.values())  # they outlived `pep lab up`
+    assert "-j NFQUEUE --queue-num 2" in _rules(lab.ns("link"), "filter")
+    assert "PEP_SYN" in _rules(lab.ns("pepa"), "mangle")
+
+    r = _pep_lab("status", "--prefix", prefix)
+    assert r.returncode == 0, r.stderr
+    assert "LEO symmetric, PEP" in r.stdout
+    assert r.stdout.count("pep: running") == 2
+    assert "delay line: running" in r.stdout and "40 ms RTT" in r.stdout
+    assert "initcwnd" in r.stdout and "tcp_fastopen 0x207" in r.stdout
+
+    r = _pep_lab("exec", "--prefix", prefix, "server", "--", "ip", "-4", "-o", "addr")
+    assert r.returncode == 0 and lab_mod.SERVER_IP in r.stdout
+
+    r = _pep_lab("up", "--profile", "leo", "--prefix", prefix)
+    assert r.returncode == 1 and "already exists" in r.stderr and "pep lab down" in r.stderr
+
+    r = _pep_lab("split", "off", "--prefix", prefix)
+    assert r.returncode == 0, r.stderr
+    assert not _alive(pids["pepa"]) and not _alive(pids["pepb"])
+    assert "PEP_SYN" not in _rules(lab.ns("pepa"), "mangle")  # SIGTERM: pep removed its rules
+    assert _pep_lab("status", "--prefix", prefix).stdout.count("pep: stopped") == 2
+    r = _pep_lab("split", "on", "--prefix", prefix)
+    assert r.returncode == 0, r.stderr
+    assert _pep_lab("status", "--prefix", prefix).stdout.count("pep: running") == 2
+    lab = lab_mod.Lab.load(prefix)
+    assert lab is not None
+    pids |= {n: int(lab.procs[n]["pid"]) for n in ("pepa", "pepb")}  # type: ignore[call-overload]
+
+    r = _pep_lab("down", "--prefix", prefix)
+    assert r.returncode == 0 and "removed lab" in r.stdout
+    assert not _namespaces(prefix)
+    assert not any(_alive(pid) for pid in pids.values())
+    assert not (lab_mod.STATE_ROOT / prefix).exists()
+    r = _pep_lab("status", "--prefix", prefix)
+    assert r.returncode == 1 and "no lab" in r.stderr
+
+
+def test_down_cleans_up_after_crashes_and_half_built_labs(prefix: str) -> None:
+    lab = lab_mod.up(
+        lab_mod.LabSpec(PROFILES["leo"].with_overrides(loss=0.01), "one-ended", True, prefix)
+    )
+    assert set(lab.nodes) == {"client", "pepa", "link", "server"}
+    pids = [int(info["pid"]) for info in lab.procs.values()]  # type: ignore[call-overload]
+    # A crash: the delay line and pep die without cleaning up, the state file is lost.
+    for name in ("delayline", "pepa"):
+        os.kill(int(lab.procs[name]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    (lab.dir / "lab.json").unlink()
+    assert "no state file" in lab_mod.status_text(prefix)
+    r = _pep_lab("down", "--prefix", prefix)
+    assert r.returncode == 0, r.stderr
+    assert not _namespaces(prefix)
+    lab.reap_all()
+    assert not any(_alive(pid) for pid in pids)
+
+    # Half-built: namespaces only, one with a process in it, as a `pep lab up` killed midway.
+    topo = Topology(prefix)
+    topo.add_node("client")
+    topo.add_node("link", forwarding=True)
+    sleeper = topo.popen("link", ["sleep", "300"], start_new_session=True)
+    try:
+        r = _pep_lab("down", "--prefix", prefix)
+        assert r.returncode == 0, r.stderr
+        assert not _namespaces(prefix)
+        assert sleeper.wait(5) == -signal.SIGKILL
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+
+
+async def _connect_rtt(ns: str) -> float:
+    """One TCP handshake client -> server: connect() returns on the SYN-ACK, one RTT."""
+    sock = trio.socket.from_stdlib_socket(ns_socket(ns))
+    with sock:
+        t0 = time.perf_counter()
+        await sock.connect(SERVER)
+        return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("name", ["leo", "meo"])
+def test_rtt_within_5_percent_of_the_profile(prefix: str, name: str) -> None:
+    profile = PROFILES[name]
+    lab = lab_mod.up(lab_mod.LabSpec(profile, pep=False, prefix=prefix))
+
+    async def measure() -> list[float]:
+        with trio.fail_after(30):
+            await _connect_rtt(lab.ns("client"))  # ARP and route caches warm
+            out = []
+            for _ in range(15):
+                out.append(await _connect_rtt(lab.ns("client")))
+                await trio.sleep(0.02)
+            return out
+
+    rtts = trio.run(measure)
+    median_ms = statistics.median(rtts) * 1000
+    assert abs(median_ms - profile.rtt_ms) <= 0.05 * profile.rtt_ms, rtts
+
+
+def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
+    profile = PROFILES["leo"]  # 100 Mbit/s down, 20 up, 40 ms
+    lab = lab_mod.up(lab_mod.LabSpec(profile, pep=False, prefix=prefix))
+
+    async def measure() -> tuple[objects.Transfer, objects.Transfer, objects.Transfer]:
+        with trio.fail_after(45):
+            down = await objects.fetch(lab.ns("client"), SERVER, 25_000_000)
+            small = await objects.upload(lab.ns("client"), SERVER, 2_000_000)
+            big = await objects.upload(lab.ns("client"), SERVER, 8_000_000)
+            return down, small, big
+
+    down, small, big = trio.run(measure)
+    # Downlink: the steady part of one bulk fetch (from 30 % of the bytes to the end).
+    t30, b30 = next((t, b) for t, b in down.samples if b >= 0.3 * down.size)
+    down_bps = (down.size - b30) * 8 / (down.seconds - t30)
+    # Uplink: the client only sees whole uploads; their difference cancels the handshake and
+    # slow start, which both uploads share.
+    up_bps = (big.size - small.size) * 8 / (big.seconds - small.seconds)
+    assert abs(down_bps - profile.down_bps) <= 0.1 * profile.down_bps, down_bps  # type: ignore[operator]
+    assert abs(up_bps - profile.up_bps) <= 0.1 * profile.up_bps, up_bps  # type: ignore[operator]
+
+
+def test_data_is_byte_exact_through_both_peps_with_loss(prefix: str) -> None:
+    profile = PROFILES["leo"].with_overrides(loss=0.01)
+    lab = lab_mod.up(lab_mod.LabSpec(profile, prefix=prefix))
+
+    async def transfers() -> None:
+        with trio.fail_after(50):
+            for size in (1, 100_000, 4_000_000):
+                t = await objects.fetch(lab.ns("client"), SERVER, size)  # sha256 checked inside
+                assert t.size == size
+            await objects.upload(lab.ns("client"), SERVER, 2_000_000)  # server's sha256 checked
+
+    trio.run(transfers)
+    for node in ("pepa", "pepb"):  # both PEPs split every connection: 3 fetches + 1 upload
+        log = (lab.dir / f"{node}.log").read_text()
+        assert log.count(" closed ") >= 4, log
+    drops = [line for line in _rules(lab.ns("link"), "filter").splitlines() if "statistic" in line]
+    assert len(drops) == 2
+    r = subprocess.run(
+        ["ip", "netns", "exec", lab.ns("link"), "iptables-legacy", "-L", "LAB_LINK", "-v", "-x"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    dropped = sum(int(line.split()[0]) for line in r.stdout.splitlines() if "DROP" in line)
+    assert dropped > 0, r.stdout  # the loss really happened, and TCP repaired it on every leg
+
+
+def test_demo_small_run_prints_a_table_and_a_chart(prefix: str, tmp_path: Path) -> None:
+    png = tmp_path / "demo.png"
+    r = _pep_lab(
+        "demo", "--profile", "leo", "--sizes", "100k,1M", "--out", str(png), "--prefix", prefix,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = bench.parse_table(r.stdout)
+    assert [row["size"] for row in rows] == ["100 KB", "1 MB"], r.stdout
+    for row in rows:
+        assert 0 < row["with_s"] < row["without_s"]  # type: ignore[operator]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sha256 ok" in r.stderr and "tearing down" in r.stderr
+    assert not _namespaces(prefix)

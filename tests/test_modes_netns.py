@@ -1,0 +1,199 @@
+"""Deployment modes beyond the core scenarios: full transparency, mixed families, IPv6 oddities."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from pep.topology import Topology
+from tests.netenv import (
+    ADDRS,
+    INGRESS,
+    Addrs,
+    PepProcess,
+    connect,
+    gateway_topology,
+    hash_to_eof,
+    listen,
+    rules_in,
+    send_all,
+    serve,
+    sha,
+)
+from tests.test_core_netns import PORT, echo_upper, request
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    with gateway_topology("m") as t:
+        yield t
+
+
+def start(topo: Topology, *args: str) -> PepProcess:
+    return PepProcess(topo, "gw", ["--interface", INGRESS, "--log-level", "debug", *args]).start()
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+async def test_transparent_source_server_sees_client_and_data_is_exact(
+    topo: Topology, tmp_path: os.PathLike[str], family: int
+) -> None:
+    net = ADDRS[family]
+    conf = os.path.join(tmp_path, "pep.toml")
+    with open(conf, "w") as f:
+        f.write('mode = "tproxy"\ntransparent_source = true\n')
+    pep = start(topo, "--config", conf)
+    try:
+        up, down = os.urandom(8 << 20), os.urandom(8 << 20)
+        accepted: list[tuple[str, int]] = []
+        got: dict[str, tuple[str, int]] = {}
+
+        async def server_side(conn: trio.socket.SocketType) -> None:
+            async with trio.open_nursery() as n:
+
+                async def rx() -> None:
+                    got["server"] = await hash_to_eof(conn)
+
+                n.start_soon(rx)
+                await send_all(conn, down)
+                conn.shutdown(socket.SHUT_WR)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                n.start_soon(
+                    serve, await listen(topo.ns("server"), net.server, PORT), server_side, accepted
+                )
+                sock = await connect(topo.ns("client"), (net.server, PORT))
+                client_port = sock.getsockname()[1]
+                with sock:
+                    async with trio.open_nursery() as c:
+
+                        async def rx() -> None:
+                            got["client"] = await hash_to_eof(sock)
+
+                        c.start_soon(rx)
+                        await send_all(sock, up)
+                        sock.shutdown(socket.SHUT_WR)
+                while "server" not in got:
+                    await trio.sleep(0.01)
+                n.cancel_scope.cancel()
+        # The server saw the client's own address and port: full transparency...
+        assert [a[:2] for a in accepted] == [(net.client, client_port)]
+        # ...and the connection was still split by pep (not routed past it).
+        [rec] = pep.closed_lines(expect=1)
+        assert rec["client"] == f"{net.client}:{client_port}"
+        assert (rec["up"], rec["down"]) == (str(len(up)), str(len(down)))
+        assert got["server"] == (sha(up), len(up))
+        assert got["client"] == (sha(down), len(down))
+    finally:
+        pep.stop()
+
+
+async def test_ipv4_and_ipv6_clients_at_once_through_one_pep(topo: Topology) -> None:
+    pep = start(topo)  # --family both is the default
+    try:
+        accepted: list[tuple[str, int]] = []
+        replies: dict[tuple[int, int], bytes] = {}
+
+        async def one(family: int, i: int) -> None:
+            payload = f"v{family}-{i}:".encode() + os.urandom(5000)
+            reply, _ = await request(topo, payload, ADDRS[family].server)
+            assert reply == payload.upper()
+            replies[(family, i)] = reply
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                for family in (4, 6):
+                    n.start_soon(
+                        serve,
+                        await listen(topo.ns("server"), ADDRS[family].server, PORT),
+                        echo_upper,
+                        accepted,
+                    )
+                async with trio.open_nursery() as clients:
+                    for i in range(25):
+                        for family in (4, 6):
+                            clients.start_soon(one, family, i)
+                n.cancel_scope.cancel()
+        assert len(replies) == 50
+        assert sorted({a[0] for a in accepted}) == sorted([ADDRS[4].gw_server, ADDRS[6].gw_server])
+        assert len(pep.closed_lines(expect=50)) == 50
+    finally:
+        pep.stop()
+
+
+@pytest.mark.parametrize("mode", ["redirect", "tproxy"])
+async def test_ipv6_syn_with_extension_header_is_handled(topo: Topology, mode: str) -> None:
+    """A destination-options header between IPv6 and TCP: the SYN parser walks it."""
+    net: Addrs = ADDRS[6]
+    pep = start(topo, "--mode", mode)
+    try:
+        accepted: list[tuple[str, int]] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(
+                    serve, await listen(topo.ns("server"), net.server, PORT), echo_upper, accepted
+                )
+                sock = await connect_with_dstopts(topo, (net.server, PORT))
+                with sock:
+                    await send_all(sock, b"ext")
+                    sock.shutdown(socket.SHUT_WR)
+                    data = await sock.recv(100)
+                n.cancel_scope.cancel()
+        assert data == b"EXT"
+        # Either split (server sees the gateway) or, if the parser gave up, counted and unsplit.
+        assert accepted[0][0] in (net.gw_server, net.client)
+        if accepted[0][0] == net.client:
+            assert "accepted unsplit" in pep.log()
+        pep.signal(signal.SIGTERM)
+        assert pep.wait(10) == 0  # alive until told to stop
+        assert "split=1" in pep.log()  # this kernel's parser does split it
+    finally:
+        pep.stop()
+    assert "PEP" not in rules_in(topo, "gw")
+
+
+async def connect_with_dstopts(topo: Topology, dst: tuple[str, int]) -> trio.socket.SocketType:
+    from pep.topology import ns_socket
+
+    raw = ns_socket(topo.ns("client"), socket.AF_INET6)
+    # RFC 8200 section 4.6: next header and length are filled in by the kernel; one PadN
+    # option pads the header to 8 bytes. Sticky: every packet, the SYN included, carries it.
+    raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+    sock = trio.socket.from_stdlib_socket(raw)
+    await sock.connect(dst)
+    return sock
+
+
+def test_rules_cli_install_show_remove_per_family(topo: Topology) -> None:
+    def pep_cli(*args: str) -> str:
+        r = topo.run("gw", [sys.executable, "-m", "pep.cli", "rules", *args], timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    pep_cli("install", "--interface", INGRESS, "--mode", "tproxy")
+    shown = pep_cli("show")
+    ipv4, rest = shown.split("# IPv6")
+    ipv6, routes = rest.split("# policy routing")
+    for section in (ipv4, ipv6):
+        assert "-t mangle -A PEP_SYN -p tcp -m mark --mark 0x5e9/0xffff -j TPROXY" in section
+        assert "-j NFQUEUE --queue-num 0 --queue-bypass" in section
+        assert "-m socket --transparent -j MARK --set-xmark 0x10000/0x10000" in section
+    assert "--on-ip ::" in ipv6 and "--on-ip 0.0.0.0" in ipv4
+    assert routes.count("fwmark 0x10000/0x10000 lookup 1513 proto 94") == 2
+    assert routes.count("local default dev lo table 1513") == 2
+    # Switching mode replaces the TPROXY set with the REDIRECT set (no stale chain or route).
+    pep_cli("install", "--interface", INGRESS, "--mode", "redirect", "--family", "ipv4")
+    state = rules_in(topo, "gw")
+    assert "PEP_REDIRECT" in state and "PEP_DIVERT" not in state and "proto 94" not in state
+    assert "TPROXY" not in state
+    assert "removed 4 rule(s) and route(s)" in pep_cli("remove")
+    assert "PEP" not in rules_in(topo, "gw")
+    assert "removed 0" in pep_cli("remove")
