@@ -45,6 +45,23 @@ class LegTuning:
     sndbuf: int | None = None
     rcvbuf: int | None = None
     congestion: str | None = None
+    quickack: bool = False  # TCP_QUICKACK: ack at once instead of delayed ACKs
+    # TCP_NOTSENT_LOWAT: cap on unsent bytes queued in the socket, so a slow leg holds less
+    # data in the kernel (Linux default: unlimited, /proc/sys/net/ipv4/tcp_notsent_lowat).
+    notsent_lowat: int | None = None
+    # SO_KEEPALIVE with TCP_KEEPIDLE/INTVL/CNT (kernel defaults 7200 s / 75 s / 9 probes).
+    keepalive: bool = False
+    keepidle: int | None = None
+    keepintvl: int | None = None
+    keepcnt: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LegOverride:
+    """Upstream tuning for destinations in ``dst`` (e.g. the satellite leg's networks)."""
+
+    dst: tuple[Any, ...]  # ipaddress networks
+    changes: tuple[tuple[str, Any], ...]  # keys set in the override, applied over [upstream]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +124,53 @@ class Config:
     # Processes sharing the listener (SO_REUSEPORT), each reading one queue of
     # queue .. queue + workers - 1. One is enough up to a few thousand new connections/s.
     workers: int = 1
+    # "A-B": the SYN rule spreads flows over queues A..B (--queue-balance A:B) and one reader
+    # task per queue serves them (shared among the workers); overrides `queue`. "" = `queue`.
+    queues: str = ""
+    # Split/bypass policy (pep.policy): [[policy]] rules, first match wins.
+    policy: tuple[Any, ...] = ()
+    default_action: str = "split"
+    # Admission control: at this many live split connections (plus SYNs on their way to the
+    # listener), new flows bypass pep instead of being refused; 0 = no limit.
+    max_connections: int = 0
+    # "immediate": split a SYN at once. "after-upstream" (strict): hold it in the queue until
+    # pep's own upstream connect succeeds, so a refused or unreachable server answers the
+    # client itself, end to end.
+    syn_verdict: str = "immediate"
+    # Strict mode bounds: at most this many SYNs held, each at most this long (then bypassed,
+    # never dropped). 3 s covers a GEO handshake and the client's first SYN retransmission
+    # (initial RTO 1 s, RFC 6298).
+    syn_hold_max: int = 256
+    syn_hold_timeout: float = 3.0
+    # Upstream leg copies the client SYN's TOS/traffic class and clamps its MSS to the SYN's.
+    mirror_tos: bool = False
+    mirror_mss: bool = False
     client: LegTuning = field(default_factory=LegTuning)
     upstream: LegTuning = field(default_factory=LegTuning)
+    upstream_override: tuple[LegOverride, ...] = ()
+
+    def upstream_tuning(self, dst: str) -> LegTuning:
+        """The upstream leg's tuning for this destination: first matching override, else default."""
+        if self.upstream_override:
+            ip = ipaddress.ip_address(dst)
+            for o in self.upstream_override:
+                if any(ip.version == n.version and ip in n for n in o.dst):
+                    return dataclasses.replace(self.upstream, **dict(o.changes))
+        return self.upstream
+
+    @property
+    def queue_range(self) -> tuple[int, int]:
+        """(first, last) NFQUEUE numbers the rules balance over."""
+        if self.queues:
+            first, _, last = self.queues.partition("-")
+            return int(first), int(last or first)
+        return self.queue, self.queue + self.workers - 1
+
+    def worker_queues(self, worker: int | None) -> list[int]:
+        """The queues one process reads: all of them, or worker N's share of the range."""
+        first, last = self.queue_range
+        every = list(range(first, last + 1))
+        return every if worker is None else every[worker :: self.workers]
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -160,15 +222,52 @@ def _leg(key: str, value: object) -> LegTuning:
     out: dict[str, Any] = {}
     for name, v in value.items():
         k = f"{key}.{name}"
-        if name == "nodelay":
+        if name in ("nodelay", "quickack", "keepalive"):
             out[name] = _bool(k, v)
         elif name in ("sndbuf", "rcvbuf"):
             out[name] = _int(k, v, 4096, 1 << 30)
+        elif name == "notsent_lowat":
+            out[name] = _int(k, v, 1, 1 << 30)
+        elif name in ("keepidle", "keepintvl"):
+            out[name] = _int(k, v, 1, 32767)  # MAX_TCP_KEEPIDLE/KEEPINTVL, include/net/tcp.h
+        elif name == "keepcnt":
+            out[name] = _int(k, v, 1, 127)  # MAX_TCP_KEEPCNT
         elif name == "congestion":
             out[name] = _congestion(k, v)
         else:
             raise ConfigError(k, v, f"unknown key (allowed: {', '.join(sorted(_LEG_KEYS))})")
     return LegTuning(**out)
+
+
+def _leg_overrides(key: str, value: object) -> tuple[LegOverride, ...]:
+    from pep.policy import nets
+
+    if not isinstance(value, list):
+        raise ConfigError(key, value, "must be an array of tables ([[upstream_override]])")
+    out = []
+    for i, raw in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(raw, Mapping) or "dst" not in raw:
+            raise ConfigError(where, raw, "must be a table with `dst` and upstream tuning keys")
+        rest = {k: v for k, v in raw.items() if k != "dst"}
+        tuning = _leg(where, rest)
+        changes = tuple((k, getattr(tuning, k)) for k in rest)
+        out.append(LegOverride(nets(f"{where}.dst", raw["dst"]), changes))
+    return tuple(out)
+
+
+def _queue_range(key: str, value: object) -> str:
+    m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", value) if isinstance(value, str) else None
+    first, last = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
+    if not 0 <= first <= last <= 65535:
+        raise ConfigError(key, value, 'must be a queue range "A-B" with 0 <= A <= B <= 65535')
+    return f"{first}-{last}"
+
+
+def _policy(key: str, value: object) -> tuple[Any, ...]:
+    from pep.policy import parse_rules
+
+    return parse_rules(key, value)
 
 
 def _interfaces(key: str, value: object) -> tuple[str, ...]:
@@ -278,8 +377,18 @@ _VALIDATORS: dict[str, Any] = {
     "status_socket": _socket_path,
     "metrics_listen": _listen_address,
     "workers": lambda k, v: _int(k, v, 1, 128),
+    "queues": _queue_range,
+    "policy": _policy,
+    "default_action": _choice("split", "bypass"),
+    "max_connections": lambda k, v: _int(k, v, 0, 1 << 24),
+    "syn_verdict": _choice("immediate", "after-upstream"),
+    "syn_hold_max": lambda k, v: _int(k, v, 1, 1 << 16),
+    "syn_hold_timeout": lambda k, v: _float(k, v, 0.1, 60),
+    "mirror_tos": _bool,
+    "mirror_mss": _bool,
     "client": _leg,
     "upstream": _leg,
+    "upstream_override": _leg_overrides,
 }
 assert set(_VALIDATORS) == {f.name for f in dataclasses.fields(Config)}
 
@@ -296,7 +405,7 @@ def build(settings: Mapping[str, object]) -> Config:
         typed[key] = validator(key, value)
     cfg = Config(**typed)
     if cfg.transparent_source and cfg.mode != "tproxy":
-        raise ConfigError("transparent_source", True, "requires mode = \"tproxy\"")
+        raise ConfigError("transparent_source", True, 'requires mode = "tproxy"')
     if cfg.mode == "tproxy" and cfg.tproxy_mark & cfg.mark_mask:
         raise ConfigError(
             "tproxy_mark", hex(cfg.tproxy_mark), f"must not overlap mark_mask {cfg.mark_mask:#x}"
@@ -304,6 +413,11 @@ def build(settings: Mapping[str, object]) -> Config:
     if cfg.split_mark & ~cfg.mark_mask:
         raise ConfigError(
             "split_mark", hex(cfg.split_mark), f"must lie within mark_mask {cfg.mark_mask:#x}"
+        )
+    first, last = cfg.queue_range
+    if cfg.queues and last - first + 1 < cfg.workers:
+        raise ConfigError(
+            "queues", cfg.queues, f"needs at least one queue per worker ({cfg.workers})"
         )
     if cfg.queue + cfg.workers - 1 > 65535:
         raise ConfigError("workers", cfg.workers, f"queue {cfg.queue} + workers - 1 exceeds 65535")

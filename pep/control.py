@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -48,6 +49,16 @@ RELOADABLE = frozenset(
         "drain_timeout",
         "client",
         "upstream",
+        # decided per SYN by the SYN reader (pep.syn_queue.Decider.configure)
+        "policy",
+        "default_action",
+        "max_connections",
+        "syn_verdict",
+        "syn_hold_max",
+        "syn_hold_timeout",
+        "mirror_tos",
+        "mirror_mss",
+        "upstream_override",
     }
 )
 # The client leg is set on the listening socket and inherited by accepted sockets. A buffer
@@ -86,6 +97,18 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
         changes[f.name] = new_value
         changed.append(f.name)
     return ReloadPlan(dataclasses.replace(running, **changes), tuple(changed), tuple(kept))
+
+
+def _portids(queue: Any) -> list[int]:
+    """The netlink port ids of the SYN reader's queue sockets (the proc file's portid)."""
+    if queue is None:
+        return []
+    sockets = getattr(queue, "sockets", None) or [getattr(queue, "nfq", None)]
+    out = []
+    for s in sockets:
+        with contextlib.suppress(AttributeError, OSError):
+            out.append(s.sock.getsockname()[0])
+    return out
 
 
 def retune_listener(sock: Any, leg: LegTuning) -> None:
@@ -209,7 +232,7 @@ class Runtime:
             queues=self.queues,
             kernel_queues=kernel,
             kernel_queues_error=error,
-            queue_portids=[] if self.queue is None else [self.queue.nfq.sock.getsockname()[0]],
+            queue_portids=_portids(self.queue),
             state=self.state,
             started=self.started,
             worker=self.worker,
@@ -230,7 +253,8 @@ class Runtime:
                 systemd.notify("READY=1")
             elif not self.stopping.is_set():
                 log.info(
-                    "%s: removing rules, then draining live connections (up to %.0f s)",
+                    "%s: stopping; new connections go end to end, live ones get up to %.0f s "
+                    "(drain_timeout)",
                     name,
                     self.cfg.drain_timeout,
                 )

@@ -20,7 +20,7 @@ from pep.flows import FlowTable
 from pep.listener import Listener
 from pep.syn_queue import SynQueue
 
-__all__ = ["install_rules", "remove_rules", "rule_spec", "serve"]
+__all__ = ["install_rules", "remove_rules", "rule_spec", "serve", "stop_new_flows"]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def rule_spec(cfg: Config) -> iptables_setup.RuleSpec:
     return iptables_setup.RuleSpec(
         interfaces=cfg.interfaces,
-        queues=(cfg.queue, cfg.queue + cfg.workers - 1),  # --queue-balance with workers
+        queues=cfg.queue_range,  # --queue-balance with several queues
         listen_port=cfg.listen_port,
         split_mark=cfg.split_mark,
         mark_mask=cfg.mark_mask,
@@ -52,6 +52,12 @@ def remove_rules() -> int:
     return iptables_setup.remove() + routing.remove()
 
 
+def stop_new_flows() -> int:
+    """New connections go end to end from now on; live ones keep working until remove_rules
+    (see iptables_setup.remove_syn_jumps for why the rest must stay through the drain)."""
+    return iptables_setup.remove_syn_jumps()
+
+
 async def serve(
     cfg: Config, reload: Callable[[], Config] | None = None, worker: int | None = None
 ) -> None:
@@ -65,12 +71,13 @@ async def serve(
     listener = Listener(cfg, flows)
     queue: SynQueue | None = None
     installed = False
-    queue_num = cfg.queue + (worker or 0)
-    rt = Runtime(cfg, listener, flows, queues=(queue_num, queue_num), worker=worker, reload=reload)
+    mine = cfg.worker_queues(worker)
+    rt = Runtime(cfg, listener, flows, queues=(mine[0], mine[-1]), worker=worker, reload=reload)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             await listener.bind()
-            queue = rt.queue = SynQueue(cfg, queue_num, flows)
+            queue = rt.queue = SynQueue(cfg, mine, flows)
+            queue.set_load(lambda: listener.counters.active)
             queue.open()
             await rt.services.open()
             if worker is None:
@@ -85,18 +92,17 @@ async def serve(
                         nursery.start_soon(listener.serve, connections)
                         if worker is None:
                             log.info(
-                                "ready: splitting TCP from %s via queue %d to port %d",
+                                "ready: splitting TCP from %s via queue %s to port %d",
                                 ",".join(cfg.interfaces),
-                                cfg.queue,
+                                "{}-{}".format(*cfg.queue_range),
                                 cfg.listen_port,
                             )
                             systemd.notify("READY=1")
                         else:
-                            log.info("worker %d: reading queue %d", worker, queue_num)
+                            log.info("worker %d: reading queues %s", worker, mine)
                         await rt.stopping.wait()
                         if installed:
-                            remove_rules()
-                            installed = False
+                            stop_new_flows()  # the rest goes after the drain
                         await rt.accept_grace()  # handshakes redirected just before
                         nursery.cancel_scope.cancel()
                     listener.close()  # stop accepting
@@ -112,10 +118,13 @@ async def serve(
         if queue is not None:
             q, lc = queue.counters, listener.counters
             log.info(
-                "stopped: syn queued=%d split=%d unparsable=%d malformed=%d enobufs=%d; "
-                "connections accepted=%d split=%d refused=%d upstream_failed=%d",
+                "stopped: syn queued=%d split=%d bypassed=%d admission_bypassed=%d "
+                "unparsable=%d malformed=%d enobufs=%d; connections accepted=%d split=%d "
+                "refused=%d upstream_failed=%d; policy decisions: %s",
                 q.queued,
                 q.split,
+                q.bypassed,
+                q.admission_bypassed,
                 q.unparsable,
                 q.malformed,
                 q.enobufs,
@@ -123,4 +132,5 @@ async def serve(
                 lc.split,
                 lc.not_redirected,
                 lc.upstream_failed,
+                " ".join(f"{k}={v}" for k, v in queue.decider.policy.hits.items()) or "none",
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from pep.syn import SynInfo
 
@@ -21,10 +22,17 @@ __all__ = ["Flow", "FlowTable"]
 Key = tuple[str, int]
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Flow:
     syn: SynInfo
     seen: float  # monotonic time of the SYN
+    # Strict mode: the upstream connection pep opened before letting the SYN through; the
+    # listener adopts it. Closed by the table if the entry is dropped unclaimed.
+    upstream: Closable | None = None
 
     @property
     def original_dst(self) -> tuple[str, int]:
@@ -45,20 +53,23 @@ class FlowTable:
     def __len__(self) -> int:
         return len(self._flows)
 
-    def record(self, syn: SynInfo) -> None:
+    def record(self, syn: SynInfo, upstream: Closable | None = None) -> None:
         now = self._clock()
         key = (syn.src, syn.sport)
-        self._flows.pop(key, None)  # re-insert at the end: a new SYN replaces the old entry
-        self._flows[key] = Flow(syn, now)
+        old = self._flows.pop(key, None)  # re-insert at the end: a new SYN replaces the old
+        if old is not None:
+            _drop(old)
+        self._flows[key] = Flow(syn, now, upstream)
         self._expire(now)
         while len(self._flows) > self.max_size:
-            del self._flows[next(iter(self._flows))]
+            _drop(self._flows.pop(next(iter(self._flows))))
             self.evicted += 1
 
     def claim(self, client: Key) -> Flow | None:
         """Remove and return the flow for an accepted connection (each SYN is used once)."""
         flow = self._flows.pop(client, None)
         if flow is not None and self._clock() - flow.seen > self.ttl:
+            _drop(flow)
             self.expired += 1
             return None
         return flow
@@ -69,5 +80,15 @@ class FlowTable:
             key = next(iter(flows))
             if now - flows[key].seen <= self.ttl:
                 break
-            del flows[key]
+            _drop(flows.pop(key))
             self.expired += 1
+
+    def clear(self) -> None:
+        """Drop everything (daemon stopping): pre-opened upstream sockets are closed."""
+        while self._flows:
+            _drop(self._flows.popitem()[1])
+
+
+def _drop(flow: Flow) -> None:
+    if flow.upstream is not None:
+        flow.upstream.close()

@@ -676,6 +676,42 @@ def _remove_family(chain_prefix: str, family: int) -> int:
     return removed
 
 
+def remove_syn_jumps(chain_prefix: str = "PEP") -> int:
+    """Send new connections end to end again, keeping what live split connections still need.
+
+    Deletes only the ``PREROUTING`` jumps to the SYN chain, both families: new SYNs are no
+    longer queued, so never marked, so neither redirected nor TPROXY'd. Everything else stays
+    until :func:`remove`, after the daemon's drain. In REDIRECT mode the nat REDIRECT rule must
+    stay: it holds the namespace's conntrack hooks, and deleting the last NAT target drops them
+    (nf_ct_netns_put), so every redirected connection loses its translation and is reset by the
+    real server (checked: flushing PEP_REDIRECT killed a live transfer, deleting only the jumps
+    did not). In TPROXY mode the divert chain and the policy routes deliver live flows' packets.
+    """
+    _check_prefix(chain_prefix)
+    removed = 0
+    for family in (4, 6):
+        if _family_usable(family):
+            removed += _in_family_process(_remove_syn_jumps, chain_prefix, family)
+    return removed
+
+
+def _remove_syn_jumps(chain_prefix: str, family: int) -> int:
+    own = syn_chain(chain_prefix)
+    with _table(MANGLE, family) as table:
+        try:
+            jumps = _own_jumps(table, own)
+            hook = _iptc().Chain(table, HOOK_CHAIN)
+            for rule in reversed(jumps):
+                hook.delete_rule(rule)
+            if jumps:
+                table.commit()
+        except _iptc_errors() as e:
+            raise RulesError(
+                f"removing the jumps to {own} from {MANGLE} {HOOK_CHAIN} failed: {_text(e)}"
+            ) from e
+    return len(jumps)
+
+
 def _family_usable(family: int) -> bool:
     """IPv6 may be disabled in the kernel (ipv6.disable=1): then there is nothing to manage."""
     return family == 4 or os.path.isdir("/proc/sys/net/ipv6")

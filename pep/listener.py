@@ -27,7 +27,7 @@ from pep.connections import ConnectionTable
 from pep.flows import FlowTable
 from pep.relay import RelayStats, abort, relay
 from pep.tuning import apply_tuning, transparent
-from pep.upstream import UpstreamError, connect
+from pep.upstream import UpstreamError, open_for
 
 __all__ = ["Listener", "ListenerCounters", "original_dst"]
 
@@ -187,11 +187,13 @@ class Listener:
         conn = self.table.open(peer, dst, flow_text)
         upstream = None
         try:
-            first = await self._first_bytes(client) if self.cfg.tcp_fastopen else b""
-            source = (peer[0], peer[1]) if self.cfg.transparent_source else None
-            upstream = await connect(
-                dst, self.cfg.upstream, self.cfg.connect_timeout, first, source=source
-            )
+            first = b""
+            if flow is not None and flow.upstream is not None:
+                upstream = flow.upstream  # strict mode: opened before the SYN was let through
+            else:
+                if self.cfg.tcp_fastopen:
+                    first = await self._first_bytes(client)
+                upstream = await open_for(self.cfg, dst, peer, flow.syn if flow else None, first)
             if first:
                 await self._consume(client, len(first))
         except UpstreamError as e:

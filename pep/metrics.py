@@ -41,6 +41,8 @@ _SYN_HELP = {
     "unparsable": "Queued packets that were not a parsable TCP SYN; accepted unsplit.",
     "malformed": "Netlink messages from the queue that could not be decoded.",
     "enobufs": "Netlink receive buffer overflows (the kernel accepted those SYNs unsplit).",
+    "bypassed": "SYNs the split/bypass policy let through unsplit.",
+    "admission_bypassed": "SYNs let through unsplit because pep was at max_connections.",
 }
 _LISTENER = {  # status key -> (metric name, help)
     "accepted": ("pep_connections_accepted", "Connections accepted on the listener."),
@@ -98,7 +100,7 @@ def families(doc: Doc) -> Iterator[Metric]:
         c.add_metric([], value)
         yield c
     c = CounterMetricFamily(
-        "pep_syn_bypassed", "Queued packets accepted without the split mark, for any reason."
+        "pep_syn_unsplit", "Queued packets accepted without the split mark, for any reason."
     )
     c.add_metric([], syn.get("queued", 0) - syn.get("split", 0))
     yield c
@@ -248,8 +250,13 @@ async def serve_metrics(
                 elif path not in ("/metrics", "/"):
                     reply = _response("404 Not Found", "text/plain", b"see /metrics\n")
                 else:
-                    body, ctype = exposition(await get_doc(), headers.get("accept", ""))
-                    reply = _response("200 OK", ctype, body, head_only=method == "HEAD")
+                    try:
+                        body, ctype = exposition(await get_doc(), headers.get("accept", ""))
+                    except Exception:  # a bug here must cost one scrape, not the daemon
+                        log.exception("metrics: building the exposition failed")
+                        reply = _response("500 Internal Server Error", "text/plain", b"see log\n")
+                    else:
+                        reply = _response("200 OK", ctype, body, head_only=method == "HEAD")
                 await stream.send_all(reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import socket
 import stat
@@ -43,6 +44,8 @@ __all__ = [
     "unlink_socket",
     "worker_socket",
 ]
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
@@ -414,9 +417,14 @@ async def serve_status(
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     async def handle(stream: trio.SocketStream) -> None:
+        try:
+            data = encode(await get_doc())
+        except Exception:  # a bug here must cost one `pep status`, not the daemon
+            log.exception("status: building the document failed")
+            data = b""
         with trio.move_on_after(5):  # a reader that does not read must not pin a task
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(encode(await get_doc()))
+                await stream.send_all(data)
         await trio.aclose_forcefully(stream)
 
     async with listener:

@@ -8,9 +8,10 @@ import trio
 
 from pep.config import LegTuning
 
-__all__ = ["apply_tuning", "transparent"]
+__all__ = ["apply_tuning", "mirror_syn", "transparent"]
 
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)  # include/uapi/linux/tcp.h
+TCP_NOTSENT_LOWAT = 25  # include/uapi/linux/tcp.h
 IP_TRANSPARENT = 19  # include/uapi/linux/in.h
 IPV6_TRANSPARENT = 75  # include/uapi/linux/in6.h
 
@@ -25,6 +26,35 @@ def apply_tuning(sock: trio.socket.SocketType, tuning: LegTuning) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tuning.rcvbuf)
     if tuning.congestion is not None:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, tuning.congestion.encode())
+    if tuning.quickack:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    if tuning.notsent_lowat is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, tuning.notsent_lowat)
+    if tuning.keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (
+            (socket.TCP_KEEPIDLE, tuning.keepidle),
+            (socket.TCP_KEEPINTVL, tuning.keepintvl),
+            (socket.TCP_KEEPCNT, tuning.keepcnt),
+        ):
+            if value is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+def mirror_syn(sock: trio.socket.SocketType, tos: int | None, mss: int | None) -> None:
+    """Carry the client SYN's TOS/traffic class and MSS onto the upstream leg.
+
+    The MSS is clamped before connect() (TCP_MAXSEG on an unconnected socket caps the MSS it
+    announces and uses), so the upstream leg never sends segments the client's path would
+    not take. The kernel ignores values below its minimum (TCP_MIN_MSS 88).
+    """
+    if tos is not None:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+    if mss is not None and mss >= 88:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
 
 
 def transparent(sock: trio.socket.SocketType) -> None:

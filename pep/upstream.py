@@ -14,10 +14,11 @@ import socket
 
 import trio
 
-from pep.config import LegTuning
-from pep.tuning import apply_tuning, transparent
+from pep.config import Config, LegTuning
+from pep.syn import SynInfo
+from pep.tuning import apply_tuning, mirror_syn, transparent
 
-__all__ = ["UpstreamError", "connect"]
+__all__ = ["UpstreamError", "connect", "open_for"]
 
 TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)  # include/uapi/linux/tcp.h
 
@@ -36,6 +37,8 @@ async def connect(
     timeout: float,
     first_bytes: bytes = b"",
     source: tuple[str, int] | None = None,
+    tos: int | None = None,
+    mss: int | None = None,
 ) -> trio.socket.SocketType:
     """Connect to ``dst``; with ``first_bytes``, carry them in the SYN (TCP Fast Open).
 
@@ -53,6 +56,7 @@ async def connect(
     ok = False
     try:
         apply_tuning(sock, tuning)
+        mirror_syn(sock, tos, mss)
         if source is not None:
             transparent(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,3 +84,25 @@ async def connect(
         if not ok:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+async def open_for(
+    cfg: Config,
+    dst: tuple[str, int],
+    client: tuple[str, int],
+    syn: SynInfo | None,
+    first_bytes: bytes = b"",
+    timeout: float | None = None,
+) -> trio.socket.SocketType:
+    """The upstream leg for one split flow, as configured: the per-destination tuning, the
+    client's address as source (``transparent_source``), and the client SYN's TOS and MSS
+    (``mirror_tos``, ``mirror_mss``) when the SYN reader recorded it."""
+    return await connect(
+        dst,
+        cfg.upstream_tuning(dst[0]),
+        cfg.connect_timeout if timeout is None else timeout,
+        first_bytes,
+        source=client if cfg.transparent_source else None,
+        tos=syn.tos if syn is not None and cfg.mirror_tos else None,
+        mss=syn.mss if syn is not None and cfg.mirror_mss else None,
+    )

@@ -74,7 +74,7 @@ class Master:
 
     @property
     def queues(self) -> tuple[int, int]:
-        return (self.cfg.queue, self.cfg.queue + self.n - 1)
+        return self.cfg.queue_range
 
     # --- processes
 
@@ -187,7 +187,7 @@ class Master:
                 self.reload()
                 systemd.notify("READY=1")
             elif not self.stopping.is_set():
-                log.info("%s: removing rules, then draining the workers", name)
+                log.info("%s: stopping; new connections go end to end, the workers drain", name)
                 systemd.notify("STOPPING=1")
                 self.stopping.set()
             elif signum == signal.SIGINT:
@@ -225,7 +225,7 @@ async def supervise(
     Start: workers, then (all ready) status and metrics, then the rules. Stop: the rules, then
     SIGTERM to the workers, which drain; the master waits drain_timeout plus a margin.
     """
-    from pep.daemon import install_rules, remove_rules  # the daemon module imports us
+    from pep.daemon import install_rules, remove_rules, stop_new_flows  # (imports us)
 
     master = Master(cfg, argv, reload)
     installed = False
@@ -252,8 +252,7 @@ async def supervise(
                 )
                 systemd.notify("READY=1")
                 await master.stopping.wait()
-                remove_rules()
-                installed = False
+                stop_new_flows()  # the rest after the drain: live flows still need it
                 master.state = "draining"
                 master.signal_all(signal.SIGTERM)
                 with trio.move_on_after(master.cfg.drain_timeout + 10):

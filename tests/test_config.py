@@ -50,6 +50,39 @@ def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
         ('interfaces = ["eth1"]\ntransparent_source = true', "transparent_source", "tproxy"),
         ('interfaces = ["eth1"]\nmode = "tproxy"\ntproxy_mark = 0x1', "tproxy_mark", "overlap"),
         ('interfaces = ["eth1"]\nroute_table = 254', "route_table", "kernel's own"),
+        ('interfaces = ["eth1"]\n[[policy]]\naction = "drop"', "policy[0].action", "one of"),
+        (
+            'interfaces = ["eth1"]\n[[policy]]\naction = "bypass"\ndport = 70000',
+            "policy[0].dport",
+            "1-65535",
+        ),
+        (
+            'interfaces = ["eth1"]\n[[policy]]\naction = "bypass"\ndport = "9-3"',
+            "policy[0].dport",
+            "A <= B",
+        ),
+        (
+            'interfaces = ["eth1"]\n[[policy]]\naction = "split"\ndst = "10.0.0.0/33"',
+            "policy[0].dst",
+            "not an IP network",
+        ),
+        (
+            'interfaces = ["eth1"]\n[[policy]]\naction = "split"\nport = 80',
+            "policy[0].port",
+            "unknown key",
+        ),
+        ('interfaces = ["eth1"]\ndefault_action = "drop"', "default_action", "one of"),
+        ('interfaces = ["eth1"]\nsyn_verdict = "later"', "syn_verdict", "one of"),
+        (
+            'interfaces = ["eth1"]\n[[upstream_override]]\ncongestion = "reno"',
+            "upstream_override[0]",
+            "dst",
+        ),
+        (
+            'interfaces = ["eth1"]\n[[upstream_override]]\ndst = "10.0.0.0/8"\nsndbuf = 1',
+            "upstream_override[0].sndbuf",
+            "between",
+        ),
         ('interfaces = ["eth1"]\nfastopen_wait = 11', "fastopen_wait", "between"),
         (
             'interfaces = ["eth1"]\n[upstream]\ncongestion = "nosuchcc"',
@@ -71,6 +104,36 @@ def test_bad_values_name_key_value_and_rule(
     assert exc.value.key == key
     assert fragment in str(exc.value)
     assert str(exc.value).startswith(f"config: {key} = ")
+
+
+def test_policy_and_override_parse(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """interfaces = ["eth1"]
+default_action = "bypass"
+[[policy]]
+name = "sat"
+action = "split"
+dst = ["198.51.100.0/24", "2001:db8::/32"]
+dport = [80, "443", "8000-8100"]
+[upstream]
+sndbuf = 65536
+[[upstream_override]]
+dst = "198.51.100.0/24"
+congestion = "reno"
+""",
+    )
+    cfg = load(p, {})
+    [rule] = cfg.policy
+    assert (rule.name, rule.action, rule.dport) == (
+        "sat",
+        "split",
+        ((80, 80), (443, 443), (8000, 8100)),
+    )
+    assert cfg.default_action == "bypass"
+    sat = cfg.upstream_tuning("198.51.100.7")
+    assert sat.congestion == "reno" and sat.sndbuf == 65536  # override merged over [upstream]
+    assert cfg.upstream_tuning("192.0.2.1") == cfg.upstream
 
 
 def test_missing_file() -> None:

@@ -177,8 +177,11 @@ def test_rtt_within_5_percent_of_the_profile(prefix: str, name: str) -> None:
 
 
 def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
+    """Bulk rate through the PEPs, whose BBR link leg keeps the link busy: an end-to-end cubic
+    flow loses a third of its segments in slow start on a drop-tail tbf queue (measured), which
+    says more about cubic than about the emulated rate."""
     profile = PROFILES["leo"]  # 100 Mbit/s down, 20 up, 40 ms
-    lab = lab_mod.up(lab_mod.LabSpec(profile, pep=False, prefix=prefix))
+    lab = lab_mod.up(lab_mod.LabSpec(profile, prefix=prefix))
 
     async def measure() -> tuple[objects.Transfer, objects.Transfer, objects.Transfer]:
         with trio.fail_after(45):
@@ -194,6 +197,7 @@ def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
     # Uplink: the client only sees whole uploads; their difference cancels the handshake and
     # slow start, which both uploads share.
     up_bps = (big.size - small.size) * 8 / (big.seconds - small.seconds)
+    print(f"downlink {down_bps / 1e6:.1f} Mbit/s, uplink {up_bps / 1e6:.1f} Mbit/s")
     assert abs(down_bps - profile.down_bps) <= 0.1 * profile.down_bps, down_bps  # type: ignore[operator]
     assert abs(up_bps - profile.up_bps) <= 0.1 * profile.up_bps, up_bps  # type: ignore[operator]
 
@@ -211,8 +215,10 @@ def test_data_is_byte_exact_through_both_peps_with_loss(prefix: str) -> None:
 
     trio.run(transfers)
     for node in ("pepa", "pepb"):  # both PEPs split every connection: 3 fetches + 1 upload
-        log = (lab.dir / f"{node}.log").read_text()
-        assert log.count(" closed ") >= 4, log
+        deadline = time.monotonic() + 15  # pep logs a connection once both legs are closed
+        while (log := (lab.dir / f"{node}.log").read_text()).count(" closed ") < 4:
+            assert time.monotonic() < deadline, log
+            time.sleep(0.05)
     drops = [line for line in _rules(lab.ns("link"), "filter").splitlines() if "statistic" in line]
     assert len(drops) == 2
     r = subprocess.run(

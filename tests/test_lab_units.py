@@ -108,6 +108,13 @@ def test_tbf_and_bdp_for_geo() -> None:
     assert geo.tbf("up") == {"rate": 625_000, "burst": 4000, "limit": 379_000}
 
 
+def test_queue_override_sizes_the_tbf_queue() -> None:
+    geo = PROFILES["geo"].with_overrides(queue_ms=100)
+    assert geo.tbf("down") == {"rate": 2_500_000, "burst": 5000, "limit": 255_000}
+    assert geo.describe().endswith("0 % loss, 100 ms queue")
+    assert LinkProfile.from_json(geo.to_json()) == geo
+
+
 def test_overrides_and_json_round_trip() -> None:
     p = PROFILES["geo"].with_overrides(rtt_ms=500, down_bps=0, loss=0.005)
     assert (p.rtt_ms, p.down_bps, p.up_bps, p.loss) == (500, None, 5_000_000, 0.005)

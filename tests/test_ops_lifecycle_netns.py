@@ -34,7 +34,7 @@ from tests.test_core_netns import echo_upper
 
 pytestmark = pytest.mark.netns
 
-BULK_PORT, ECHO_PORT, CHAT_PORT = 8080, 8081, 8082
+BULK_PORT, ECHO_PORT, CHAT_PORT, IDLE_PORT = 8080, 8081, 8082, 8083
 
 
 @pytest.fixture
@@ -50,17 +50,17 @@ def start_pep(topo: Topology, conf: Path, text: str) -> PepProcess:
 
 async def peer_of_new_connection(topo: Topology, accepted: list[tuple[str, int]]) -> str:
     before = len(accepted)
-    reply, _ = await request_to(topo, ECHO_PORT, b"new flow")
+    reply = await request_to(topo, ECHO_PORT, b"new flow")
     assert reply == b"NEW FLOW"
     return accepted[before][0]
 
 
-async def request_to(topo: Topology, port: int, payload: bytes) -> tuple[bytes, tuple[str, int]]:
+async def request_to(topo: Topology, port: int, payload: bytes) -> bytes:
     sock = await connect(topo.ns("client"), (SERVER_IP, port))
     with sock:
         await send_all(sock, payload)
         sock.shutdown(trio.socket.SHUT_WR)
-        return await recv_to_eof(sock), sock.getpeername()
+        return await recv_to_eof(sock)
 
 
 async def test_sigterm_drains_a_50mib_transfer_while_new_flows_go_end_to_end(
@@ -109,8 +109,8 @@ async def test_sigterm_drains_a_50mib_transfer_while_new_flows_go_end_to_end(
                     await wait_for(started, 20, "the first 5 MiB")
                     pep.signal(signal.SIGTERM)
                     signalled = time.monotonic()
-                    await trio.to_thread.run_sync(wait_log, pep, "SIGTERM: removing rules")
-                    await wait_for(_rules_gone(topo), 10, "rules removed")
+                    await trio.to_thread.run_sync(wait_log, pep, "SIGTERM: stopping")
+                    await wait_for(_syn_jumps_gone(topo), 10, "SYN jumps removed")
                     assert received < size, "the transfer ended before the signal: too fast"
                     # A new connection after the signal is routed end to end, unsplit.
                     assert await peer_of_new_connection(topo, echo_peers) == CLIENT_IP
@@ -125,12 +125,13 @@ async def test_sigterm_drains_a_50mib_transfer_while_new_flows_go_end_to_end(
         assert rec["reason"] == "eof"
         assert "PEP" not in rules_in(topo, "gw")
     finally:
+        print(pep.log())  # shown by pytest when the test fails
         pep.stop()
 
 
-def _rules_gone(topo: Topology) -> Callable[[], Awaitable[bool]]:
+def _syn_jumps_gone(topo: Topology) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return "PEP" not in await trio.to_thread.run_sync(rules_in, topo, "gw")
+        return "-j PEP_SYN" not in await trio.to_thread.run_sync(rules_in, topo, "gw")
 
     return check
 
@@ -162,6 +163,7 @@ async def test_drain_timeout_resets_connections_still_open(topo: Topology, tmp_p
         assert 1.0 <= time.monotonic() - signalled < 6
         assert "resetting 1 connection(s) still open after the drain" in pep.log()
     finally:
+        print(pep.log())  # shown by pytest when the test fails
         pep.stop()
 
 
@@ -190,34 +192,60 @@ async def idle_closed_after(sock: trio.socket.SocketType) -> float:
     return time.monotonic() - t0
 
 
-async def test_sighup_reloads_tuning_for_new_flows_and_rejects_an_invalid_file(
+async def test_sighup_adds_a_bypass_rule_and_tuning_and_rejects_an_invalid_file(
     topo: Topology, tmp_path: Path
 ) -> None:
     conf = tmp_path / "pep.toml"
     pep = start_pep(topo, conf, "idle_timeout = 3600.0\n")
+    reloaded = (
+        "idle_timeout = 1.0\n"
+        f'[[policy]]\nname = "chat-direct"\naction = "bypass"\ndport = [{CHAT_PORT}]\n'
+    )
     try:
+        chat_peers: list[tuple[str, int]] = []
+        idle_peers: list[tuple[str, int]] = []
+
+        async def new_chat_flow_is_bypassed() -> None:
+            sock = await connect(topo.ns("client"), (SERVER_IP, CHAT_PORT))
+            with sock:
+                await roundtrip(sock, b"new chat flow")
+            assert chat_peers[-1][0] == CLIENT_IP  # end to end: the server sees the client
+
+        async def new_flow_gets_the_new_idle_timeout() -> None:
+            sock = await connect(topo.ns("client"), (SERVER_IP, IDLE_PORT))
+            with sock:
+                await roundtrip(sock, b"new idle flow")
+                assert idle_peers[-1][0] == GW_SERVER_IP  # split
+                assert 0.8 < await idle_closed_after(sock) < 3
+
         with trio.fail_after(60):
             async with trio.open_nursery() as n:
-                n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, CHAT_PORT), chat, [])
+                n.start_soon(
+                    serve, await listen(topo.ns("server"), SERVER_IP, CHAT_PORT), chat, chat_peers
+                )
+                n.start_soon(
+                    serve, await listen(topo.ns("server"), SERVER_IP, IDLE_PORT), chat, idle_peers
+                )
                 live = await connect(topo.ns("client"), (SERVER_IP, CHAT_PORT))
                 with live:
                     await roundtrip(live, b"before reload")
+                    assert chat_peers == [(GW_SERVER_IP, chat_peers[0][1])]  # split
                     rules_before = rules_in(topo, "gw")
 
-                    # A valid change: new flows get it, the live split connection keeps its own.
-                    conf.write_text("idle_timeout = 1.0\n")
+                    # A valid change: new flows get it; the live split connection keeps working.
+                    conf.write_text(reloaded)
                     pep.signal(signal.SIGHUP)
                     await trio.to_thread.run_sync(
-                        wait_log, pep, "SIGHUP: reloaded (changed: idle_timeout)"
+                        wait_log, pep, "SIGHUP: reloaded (changed: idle_timeout, policy)"
                     )
-                    new = await connect(topo.ns("client"), (SERVER_IP, CHAT_PORT))
-                    with new:
-                        await roundtrip(new, b"new flow")
-                        assert 0.8 < await idle_closed_after(new) < 3
-                    await roundtrip(live, b"live flow still works after 1+ s idle")
+                    await new_chat_flow_is_bypassed()
+                    await new_flow_gets_the_new_idle_timeout()
+                    await roundtrip(live, b"live flow still split and working after 1+ s idle")
                     doc = await status_json(pep)
                     assert doc["config"]["idle_timeout"] == 1.0
                     assert doc["reloads"] == {"ok": 1, "failed": 0, "last_error": None}
+                    assert doc["syn"]["bypassed"] == 1
+                    assert [c["dst"] for c in doc["connections"]] == [f"{SERVER_IP}:{CHAT_PORT}"]
 
                     # An invalid file changes nothing, not even its valid part.
                     conf.write_text("idle_timeout = 3600.0\nidle_timeuot = 5\n")
@@ -226,21 +254,18 @@ async def test_sighup_reloads_tuning_for_new_flows_and_rejects_an_invalid_file(
                     assert "idle_timeuot" in pep.log()
                     doc = await status_json(pep)
                     assert doc["config"]["idle_timeout"] == 1.0
-                    assert (
-                        doc["reloads"]["failed"] == 1
-                        and "idle_timeuot" in doc["reloads"]["last_error"]
-                    )
-                    again = await connect(topo.ns("client"), (SERVER_IP, CHAT_PORT))
-                    with again:
-                        await roundtrip(again, b"after the rejected reload")
-                        assert 0.8 < await idle_closed_after(again) < 3
+                    assert doc["reloads"]["failed"] == 1
+                    assert "idle_timeuot" in doc["reloads"]["last_error"]
+                    await new_chat_flow_is_bypassed()  # the policy stays
+                    await new_flow_gets_the_new_idle_timeout()  # and so does the tuning
                     await roundtrip(live, b"live flow unharmed")
                     assert rules_in(topo, "gw") == rules_before
                     assert pep.proc is not None and pep.proc.poll() is None
                 n.cancel_scope.cancel()
-        reasons = [r["reason"] for r in pep.closed_lines(expect=3)]
-        assert reasons.count("idle timeout") == 2
+        assert len(pep.closed_lines(expect=3)) == 3
+        assert pep.log().count("reason=idle timeout") == 2
     finally:
+        print(pep.log())  # shown by pytest when the test fails
         pep.stop()
 
 
@@ -259,9 +284,10 @@ async def test_sighup_without_changes_and_restart_only_keys(topo: Topology, tmp_
                 n.start_soon(
                     serve, await listen(topo.ns("server"), SERVER_IP, ECHO_PORT), echo_upper, []
                 )
-                reply, _ = await request_to(topo, ECHO_PORT, b"still splitting")
+                reply = await request_to(topo, ECHO_PORT, b"still splitting")
                 n.cancel_scope.cancel()
         assert reply == b"STILL SPLITTING"
         assert pep.closed_lines(expect=1)
     finally:
+        print(pep.log())  # shown by pytest when the test fails
         pep.stop()

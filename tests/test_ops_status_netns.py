@@ -197,7 +197,7 @@ async def test_metrics_endpoint_counts_a_known_workload(topo: Topology, pep: Pep
     assert v("pep_relayed_bytes_total", direction="down") == total
     assert v("pep_syn_queued_total") == ok + 2  # the direct connection is never queued
     assert v("pep_syn_split_total") == ok + 2
-    assert v("pep_syn_bypassed_total") == 0
+    assert v("pep_syn_unsplit_total") == 0
     assert v("pep_upstream_connect_failures_total", reason="ECONNREFUSED") == 2
     assert v("pep_upstream_connect_seconds_count") == ok
     assert v("pep_upstream_connect_seconds_bucket", le="+Inf") == ok

@@ -91,7 +91,7 @@ def test_document_counts_live_and_closed_bytes() -> None:
     assert doc["upstream_failures"] == {"connect failed: ECONNREFUSED": 1}
     assert doc["connect_latency"]["counts"][0] == 0  # 3 ms is above 2.5 ms
     assert sum(doc["connect_latency"]["counts"]) == 2
-    assert doc["syn"] == {"queued": 5, "split": 4, "unparsable": 1, "malformed": 0, "enobufs": 0}
+    assert doc["syn"] == dataclasses.asdict(SynCounters(queued=5, split=4, unparsable=1))
     assert doc["uptime"] == 53.0
     assert doc["config"]["interfaces"] == ["eth1"]
     assert status.decode(status.encode(doc)) == json.loads(json.dumps(doc))
@@ -197,7 +197,7 @@ def test_metrics_exposition_parses_and_matches_document() -> None:
     assert v[("pep_relayed_bytes_total", (("direction", "up"),))] == 105
     assert v[("pep_relayed_bytes_total", (("direction", "down"),))] == 2007
     assert v[("pep_syn_queued_total", ())] == 5
-    assert v[("pep_syn_bypassed_total", ())] == 1
+    assert v[("pep_syn_unsplit_total", ())] == 1
     assert v[("pep_upstream_connect_failures_total", (("reason", "ECONNREFUSED"),))] == 1
     assert v[("pep_upstream_connect_seconds_count", ())] == 2
     assert v[("pep_upstream_connect_seconds_bucket", (("le", "0.005"),))] == 1
@@ -272,13 +272,14 @@ def test_sample_config_lists_every_key_and_is_valid_uncommented() -> None:
     """deploy/pep.toml shows every key; as shipped and with every setting uncommented it loads."""
     text = SAMPLE.read_text()
     for f in dataclasses.fields(Config):
-        assert re.search(rf"^#?{f.name} = |^#?\[{f.name}\]$", text, re.M), f"{f.name} missing"
+        assert re.search(rf"^#?({f.name} = |\[\[?{f.name}\]\]?$)", text, re.M), f.name
     for f in dataclasses.fields(LegTuning):
         assert re.search(rf"^#?{f.name} = ", text, re.M), f"client/upstream {f.name} missing"
     assert load(SAMPLE, {}).interfaces == ("eth1",)
     uncommented = re.sub(r"^#(?=[a-z_\[])", "", text, flags=re.M)
     cfg = build(tomllib.loads(uncommented))
     assert cfg.metrics_listen == "127.0.0.1:9560" and cfg.upstream.congestion == "cubic"
+    assert cfg.client.keepcnt == 9 and [r.name for r in cfg.policy] == ["no-ssh"]
 
 
 def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

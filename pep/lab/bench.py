@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
@@ -135,7 +136,7 @@ def machine() -> dict[str, object]:
 class Progress:
     """Progress on stderr: one line per step, and a live byte counter when it is a terminal."""
 
-    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.live = self.stream.isatty()
         self.t0 = time.monotonic()
@@ -285,11 +286,11 @@ def chart(result: BenchRun, path: Path) -> None:
         drawn = bars.bar(pos, values, width, color=colors[mode], label=labels[mode])
         bars.bar_label(drawn, labels=[f"{v:.2f} s" for v in values], fontsize=8, padding=2)
     top = max(max(r.without_s, r.with_s) for r in rows)
-    bars.set_ylim(0, top * 1.15)
+    bars.set_ylim(0, top * 1.3)  # room for the legend above the bars
     bars.set_xticks(list(xs), [f"{format_size(r.size)}\n{r.speedup:.1f}x faster" for r in rows])
     bars.set_ylabel("completion time (s), lower is better")
     bars.set_title("Fetch completion time per object size")
-    bars.legend(loc="upper left")
+    bars.legend(loc="upper center", ncol=2)
     size = max(result.sizes)
     for mode in MODES:
         trace = result.trace(mode)

@@ -33,6 +33,9 @@ def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
     g.add_argument("--up", metavar="RATE", help="uplink rate; 0 = unlimited")
     g.add_argument("--loss", metavar="PCT", help="random loss per direction, percent (0.5)")
     g.add_argument(
+        "--queue", metavar="MS", help="bottleneck (tbf) queue in ms at the link rate (one RTT)"
+    )
+    g.add_argument(
         "--topology",
         choices=("symmetric", "one-ended"),
         default="symmetric",
@@ -104,6 +107,7 @@ def _profile(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         down_bps=None if args.down is None else profiles.parse_rate(args.down),
         up_bps=None if args.up is None else profiles.parse_rate(args.up),
         loss=None if args.loss is None else profiles.parse_loss(args.loss),
+        queue_ms=None if args.queue is None else profiles.parse_rtt(args.queue),
     )
 
 

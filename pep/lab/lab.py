@@ -295,13 +295,9 @@ class Lab:
 
     # --- processes ----------------------------------------------------------------------------
 
-    def spawn(self, name: str, node: str, argv: list[str], ready: str, timeout: float = 20) -> int:
-        """Start ``argv`` in ``node`` in its own session (it outlives this command), logging to
-        ``{name}.log``; return once its log shows ``ready`` (or raise with the log's tail)."""
-        self.launch(name, node, argv)
-        return self.wait_ready(name, ready, timeout)
-
     def launch(self, name: str, node: str, argv: list[str]) -> None:
+        """Start ``argv`` in ``node`` in its own session, so it outlives this command, logging
+        to ``{name}.log``; ``wait_ready`` then waits for it."""
         log_path = self.dir / f"{name}.log"
         start = log_path.stat().st_size if log_path.exists() else 0
         env = dict(os.environ)
@@ -569,7 +565,7 @@ def disable_segmentation_offload(ns: str, ifname: str) -> None:
 
 def delayline_argv(lab: Lab) -> list[str]:
     p = lab.profile
-    buffer_ms = max(p.rtt_ms, 1.0)  # the tbf queue: one BDP, i.e. one RTT at the link rate
+    buffer_ms = max(p.queue_s * 1000, 1.0)  # the tbf queue behind the delay line
     return [
         sys.executable,
         "-m",

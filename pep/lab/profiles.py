@@ -44,10 +44,16 @@ class LinkProfile:
     down_bps: int | None
     up_bps: int | None
     loss: float = 0.0
+    # Bottleneck buffer (the tbf queue) in ms at the link rate; None: one RTT, i.e. one BDP.
+    queue_ms: float | None = None
 
     @property
     def one_way_s(self) -> float:
         return self.rtt_ms / 2000
+
+    @property
+    def queue_s(self) -> float:
+        return (self.rtt_ms if self.queue_ms is None else self.queue_ms) / 1000
 
     def rate(self, direction: str) -> int | None:
         return self.down_bps if direction == "down" else self.up_bps
@@ -69,16 +75,17 @@ class LinkProfile:
 
         The bucket holds 2 ms of data (at least 4000 bytes, what DESIGN.md checked at
         20 Mbit/s): enough for the timer's granularity, small enough that the rate holds over
-        any interval a TCP sender notices. The queue holds one bandwidth-delay product (the
-        classic buffer rule of thumb, and what a satellite modem provides), at least 64 KiB,
-        so an initial window of one BDP sent by a PEP fits without a drop.
+        any interval a TCP sender notices. The queue holds one bandwidth-delay product by
+        default (the classic buffer rule of thumb, and what a satellite modem provides), or
+        ``queue_ms`` at the link rate; at least 64 KiB. One BDP lets the one-BDP initial window
+        of a PEP through without a drop.
         """
         rate = self.rate(direction)
         if rate is None:
             return None
         rate_bytes = rate // 8
         burst = max(4000, rate_bytes * 2 // 1000)
-        queue = max(64 * 1024, self.bdp_bytes(direction) or 0)
+        queue = max(64 * 1024, int(rate_bytes * self.queue_s))
         return {"rate": rate_bytes, "burst": burst, "limit": queue + burst}
 
     def with_overrides(
@@ -87,6 +94,7 @@ class LinkProfile:
         down_bps: int | None = None,
         up_bps: int | None = None,
         loss: float | None = None,
+        queue_ms: float | None = None,
     ) -> LinkProfile:
         changes: dict[str, object] = {}
         if rtt_ms is not None:
@@ -97,15 +105,18 @@ class LinkProfile:
             changes["up_bps"] = up_bps or None
         if loss is not None:
             changes["loss"] = loss
+        if queue_ms is not None:
+            changes["queue_ms"] = queue_ms
         return replace(self, **changes) if changes else self  # type: ignore[arg-type]
 
     def describe(self) -> str:
         def rate(bps: int | None) -> str:
             return "unlimited" if bps is None else f"{bps / 1e6:g} Mbit/s"
 
+        queue = "" if self.queue_ms is None else f", {self.queue_ms:g} ms queue"
         return (
             f"{self.name.upper()}: {self.rtt_ms:g} ms RTT, {rate(self.down_bps)} down, "
-            f"{rate(self.up_bps)} up, {self.loss * 100:g} % loss"
+            f"{rate(self.up_bps)} up, {self.loss * 100:g} % loss{queue}"
         )
 
     def to_json(self) -> dict[str, object]:
@@ -115,6 +126,7 @@ class LinkProfile:
             "down_bps": self.down_bps,
             "up_bps": self.up_bps,
             "loss": self.loss,
+            "queue_ms": self.queue_ms,
         }
 
     @classmethod
@@ -125,6 +137,7 @@ class LinkProfile:
             down_bps=None if d["down_bps"] is None else int(d["down_bps"]),  # type: ignore[call-overload]
             up_bps=None if d["up_bps"] is None else int(d["up_bps"]),  # type: ignore[call-overload]
             loss=float(d.get("loss", 0.0)),  # type: ignore[arg-type]
+            queue_ms=None if d.get("queue_ms") is None else float(d["queue_ms"]),  # type: ignore[arg-type]
         )
 
 
