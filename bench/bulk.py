@@ -1,11 +1,11 @@
-"""Bulk throughput through the gateway: pep versus plain kernel forwarding, in one run.
+"""Bulk throughput through the gateway: pep against kernel forwarding and HAProxy, in one run.
 
-    sudo .venv/bin/python -m bench.bulk [--seconds 10] [--reverse] [--json out.json]
+    sudo .venv/bin/python -m bench.bulk [--seconds 10] [--streams 1] [--reverse] [--rounds 3]
 
-Builds client -- gateway -- server namespaces (the test topology), runs iperf3 client -> server
-once with the gateway only forwarding, then with `pep run` splitting the connection, and prints
-both rates and their ratio. A ratio, not an absolute number, is the result: both paths share the
-same veths, CPU and kernel, so the ratio says what pep costs on this machine.
+Builds client -- gateway -- server namespaces (the test topology) and runs iperf3 client ->
+server (or -R) through each path of bench.paths in turn, alternating for ``rounds`` rounds.
+The result is a ratio, not an absolute number: all paths share the same veths, CPU and
+kernel in the same run, so the ratio says what pep costs (or saves) on this machine.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 
+from bench.paths import PATHS, path
 from pep.topology import Topology
-from tests.netenv import INGRESS, SERVER_IP, PepProcess, gateway_topology
+from tests.netenv import SERVER_IP, gateway_topology
 
 
 def iperf(topo: Topology, seconds: float, reverse: bool, streams: int) -> float:
@@ -46,37 +47,43 @@ def iperf(topo: Topology, seconds: float, reverse: bool, streams: int) -> float:
         server.wait()
 
 
-def measure(
-    seconds: float, reverse: bool, streams: int, rounds: int, pep_args: list[str] | None = None
-) -> dict[str, object]:
-    """Alternate kernel-forwarding and pep runs, ``rounds`` of each, in one topology.
+def machine() -> str:
+    return f"{os.cpu_count()} cpus, {platform.machine()}, Linux {platform.release()}"
 
-    Alternating (rather than all of one, then all of the other) spreads slow drifts of a
-    shared machine over both paths; the median ratio is the result.
+
+def measure(
+    seconds: float,
+    reverse: bool,
+    streams: int,
+    rounds: int,
+    paths: tuple[str, ...] = PATHS,
+    pep_args: list[str] | None = None,
+) -> dict[str, object]:
+    """Alternate the paths ``rounds`` times in one topology; medians and same-round ratios.
+
+    Alternating (rather than all runs of one path, then the next) spreads slow drifts of a
+    shared machine over every path.
     """
-    kernel: list[float] = []
-    split: list[float] = []
+    gbit: dict[str, list[float]] = {p: [] for p in paths}
     with gateway_topology("b") as topo:
         for _ in range(rounds):
-            kernel.append(iperf(topo, seconds, reverse, streams))
-            pep = PepProcess(topo, "gw", ["--interface", INGRESS, *(pep_args or [])])
-            try:
-                pep.start()
-                split.append(iperf(topo, seconds, reverse, streams))
-            finally:
-                pep.stop()
-    ratios = [p / k for p, k in zip(split, kernel, strict=True)]
-    return {
+            for name in paths:
+                with path(topo, name, pep_args):
+                    gbit[name].append(iperf(topo, seconds, reverse, streams) / 1e9)
+    result: dict[str, object] = {
         "direction": "server->client" if reverse else "client->server",
         "streams": streams,
         "seconds": seconds,
         "rounds": rounds,
-        "kernel_gbit": [round(k / 1e9, 2) for k in kernel],
-        "pep_gbit": [round(p / 1e9, 2) for p in split],
-        "ratio_median": round(statistics.median(ratios), 3),
-        "machine": f"{platform.node()} {os.cpu_count()} cpus {platform.machine()} "
-        f"{platform.release()}",
+        "gbit": {p: [round(v, 2) for v in vs] for p, vs in gbit.items()},
+        "median_gbit": {p: round(statistics.median(vs), 2) for p, vs in gbit.items()},
+        "machine": machine(),
     }
+    for ref in ("kernel", "haproxy"):
+        if "pep" in gbit and ref in gbit:
+            ratios = [p / r for p, r in zip(gbit["pep"], gbit[ref], strict=True)]
+            result[f"pep_vs_{ref}"] = round(statistics.median(ratios), 3)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,18 +92,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each path")
     ap.add_argument("--reverse", action="store_true", help="server -> client")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma list of " + ",".join(PATHS))
     ap.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     ap.add_argument("--pep-config", metavar="TOML", help="config file for the pep under test")
     args = ap.parse_args(argv)
-    if shutil.which("iperf3") is None:
-        print("bench: iperf3 is not installed (apt-get install iperf3)", file=sys.stderr)
-        return 2
+    paths = tuple(args.paths.split(","))
+    for tool in ["iperf3"] + (["haproxy"] if "haproxy" in paths else []):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (deploy/setup.sh installs it)", file=sys.stderr)
+            return 2
     pep_args = ["--config", args.pep_config] if args.pep_config else []
-    res = measure(args.seconds, args.reverse, args.streams, args.rounds, pep_args)
+    res = measure(args.seconds, args.reverse, args.streams, args.rounds, paths, pep_args)
+    med = res["median_gbit"]
+    assert isinstance(med, dict)
     print(
-        f"bulk {res['direction']} x{res['streams']} {res['seconds']}s, {res['rounds']} rounds: "
-        f"kernel forwarding {res['kernel_gbit']} Gbit/s, pep {res['pep_gbit']} Gbit/s, "
-        f"median ratio {res['ratio_median']}"
+        f"bulk {res['direction']} x{res['streams']} {res['seconds']}s, {res['rounds']} rounds, "
+        "median Gbit/s: "
+        + ", ".join(f"{p} {v}" for p, v in med.items())
+        + "".join(
+            f"; pep/{r} {res[f'pep_vs_{r}']}" for r in ("kernel", "haproxy") if f"pep_vs_{r}" in res
+        )
     )
     if args.json:
         with open(args.json, "w") as f:

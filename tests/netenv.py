@@ -112,20 +112,37 @@ class PepProcess:
                 self._tmpdir = tempfile.mkdtemp(prefix="pep-run-")
                 self.status_socket = os.path.join(self._tmpdir, "pep.sock")
             args += ["--status-socket", self.status_socket]
-        with os.fdopen(fd, "wb") as logf:
-            self.proc = self.topo.popen(
-                self.node,
-                [*self.prefix, sys.executable, "-m", "pep.cli", "run", *args],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while "ready:" not in self.log():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pep exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pep not ready after {timeout}s:\n{self.log()}")
-            time.sleep(0.05)
+        # Readiness as systemd sees it (sd_notify READY=1), whatever the log level.
+        notify_dir = tempfile.mkdtemp(prefix="pep-notify-")
+        os.chmod(notify_dir, 0o755)  # reachable by a daemon started as another user
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_path = os.path.join(notify_dir, "notify.sock")
+        notify.bind(notify_path)
+        os.chmod(notify_path, 0o777)
+        notify.settimeout(0.05)
+        try:
+            with os.fdopen(fd, "wb") as logf:
+                self.proc = self.topo.popen(
+                    self.node,
+                    [*self.prefix, sys.executable, "-m", "pep.cli", "run", *args],
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "NOTIFY_SOCKET": notify_path},
+                )
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    if b"READY=1" in notify.recv(4096).split(b"\n"):
+                        break
+                except TimeoutError:
+                    pass
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"pep exited with {self.proc.returncode}:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"pep not ready after {timeout}s:\n{self.log()}")
+        finally:
+            notify.close()
+            shutil.rmtree(notify_dir, ignore_errors=True)
         return self
 
     def log(self) -> str:
