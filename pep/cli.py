@@ -140,7 +140,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"pep: {e}", file=sys.stderr)
         return 1
     status.fill_kernel_queues(doc)  # a daemon without root cannot read them; we may
-    print(json.dumps(doc, indent=2) if args.json else status.render(doc), end="\n" * args.json)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(status.render(doc), end="")
     return 0
 
 
@@ -153,10 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return lab_cli.main(args)
     if args.command == "status":
         return _status(args)
-    # Imported after parsing: --help works even where python-iptables cannot load.
-    from pep import iptables_setup, routing
-
     if args.command == "rules" and args.action in ("remove", "show"):
+        # Imported after parsing: --help works even where python-iptables cannot load.
+        from pep import iptables_setup, routing
+
         try:
             if args.action == "remove":
                 from pep.daemon import remove_rules
@@ -180,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"pep: {e}", file=sys.stderr)
         return 2
+    # After the config check: a bad file is refused without loading pyroute2 (0.3 s).
+    from pep import iptables_setup, routing
+
     worker = getattr(args, "worker", None)
     _setup_logging(cfg.log_level, "" if worker is None else f"[w{worker}]")
 

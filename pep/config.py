@@ -257,6 +257,8 @@ def _leg_overrides(key: str, value: object) -> tuple[LegOverride, ...]:
 
 
 def _queue_range(key: str, value: object) -> str:
+    if value == "":
+        return ""  # unset: the single `queue`
     m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", value) if isinstance(value, str) else None
     first, last = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
     if not 0 <= first <= last <= 65535:

@@ -309,6 +309,11 @@ class Runtime:
 
     # --- stopping
 
+    def idle(self) -> bool:
+        """No live connection and no handshake in progress: nothing a full rule removal
+        (conntrack hooks included) could break."""
+        return not len(self.listener.table) and not pending_handshakes(self.cfg.listen_port)
+
     async def accept_grace(self) -> None:
         """After the rules are removed, keep accepting while handshakes redirected just
         before are still completing (a client-side round trip: 600 ms when the clients of a

@@ -78,6 +78,7 @@ async def serve(
             await listener.bind()
             queue = rt.queue = SynQueue(cfg, mine, flows)
             queue.set_load(lambda: listener.counters.active)
+            queue.decider.room = listener.fds.room  # out of descriptors: bypass
             queue.open()
             await rt.services.open()
             if worker is None:
@@ -101,9 +102,13 @@ async def serve(
                         else:
                             log.info("worker %d: reading queues %s", worker, mine)
                         await rt.stopping.wait()
-                        if installed:
-                            stop_new_flows()  # the rest goes after the drain
-                        await rt.accept_grace()  # handshakes redirected just before
+                        if installed and rt.idle():
+                            remove_rules()  # nothing to drain: all at once
+                            installed = False
+                        else:
+                            if installed:
+                                stop_new_flows()  # the rest goes after the drain
+                            await rt.accept_grace()  # handshakes redirected just before
                         nursery.cancel_scope.cancel()
                     listener.close()  # stop accepting
                     await rt.drain(connections.cancel_scope)
@@ -119,18 +124,20 @@ async def serve(
             q, lc = queue.counters, listener.counters
             log.info(
                 "stopped: syn queued=%d split=%d bypassed=%d admission_bypassed=%d "
-                "unparsable=%d malformed=%d enobufs=%d; connections accepted=%d split=%d "
-                "refused=%d upstream_failed=%d; policy decisions: %s",
+                "fd_bypassed=%d unparsable=%d malformed=%d enobufs=%d; connections accepted=%d "
+                "split=%d refused=%d refused_no_fd=%d upstream_failed=%d; policy decisions: %s",
                 q.queued,
                 q.split,
                 q.bypassed,
                 q.admission_bypassed,
+                q.fd_bypassed,
                 q.unparsable,
                 q.malformed,
                 q.enobufs,
                 lc.accepted,
                 lc.split,
                 lc.not_redirected,
+                lc.refused_no_fd,
                 lc.upstream_failed,
                 " ".join(f"{k}={v}" for k, v in queue.decider.policy.hits.items()) or "none",
             )

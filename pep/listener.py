@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
+import os
+import resource
+import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -26,10 +31,10 @@ from pep.config import Config
 from pep.connections import ConnectionTable
 from pep.flows import FlowTable
 from pep.relay import RelayStats, abort, relay
-from pep.tuning import apply_tuning, transparent
+from pep.tuning import apply_tuning, reset_if_killed, transparent
 from pep.upstream import UpstreamError, open_for
 
-__all__ = ["Listener", "ListenerCounters", "original_dst"]
+__all__ = ["FdBudget", "Listener", "ListenerCounters", "original_dst"]
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +77,75 @@ class ListenerCounters:
     accepted: int = 0
     split: int = 0
     not_redirected: int = 0  # direct connections to the listener: refused (no open proxy)
+    refused_local: int = 0  # redirected to one of the gateway's own addresses: refused
     flow_missing: int = 0  # redirected, but the SYN reader had no record (e.g. evicted)
     flow_mismatch: int = 0  # flow table and SO_ORIGINAL_DST disagree
     upstream_failed: int = 0
     accept_errors: int = 0
+    refused_no_fd: int = 0  # out of descriptors at accept(): reset at once, not left hanging
     active: int = 0
+
+
+class FdBudget:
+    """Whether one more split connection fits under RLIMIT_NOFILE; the SYN reader asks per SYN.
+
+    Past the limit accept() fails with EMFILE and a redirected client waits in the backlog,
+    neither served nor refused. So while fewer than ``PER_CONNECTION`` descriptors plus a
+    ``RESERVE`` are free, new flows are let through unsplit (end to end) instead. The count is
+    read from /proc/self/fd only when it matters (the estimate is within a factor of three of
+    the limit) and at most every ``interval`` seconds; SYNs split since the last reading count
+    ``PER_CONNECTION`` each.
+    """
+
+    PER_CONNECTION = 6  # two sockets, and a splice pipe (two fds) per direction moving data
+    RESERVE = 16  # status and metrics clients, strict mode's upstreams, the accept reserve
+
+    def __init__(self, interval: float = 0.05, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self._clock = clock
+        self._read_at = -math.inf
+        self._used = 0
+        self._since = 0
+        self.limit: int | None = None
+        self._limit_at = -math.inf
+        self._read(clock())
+
+    def _estimate(self, factor: int = 1) -> int:
+        return self._used * factor + (self._since + 1) * self.PER_CONNECTION + self.RESERVE
+
+    def room(self) -> bool:
+        now = self._clock()
+        if now - self._limit_at >= 1.0:  # `prlimit --pid` may change it under us
+            self._limit_at = now
+            self.limit = _nofile()
+        if self.limit is not None and self._estimate(3) > self.limit:
+            if now - self._read_at >= self.interval:
+                self._read(now)
+            if self.limit is not None and self._estimate() > self.limit:
+                return False
+        self._since += 1
+        return True
+
+    def _read(self, now: float) -> None:
+        self.limit, self._limit_at = _nofile(), now
+        try:
+            self._used = len(os.listdir("/proc/self/fd"))
+        except OSError:  # EMFILE itself: listing needs a descriptor
+            self._used = self.limit or 0
+        self._since = 0
+        self._read_at = now
+
+
+def _nofile() -> int | None:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _reserve_fd() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 class Listener:
@@ -88,6 +157,11 @@ class Listener:
         self.counters = ListenerCounters()
         self.table = ConnectionTable()  # live connections and totals: pep status, metrics
         self.socks = [self._socket(_FAMILY[f]) for f in cfg.families]
+        self.fds = FdBudget()  # asked by the SYN reader (daemon.serve wires it)
+        # One descriptor held back: out of descriptors, it is freed to accept and reset a
+        # waiting client (see _refuse_one).
+        self._reserve = _reserve_fd()
+        self._logged_no_fd = -math.inf
 
     def _socket(self, family: int) -> trio.socket.SocketType:
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -121,6 +195,9 @@ class Listener:
     def close(self) -> None:
         for sock in self.socks:
             sock.close()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
 
     async def serve(self, nursery: trio.Nursery) -> None:
         """Accept on every listening socket until cancelled."""
@@ -134,6 +211,8 @@ class Listener:
                 client, _ = await sock.accept()
             except OSError as e:
                 self.counters.accept_errors += 1
+                if e.errno in (errno.EMFILE, errno.ENFILE) and await self._refuse_one(sock):
+                    continue
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors or memory: the connection stays in the backlog.
                     # Back off instead of spinning on a listener that stays readable.
@@ -145,6 +224,41 @@ class Listener:
                 raise
             self.counters.accepted += 1
             nursery.start_soon(self._guarded, client)
+
+    async def _refuse_one(self, sock: trio.socket.SocketType) -> bool:
+        """Out of descriptors: accept one waiting client with the reserve descriptor and reset
+        it, so it is refused at once instead of hanging in the backlog until a descriptor
+        frees. The SYN reader stops splitting before this happens (FdBudget); this is for
+        flows it let through just before the descriptors ran out. False: no reserve to use."""
+        if self._reserve is None:
+            self._reserve = _reserve_fd()
+            return False
+        waiting = select.poll()
+        waiting.register(sock.fileno(), select.POLLIN)
+        if not waiting.poll(0):
+            # accept() reserves a descriptor before it looks for a client: EMFILE with none
+            # waiting. Sleep until one comes (no polling), then refuse it or serve it.
+            await trio.lowlevel.wait_readable(sock)
+            return True
+        os.close(self._reserve)
+        self._reserve = None
+        try:
+            client, _ = await sock.accept()  # synchronous: a client is waiting
+        except OSError:
+            self._reserve = _reserve_fd()
+            return False
+        abort(client)
+        self._reserve = _reserve_fd()  # the slot the client had
+        self.counters.refused_no_fd += 1
+        now = time.monotonic()
+        if now - self._logged_no_fd >= 10:  # at most one line per 10 s
+            self._logged_no_fd = now
+            log.warning(
+                "out of file descriptors: resetting waiting clients (%d so far); new flows "
+                "bypass pep until descriptors free",
+                self.counters.refused_no_fd,
+            )
+        return True
 
     async def _guarded(self, client: trio.socket.SocketType) -> None:
         """One connection's failure, even a bug, must not take the other connections down."""
@@ -162,11 +276,22 @@ class Listener:
         except OSError:
             client.close()  # reset between accept and here
             return
+        reset_if_killed(client)  # from here on a crash resets the client (see relay)
         dst = self._original_dst(client, local)
         if dst is None:
             c.not_redirected += 1
             log.info(
                 "refused %s:%d -> %s:%d: not redirected (pep is not an open proxy)", *peer, *local
+            )
+            abort(client)
+            return
+        if is_local_address(dst[0]):
+            # Loop guard: the queue rule never marks SYNs for the gateway's own addresses, so
+            # only a foreign mark (another tool's rule, a misconfiguration) gets here. pep must
+            # not become a relay into the gateway's own services, nor connect to itself.
+            c.refused_local += 1
+            log.warning(
+                "refused %s:%d -> %s:%d: the destination is this gateway (loop guard)", *peer, *dst
             )
             abort(client)
             return
@@ -215,6 +340,7 @@ class Listener:
             if upstream is not None:
                 abort(upstream)
             raise
+        reset_if_killed(upstream)
         c.split += 1
         c.active += 1
         connect_ms = (time.monotonic() - t0) * 1000

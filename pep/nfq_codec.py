@@ -286,7 +286,7 @@ def _parse_packet(buf: bytes, start: int, end: int) -> Packet | Malformed:
         size = alen - 4
         if atype == _NFQA_PACKET_HDR:
             if size < 7:
-                return Malformed(f"PACKET_HDR too short ({size} bytes)", None, queue)
+                return Malformed(f"PACKET_HDR too short ({size} bytes)", packet_id, queue)
             packet_id, hw_protocol, hook = _unpack_packet_hdr(buf, a + 4)
         elif atype == _NFQA_PAYLOAD:
             payload = buf[a + 4 : a + alen]

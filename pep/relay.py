@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import trio
 
+from pep.tuning import close_gracefully
+
 __all__ = ["RelayStats", "abort", "relay"]
 
 log = logging.getLogger(__name__)
@@ -237,8 +239,7 @@ async def relay(
             clean = True
     finally:
         if clean:
-            client.close()
-            upstream.close()
+            close_gracefully(client, upstream)  # FIN after the data (see Listener.handle)
         else:
             stats.close_reason = stats.close_reason or "cancelled"
             abort(client)

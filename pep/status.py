@@ -194,10 +194,19 @@ def merge(master: Doc, workers: Iterable[tuple[int, Doc | str]]) -> Doc:
     hist: dict[str, Any] | None = None
     for index, doc in workers:
         if isinstance(doc, str):
-            out["workers"].append({"worker": index, "pid": None, "state": "down", "error": doc})
+            out["workers"].append(
+                {"worker": index, "pid": None, "state": "down", "error": doc, "accepted": 0}
+            )
             continue
         out["workers"].append(
-            {"worker": index, "pid": doc["pid"], "state": doc["state"], "error": None}
+            {
+                "worker": index,
+                "pid": doc["pid"],
+                "state": doc["state"],
+                "error": None,
+                "accepted": doc["listener"].get("accepted", 0),
+                "active": doc["totals"]["active"],
+            }
         )
         out["connections"].extend(doc["connections"])
         out["queue_portids"].extend(doc["queue_portids"])

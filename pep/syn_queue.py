@@ -51,6 +51,7 @@ class SynCounters:
     split: int = 0  # SYNs marked for splitting
     bypassed: int = 0  # SYNs the policy let through unsplit
     admission_bypassed: int = 0  # SYNs let through unsplit because pep was at max_connections
+    fd_bypassed: int = 0  # ... because pep was short of file descriptors (RLIMIT_NOFILE)
     unparsable: int = 0  # not a parsable TCP SYN: accepted unmarked
     malformed: int = 0  # netlink messages we could not decode
     enobufs: int = 0  # receive buffer overflows (kernel accepted those packets: FAIL_OPEN)
@@ -128,10 +129,14 @@ class Decider:
         counters: SynCounters,
         load: Callable[[], int] = lambda: 0,
         ifname: Callable[[int | None], str | None] = lambda _: None,
+        room: Callable[[], bool] = lambda: True,
     ) -> None:
         self.flows = flows
         self.counters = counters
         self.load = load
+        # False when another split connection would not fit in pep's file descriptors
+        # (listener.FdBudget): the flow is let through unsplit rather than left to hang.
+        self.room = room
         self.ifname = ifname
         self.held = 0  # maintained by the shell: SYNs currently held
         self.configure(cfg)
@@ -171,6 +176,10 @@ class Decider:
                     self.load() + len(self.flows) + self.held >= cfg.max_connections
                 ):
                     c.admission_bypassed += 1
+                    verdicts.append(accept)
+                    continue
+                if not self.room():
+                    c.fd_bypassed += 1
                     verdicts.append(accept)
                     continue
                 # The mark is merged under the mask: a VERDICT's NFQA_MARK replaces skb->mark
@@ -260,11 +269,11 @@ class SynQueue:
                     qs.queue,
                     enobufs,
                 )
-            before = self.counters.admission_bypassed
+            before = self.counters.admission_bypassed, self.counters.fd_bypassed
             verdicts, holds = self.decider.decide(messages)
             for hold in holds:
                 self._hold(hold, verdicts, nursery)
-            if self.counters.admission_bypassed != before:
+            if (self.counters.admission_bypassed, self.counters.fd_bypassed) != before:
                 self._log_admission()
             if verdicts:
                 await self._send(qs, verdicts)
@@ -278,11 +287,18 @@ class SynQueue:
         now = time.monotonic()
         if now - self._logged_admission >= 10:  # at most one line per 10 s under a flood
             self._logged_admission = now
-            log.warning(
-                "at max_connections=%d: new flows bypass pep (%d so far)",
-                self.cfg.max_connections,
-                self.counters.admission_bypassed,
-            )
+            c = self.counters
+            if c.fd_bypassed:
+                log.warning(
+                    "short of file descriptors (RLIMIT_NOFILE): new flows bypass pep (%d so far)",
+                    c.fd_bypassed,
+                )
+            if c.admission_bypassed:
+                log.warning(
+                    "at max_connections=%d: new flows bypass pep (%d so far)",
+                    self.cfg.max_connections,
+                    c.admission_bypassed,
+                )
 
     def _hold(self, hold: Hold, verdicts: list[Verdict], nursery: trio.Nursery) -> None:
         held = self._held.get(hold.key)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 
 import trio
 
 from pep.config import LegTuning
 
-__all__ = ["apply_tuning", "mirror_syn", "transparent"]
+__all__ = ["apply_tuning", "close_gracefully", "mirror_syn", "reset_if_killed", "transparent"]
 
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)  # include/uapi/linux/tcp.h
 TCP_NOTSENT_LOWAT = 25  # include/uapi/linux/tcp.h
 IP_TRANSPARENT = 19  # include/uapi/linux/in.h
 IPV6_TRANSPARENT = 75  # include/uapi/linux/in6.h
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}: close = RST
+_LINGER_DEFAULT = struct.pack("ii", 0, 0)  # l_onoff 0: close sends a FIN after the data
 
 
 def apply_tuning(sock: trio.socket.SocketType, tuning: LegTuning) -> None:
@@ -63,3 +67,21 @@ def transparent(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     else:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def reset_if_killed(sock: trio.socket.SocketType) -> None:
+    """SO_LINGER 0 for as long as pep owns a split connection's socket: if the process dies
+    (kill -9, the OOM killer), the kernel closes the socket with an RST, so neither peer takes
+    a transfer cut short for a complete one (a plain close would send a FIN after the data
+    already sent). Every orderly close must go through ``close_gracefully``: with SO_LINGER 0,
+    close() discards data not yet sent."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def close_gracefully(*socks: trio.socket.SocketType) -> None:
+    """Close with a FIN after every byte already written (undoes ``reset_if_killed``)."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_DEFAULT)
+        sock.close()

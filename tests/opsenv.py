@@ -20,19 +20,21 @@ from tests.netenv import PepProcess, recv_to_eof, send_all
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def pep_status(pep: PepProcess, *extra: str) -> subprocess.CompletedProcess[bytes]:
-    """`pep status` as an operator runs it (a separate process, any namespace)."""
+async def pep_status(
+    pep: PepProcess, *extra: str, in_ns: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    """`pep status` as an operator runs it: a separate process, by default in the test's own
+    namespace (a unix socket is reachable from any); ``in_ns`` runs it in the daemon's, where
+    it can fill in the kernel queue counters the daemon could not read."""
     assert pep.status_socket is not None
-    return await trio.run_process(
-        [sys.executable, "-m", "pep.cli", "status", "--socket", pep.status_socket, *extra],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
+    cmd = [sys.executable, "-m", "pep.cli", "status", "--socket", pep.status_socket, *extra]
+    if in_ns:
+        cmd = ["ip", "netns", "exec", pep.topo.ns(pep.node), *cmd]
+    return await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
 
 
-async def status_json(pep: PepProcess) -> dict[str, Any]:
-    r = await pep_status(pep, "--json")
+async def status_json(pep: PepProcess, in_ns: bool = False) -> dict[str, Any]:
+    r = await pep_status(pep, "--json", in_ns=in_ns)
     assert r.returncode == 0, r.stderr.decode()
     return json.loads(r.stdout)
 

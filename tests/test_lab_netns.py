@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -149,12 +151,16 @@ def test_down_cleans_up_after_crashes_and_half_built_labs(prefix: str) -> None:
 
 
 async def _connect_rtt(ns: str) -> float:
-    """One TCP handshake client -> server: connect() returns on the SYN-ACK, one RTT."""
+    """The RTT of one TCP handshake client -> server, as the client's kernel measured it
+    (SYN to SYN-ACK, tcp_info.tcpi_rtt in microseconds): unlike a clock read in this process
+    after connect() returns, it does not include the wait for a CPU on a loaded machine."""
     sock = trio.socket.from_stdlib_socket(ns_socket(ns))
     with sock:
-        t0 = time.perf_counter()
         await sock.connect(SERVER)
-        return time.perf_counter() - t0
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        # struct tcp_info: 8 bytes of u8 fields, then u32s; tcpi_rtt is the 16th u32.
+        (rtt_us,) = struct.unpack_from("=I", info, 8 + 15 * 4)
+        return rtt_us / 1e6
 
 
 @pytest.mark.parametrize("name", ["leo", "meo"])
@@ -173,6 +179,7 @@ def test_rtt_within_5_percent_of_the_profile(prefix: str, name: str) -> None:
 
     rtts = trio.run(measure)
     median_ms = statistics.median(rtts) * 1000
+    print(f"{name}: median RTT {median_ms:.2f} ms over {len(rtts)} handshakes")
     assert abs(median_ms - profile.rtt_ms) <= 0.05 * profile.rtt_ms, rtts
 
 

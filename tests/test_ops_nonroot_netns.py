@@ -15,21 +15,30 @@ from collections.abc import Iterator
 import pytest
 
 from pep.topology import Topology
+from tests import test_core_netns as core
 from tests.netenv import PepProcess, gateway_topology
 from tests.opsenv import NOBODY, nonroot_prefix, proc_status, status_json
-from tests.test_core_netns import (  # noqa: F401  (fixtures and tests collected here)
-    net,
-    pep_args,
-    test_100mib_each_way_byte_exact,
-    test_200_concurrent_connections,
-    test_closed_upstream_port_resets_client_fast,
-    test_direct_connection_to_listener_is_refused,
-    test_half_close_then_10mib_reply,
-    test_kill9_fails_open_and_restart_replaces_stale_rules,
-    test_request_response_is_split,
-    test_sigterm_removes_rules_and_traffic_flows_end_to_end,
-    variant,
-)
+
+# Collected here, the core scenarios use this module's ``topo`` and ``pep`` fixtures.
+net, pep_args = core.net, core.pep_args
+# Both modes and both IP versions' code paths: the daemon installs both families' rules in
+# every variant, so these two exercise iptables, ip6tables, REDIRECT, TPROXY and its routes.
+VARIANTS = [("redirect", 4), ("tproxy", 6)]
+
+
+@pytest.fixture(params=VARIANTS, ids=[f"{m}-ipv{f}" for m, f in VARIANTS])
+def variant(request: pytest.FixtureRequest) -> tuple[str, int]:
+    return request.param
+
+
+test_request_response_is_split = core.test_request_response_is_split
+test_100mib_each_way_byte_exact = core.test_100mib_each_way_byte_exact
+test_half_close_then_10mib_reply = core.test_half_close_then_10mib_reply
+test_closed_upstream_port_resets_client_fast = core.test_closed_upstream_port_resets_client_fast
+test_200_concurrent_connections = core.test_200_concurrent_connections
+test_sigterm_removes_rules = core.test_sigterm_removes_rules_and_traffic_flows_end_to_end
+test_kill9_fails_open = core.test_kill9_fails_open_and_restart_replaces_stale_rules
+test_direct_connection_refused = core.test_direct_connection_to_listener_is_refused
 
 pytestmark = pytest.mark.netns
 
@@ -91,7 +100,9 @@ async def test_nonroot_daemon_has_only_two_capabilities_and_serves_status(
     st = os.stat(pep.status_socket)
     assert (st.st_uid, st.st_mode & 0o777) == (NOBODY, 0o660)
     doc = await status_json(pep)
+    assert doc["kernel_queues"] is None and "Permission denied" in doc["kernel_queues_error"]
+    doc = await status_json(pep, in_ns=True)
     assert doc["state"] == "running" and doc["pid"] == pep.proc.pid  # type: ignore[union-attr]
     # The kernel's queue counters file is 0440 root:root: the daemon cannot read it, and
-    # `pep status` (run as root here) fills them in itself.
-    assert doc["kernel_queues"] and doc["kernel_queues"][0]["queue"] == 0
+    # `pep status` run as root in the daemon's namespace fills them in itself.
+    assert [q["queue"] for q in doc["kernel_queues"]] == [0]

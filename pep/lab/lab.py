@@ -664,7 +664,10 @@ def status_text(prefix: str) -> str:
     ]
     if "delayline" in lab.procs:
         state = "running" if lab.running("delayline") else "NOT RUNNING (link is down)"
-        lines.append(f"  delay line: {state} (pid {lab.procs['delayline']['pid']})")
+        lines.append(
+            f"  delay line: {state} (pid {lab.procs['delayline']['pid']}; "
+            "counters refreshed every second)"
+        )
         lines += _delayline_summary(lab)
     if lab.congestion:
         lines.append(f"  link-leg congestion control on the PEP nodes: {lab.congestion}")

@@ -1,0 +1,103 @@
+"""The pure parts of the reliability fixes: the descriptor budget and its use by the SYN
+reader's verdicts (no root, no namespaces)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pep import listener as listener_mod
+from pep import nfq_codec as nfq
+from pep.config import Config
+from pep.flows import FlowTable
+from pep.listener import FdBudget
+from pep.syn_queue import Decider, SynCounters
+from tests.relenv import ipv4_packet, tcp_segment
+
+
+class Fake:
+    def __init__(self, limit: int | None, used: int) -> None:
+        self.limit, self.used, self.now, self.reads = limit, used, 0.0, 0
+
+    def listdir(self, path: str) -> list[str]:
+        assert path == "/proc/self/fd"
+        self.reads += 1
+        return ["x"] * self.used
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Fake:
+    f = Fake(100, 10)
+    monkeypatch.setattr(listener_mod, "_nofile", lambda: f.limit)
+    monkeypatch.setattr(listener_mod.os, "listdir", f.listdir)
+    return f
+
+
+def budget(fake: Fake) -> FdBudget:
+    return FdBudget(interval=0.05, clock=lambda: fake.now)
+
+
+def test_far_from_the_limit_no_descriptor_is_counted(fake: Fake) -> None:
+    fake.limit = 100_000
+    b = budget(fake)
+    reads = fake.reads
+    assert all(b.room() for _ in range(1000))
+    assert fake.reads == reads  # /proc/self/fd is listed only near the limit
+
+
+def test_room_for_as_many_connections_as_fit_then_none(fake: Fake) -> None:
+    b = budget(fake)  # 10 used, limit 100: (100 - 10 - RESERVE) // PER_CONNECTION fit
+    fit = (100 - 10 - FdBudget.RESERVE) // FdBudget.PER_CONNECTION
+    assert [b.room() for _ in range(fit + 3)] == [True] * fit + [False] * 3
+
+
+def test_a_new_reading_after_the_interval_frees_the_budget(fake: Fake) -> None:
+    b = budget(fake)
+    while b.room():
+        pass
+    fake.used = 12  # those SYNs never became connections (a flood): few descriptors used
+    assert not b.room()  # still within the interval: the old reading stands
+    fake.now += 0.06
+    assert b.room()
+
+
+def test_a_lowered_limit_is_noticed_within_a_second(fake: Fake) -> None:
+    fake.limit = 100_000
+    b = budget(fake)
+    assert b.room()
+    fake.limit = 20
+    fake.now += 0.5
+    assert b.room()  # not yet re-read
+    fake.now += 0.6
+    assert not b.room()
+
+
+def test_unlimited_descriptors(fake: Fake) -> None:
+    fake.limit = None
+    assert all(budget(fake).room() for _ in range(100))
+
+
+def test_no_room_means_accepted_unsplit_and_counted() -> None:
+    counters = SynCounters()
+    d = Decider(Config(interfaces=("x",)), FlowTable(64, 30), counters, room=lambda: False)
+    seg = tcp_segment("10.0.0.1", "10.0.0.2", 1234, 80)
+    payload = ipv4_packet("10.0.0.1", "10.0.0.2", seg)
+    msg = nfq.Packet(0, 7, 0x0800, 0, 0, None, None, payload, None)
+    verdicts, holds = d.decide([msg])
+    assert not holds
+    assert [(v.packet_id, v.verdict, v.mark) for v in verdicts] == [(7, nfq.NF_ACCEPT, None)]
+    assert (counters.fd_bypassed, counters.split) == (1, 0)
+
+
+def test_a_second_short_packet_hdr_keeps_the_first_id_for_the_verdict() -> None:
+    """Found by tests/test_reliability_badinput_netns.py: a later, broken PACKET_HDR must not
+    make the packet unverdictable (a packet without a verdict hangs its connection)."""
+
+    def nla(atype: int, payload: bytes) -> bytes:
+        return struct.pack("=HH", 4 + len(payload), atype) + payload + b"\0" * (-len(payload) % 4)
+
+    body = struct.pack("=BBH", 2, 0, 0) + nla(1, struct.pack(">IHB", 42, 0x800, 1)) + nla(1, b"")
+    msg = struct.pack("=IHHII", 16 + len(body), 0x0300, 0, 0, 0) + body
+    (m,) = nfq.parse_messages(msg)
+    assert isinstance(m, nfq.Malformed) and m.packet_id == 42
