@@ -89,7 +89,11 @@ def wrk(topo: Topology, seconds: float, connections: int) -> dict[str, float]:
 
 
 def measure(
-    seconds: float, connections: int, rounds: int, paths: tuple[str, ...] = PATHS
+    seconds: float,
+    connections: int,
+    rounds: int,
+    paths: tuple[str, ...] = PATHS,
+    pep_args: list[str] | None = None,
 ) -> dict[str, object]:
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
     with gateway_topology("s") as topo, tempfile.TemporaryDirectory(prefix="pep-nginx-") as tmp:
@@ -105,7 +109,7 @@ def measure(
             time.sleep(0.5)
             for _ in range(rounds):
                 for name in paths:
-                    with path(topo, name, ["--log-level", "warning"]):
+                    with path(topo, name, ["--log-level", "warning", *(pep_args or [])]):
                         runs[name].append(wrk(topo, seconds, connections))
         finally:
             nginx.terminate()
@@ -138,12 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--pep-config", metavar="TOML", help="config file for the pep under test")
     args = ap.parse_args(argv)
     for tool in ("wrk", "nginx", "haproxy"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (deploy/setup.sh installs it)", file=sys.stderr)
             return 2
-    res = measure(args.seconds, args.connections, args.rounds, tuple(args.paths.split(",")))
+    pep_args = ["--config", args.pep_config] if args.pep_config else []
+    res = measure(
+        args.seconds, args.connections, args.rounds, tuple(args.paths.split(",")), pep_args
+    )
     med = res["median"]
     assert isinstance(med, dict)
     for name, m in med.items():
