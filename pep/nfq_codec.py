@@ -285,8 +285,10 @@ def _parse_packet(buf: bytes, start: int, end: int) -> Packet | Malformed:
         atype &= _NLA_TYPE_MASK
         size = alen - 4
         if atype == _NFQA_PACKET_HDR:
+            if packet_id is not None:  # the first one names the packet: verdict that one
+                return Malformed("repeated PACKET_HDR", packet_id, queue)
             if size < 7:
-                return Malformed(f"PACKET_HDR too short ({size} bytes)", packet_id, queue)
+                return Malformed(f"PACKET_HDR too short ({size} bytes)", None, queue)
             packet_id, hw_protocol, hook = _unpack_packet_hdr(buf, a + 4)
         elif atype == _NFQA_PAYLOAD:
             payload = buf[a + 4 : a + alen]

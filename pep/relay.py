@@ -80,12 +80,14 @@ class PipePool:
         self.lent = 0
 
     def get(self, size: int) -> tuple[int, int]:
-        self.lent += 1
         free = self._free.get(size)
         if free:
-            return free.pop()
-        self.created += 1
-        return _make_pipe(size)
+            pipe = free.pop()
+        else:
+            pipe = _make_pipe(size)  # may raise EMFILE: then nothing is lent
+            self.created += 1
+        self.lent += 1
+        return pipe
 
     def put(self, size: int, pipe: tuple[int, int]) -> None:
         self.lent -= 1
@@ -171,7 +173,10 @@ class _Relay:
             while True:
                 if pipe is None:
                     await trio.lowlevel.wait_readable(sfd)
-                    pipe = PIPES.get(size)
+                    try:
+                        pipe = PIPES.get(size)
+                    except OSError as e:  # out of descriptors: this connection cannot go on
+                        raise _PeerError("pep", e) from None
                 try:
                     n = os.splice(sfd, pipe[1], size, flags=_SPLICE_FLAGS)
                 except BlockingIOError:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -34,3 +36,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true but this test cannot run: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture
+def peps() -> Iterator[list[Any]]:
+    """Daemons a test starts (tests.netenv.PepProcess): stopped at teardown, pass or fail."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        p.stop()

@@ -190,14 +190,6 @@ def topo() -> Iterator[Topology]:
         yield t
 
 
-@pytest.fixture
-def peps() -> Iterator[list[PepProcess]]:
-    started: list[PepProcess] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
 ODD_PORT = 9999
 
 

@@ -46,14 +46,6 @@ def topo() -> Iterator[Topology]:
         yield t
 
 
-@pytest.fixture
-def peps() -> Iterator[list[PepProcess]]:
-    started: list[PepProcess] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
 def reset(sock: trio.socket.SocketType) -> None:
     """Close with an RST, as a crashing or aborting peer does."""
     with contextlib.suppress(OSError):

@@ -47,14 +47,6 @@ def topo() -> Iterator[Topology]:
         yield t
 
 
-@pytest.fixture
-def peps() -> Iterator[list[PepProcess]]:
-    started: list[PepProcess] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
 async def flood(topo: Topology, count: int, seconds: float, seed: int = 1) -> float:
     """``count`` SYNs to the server from distinct client ports, spread over ``seconds``;
     returns how long the sending took. Sent from a thread, so the test's own connections
@@ -124,7 +116,8 @@ async def test_syn_flood_keeps_the_flow_table_and_memory_bounded_and_serves_real
     assert doc["syn"]["queued"] == kq.last_id >= syns  # read and verdicted: every one
     flows = doc["flows"]
     assert flows["pending"] <= table  # bounded...
-    assert flows["evicted"] >= syns - table - flows["expired"]  # ...by evicting the oldest
+    # ...by evicting the oldest (a real client's SYN may also claim or replace a record)
+    assert flows["evicted"] >= syns - table - flows["expired"] - 32
     assert rss_after - rss_before < 32 << 10, "RSS grew by more than 32 MiB under the flood"
     assert pep.proc is not None and pep.proc.poll() is None
 

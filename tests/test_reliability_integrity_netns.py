@@ -30,7 +30,7 @@ from tests.relenv import Pattern, send_pattern
 pytestmark = pytest.mark.netns
 
 PORT = 8080
-# 1 GiB each way at once took 9.9 s through pep on the 2-CPU test machine (docs/RELIABILITY.md),
+# 1 GiB each way at once took 3.4-9.9 s through pep on the 2-CPU test machine (RELIABILITY.md),
 # so the suite moves the full GiB; PEP_INTEGRITY_MIB changes it (e.g. for a slower machine).
 EACH_WAY = int(os.environ.get("PEP_INTEGRITY_MIB", "1024")) << 20
 

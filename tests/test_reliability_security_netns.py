@@ -47,14 +47,6 @@ def topo() -> Iterator[Topology]:
         yield t
 
 
-@pytest.fixture
-def peps() -> Iterator[list[PepProcess]]:
-    started: list[PepProcess] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
 async def refused(ns: str, dst: tuple[str, int], payload: bytes) -> bool:
     """Connect and send; True when the far end reset or closed without answering."""
     try:
