@@ -160,6 +160,8 @@ def ipv4_packet(
     *,
     proto: int = socket.IPPROTO_TCP,
     ident: int = 1,
+    tos: int = 0,
+    ttl: int = 64,
     frag: int = 0,  # flags (MF 0x2000) | offset in 8-byte units
     options: bytes = b"",
     total: int | None = None,
@@ -171,11 +173,11 @@ def ipv4_packet(
     head = struct.pack(
         "!BBHHHBBH4s4s",
         0x40 | ihl,
-        0,
+        tos,
         total,
         ident,
         frag,
-        64,
+        ttl,
         proto,
         0,
         ipaddress.IPv4Address(src).packed,

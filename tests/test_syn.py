@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pep.syn import NotSyn, SynInfo, parse_syn
+from tests.relenv import ipv4_packet
 
 SYN, ACK, RST, FIN = 0x02, 0x10, 0x04, 0x01
 
@@ -63,16 +64,9 @@ def ipv4(
     options: bytes = b"",
     total: int | None = None,
 ) -> bytes:
-    options += b"\0" * (-len(options) % 4)
-    ihl = 5 + len(options) // 4
-    if total is None:
-        total = ihl * 4 + len(payload)
-    head = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x40 | ihl, tos, total, 1, frag, ttl, proto, 0,
-        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
-    )  # fmt: skip
-    return head + options + payload
+    return ipv4_packet(
+        src, dst, payload, tos=tos, ttl=ttl, proto=proto, frag=frag, options=options, total=total
+    )
 
 
 def ext(next_header: int, body: bytes = b"\x01\x04\0\0\0\0") -> bytes:
