@@ -10,6 +10,7 @@ Topology (addresses are private to namespaces the test creates; every link is du
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -279,3 +280,58 @@ async def hash_to_eof(sock: trio.socket.SocketType) -> tuple[str, int]:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+Sender = Callable[[trio.socket.SocketType], Awaitable[None]]
+
+
+@dataclass
+class Duplex:
+    """What one full-duplex transfer through the gateway produced."""
+
+    server_got: tuple[str, int]  # (sha256 hex, bytes) the server read to EOF
+    client_got: tuple[str, int]  # (sha256 hex, bytes) the client read to EOF
+    accepted: list[tuple[str, int]]  # the peer address(es) the server saw
+    client_port: int
+
+
+async def duplex(
+    topo: Topology, server: str, port: int, send_up: Sender, send_down: Sender, timeout: float
+) -> Duplex:
+    """One connection client -> server; both ends send (then FIN) and hash what they read,
+    at the same time, so both directions of the split connection carry data at once."""
+    got: dict[str, tuple[str, int]] = {}
+    accepted: list[tuple[str, int]] = []
+
+    async def side(sock: trio.socket.SocketType, key: str, send: Sender) -> None:
+        async with trio.open_nursery() as n:
+
+            async def rx() -> None:
+                got[key] = await hash_to_eof(sock)
+
+            n.start_soon(rx)
+            await send(sock)
+            sock.shutdown(socket.SHUT_WR)
+
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as n:
+            server_side = functools.partial(side, key="server", send=send_down)
+            n.start_soon(
+                serve, await listen(topo.ns("server"), server, port), server_side, accepted
+            )
+            sock = await connect(topo.ns("client"), (server, port))
+            client_port = sock.getsockname()[1]
+            with sock:
+                await side(sock, "client", send_up)
+            while "server" not in got:
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+    return Duplex(got["server"], got["client"], accepted, client_port)
+
+
+def sending(data: bytes) -> Sender:
+    return functools.partial(_send_data, data=data)
+
+
+async def _send_data(sock: trio.socket.SocketType, data: bytes) -> None:
+    await send_all(sock, data)

@@ -21,12 +21,13 @@ from tests.netenv import (
     Addrs,
     PepProcess,
     connect,
+    duplex,
     gateway_topology,
-    hash_to_eof,
     listen,
     recv_to_eof,
     rules_in,
     send_all,
+    sending,
     serve,
     sha,
 )
@@ -111,36 +112,9 @@ async def test_request_response_is_split(topo: Topology, pep: PepProcess, net: A
 async def test_100mib_each_way_byte_exact(topo: Topology, pep: PepProcess, net: Addrs) -> None:
     size = 100 * 1024 * 1024
     upload, download = os.urandom(size), os.urandom(size)
-    results: dict[str, tuple[str, int]] = {}
-
-    async def server_side(conn: trio.socket.SocketType) -> None:
-        async with trio.open_nursery() as n:
-
-            async def rx() -> None:
-                results["server_got"] = await hash_to_eof(conn)
-
-            n.start_soon(rx)
-            await send_all(conn, download)
-            conn.shutdown(trio.socket.SHUT_WR)
-
-    with trio.fail_after(120):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), net.server, PORT), server_side, [])
-            sock = await connect(topo.ns("client"), (net.server, PORT))
-            with sock:
-                async with trio.open_nursery() as c:
-
-                    async def rx() -> None:
-                        results["client_got"] = await hash_to_eof(sock)
-
-                    c.start_soon(rx)
-                    await send_all(sock, upload)
-                    sock.shutdown(trio.socket.SHUT_WR)
-            while "server_got" not in results:
-                await trio.sleep(0.01)
-            n.cancel_scope.cancel()
-    assert results["server_got"] == (sha(upload), size)
-    assert results["client_got"] == (sha(download), size)
+    d = await duplex(topo, net.server, PORT, sending(upload), sending(download), timeout=120)
+    assert d.server_got == (sha(upload), size)
+    assert d.client_got == (sha(download), size)
 
 
 async def test_half_close_then_10mib_reply(topo: Topology, pep: PepProcess, net: Addrs) -> None:

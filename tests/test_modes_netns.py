@@ -17,12 +17,12 @@ from tests.netenv import (
     INGRESS,
     Addrs,
     PepProcess,
-    connect,
+    duplex,
     gateway_topology,
-    hash_to_eof,
     listen,
     rules_in,
     send_all,
+    sending,
     serve,
     sha,
 )
@@ -52,46 +52,16 @@ async def test_transparent_source_server_sees_client_and_data_is_exact(
     pep = start(topo, "--config", conf)
     try:
         up, down = os.urandom(8 << 20), os.urandom(8 << 20)
-        accepted: list[tuple[str, int]] = []
-        got: dict[str, tuple[str, int]] = {}
-
-        async def server_side(conn: trio.socket.SocketType) -> None:
-            async with trio.open_nursery() as n:
-
-                async def rx() -> None:
-                    got["server"] = await hash_to_eof(conn)
-
-                n.start_soon(rx)
-                await send_all(conn, down)
-                conn.shutdown(socket.SHUT_WR)
-
-        with trio.fail_after(30):
-            async with trio.open_nursery() as n:
-                n.start_soon(
-                    serve, await listen(topo.ns("server"), net.server, PORT), server_side, accepted
-                )
-                sock = await connect(topo.ns("client"), (net.server, PORT))
-                client_port = sock.getsockname()[1]
-                with sock:
-                    async with trio.open_nursery() as c:
-
-                        async def rx() -> None:
-                            got["client"] = await hash_to_eof(sock)
-
-                        c.start_soon(rx)
-                        await send_all(sock, up)
-                        sock.shutdown(socket.SHUT_WR)
-                while "server" not in got:
-                    await trio.sleep(0.01)
-                n.cancel_scope.cancel()
+        d = await duplex(topo, net.server, PORT, sending(up), sending(down), timeout=30)
+        accepted, client_port = d.accepted, d.client_port
         # The server saw the client's own address and port: full transparency...
         assert [a[:2] for a in accepted] == [(net.client, client_port)]
         # ...and the connection was still split by pep (not routed past it).
         [rec] = pep.closed_lines(expect=1)
         assert rec["client"] == f"{net.client}:{client_port}"
         assert (rec["up"], rec["down"]) == (str(len(up)), str(len(down)))
-        assert got["server"] == (sha(up), len(up))
-        assert got["client"] == (sha(down), len(down))
+        assert d.server_got == (sha(up), len(up))
+        assert d.client_got == (sha(down), len(down))
     finally:
         pep.stop()
 

@@ -3,6 +3,7 @@ transfers, and half-close in both directions, every byte checked with sha256."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from tests.netenv import (
     SERVER_IP,
     PepProcess,
     connect,
+    duplex,
     gateway_topology,
     hash_to_eof,
     listen,
@@ -54,42 +56,17 @@ async def test_large_transfer_each_way_at_once_is_byte_exact(
     topo: Topology, pep: PepProcess
 ) -> None:
     up, down = Pattern(1, EACH_WAY), Pattern(2, EACH_WAY)
-    got: dict[str, tuple[str, int]] = {}
-    accepted: list[tuple[str, int]] = []
-
-    async def server_side(conn: trio.socket.SocketType) -> None:
-        async with trio.open_nursery() as n:
-
-            async def rx() -> None:
-                got["server"] = await hash_to_eof(conn)
-
-            n.start_soon(rx)
-            await send_pattern(conn, down)
-            conn.shutdown(socket.SHUT_WR)
-
     t0 = trio.current_time()
-    with trio.fail_after(max(60, EACH_WAY / (20 << 20))):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), server_side,
-                         accepted)  # fmt: skip
-            sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
-            with sock:
-                async with trio.open_nursery() as c:
-
-                    async def rx() -> None:
-                        got["client"] = await hash_to_eof(sock)
-
-                    c.start_soon(rx)
-                    await send_pattern(sock, up)
-                    sock.shutdown(socket.SHUT_WR)
-            while "server" not in got:
-                await trio.sleep(0.01)
-            n.cancel_scope.cancel()
+    d = await duplex(
+        topo, SERVER_IP, PORT,
+        functools.partial(send_pattern, pattern=up), functools.partial(send_pattern, pattern=down),
+        timeout=max(60, EACH_WAY / (20 << 20)),
+    )  # fmt: skip
     took = trio.current_time() - t0
     print(f"{EACH_WAY >> 20} MiB each way at once in {took:.1f}s")
-    assert accepted[0][0] == GW_SERVER_IP
-    assert got["server"] == (up.sha256(), EACH_WAY)
-    assert got["client"] == (down.sha256(), EACH_WAY)
+    assert d.accepted[0][0] == GW_SERVER_IP
+    assert d.server_got == (up.sha256(), EACH_WAY)
+    assert d.client_got == (down.sha256(), EACH_WAY)
     [rec] = pep.closed_lines(expect=1)
     assert (rec["up"], rec["down"], rec["reason"]) == (str(EACH_WAY), str(EACH_WAY), "eof")
 
