@@ -90,7 +90,7 @@ async def close_all(socks: list[trio.socket.SocketType]) -> int:
     return ok
 
 
-def measure(n: int, workers: int, parallel: int) -> dict[str, object]:
+def measure(n: int, workers: int, parallel: int, hold: float = 1.0) -> dict[str, object]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
     with gateway_topology("c") as topo:
         server = topo.popen(
@@ -107,7 +107,7 @@ def measure(n: int, workers: int, parallel: int) -> dict[str, object]:
                 t0 = time.monotonic()
                 socks = trio.run(open_all, topo, n, parallel)
                 opened = time.monotonic() - t0
-                time.sleep(1)
+                time.sleep(hold)
                 rss1, fd1 = rss_kib(pid), fd_count(pid)
                 ok = trio.run(close_all, socks)
             conf.unlink()
@@ -117,6 +117,7 @@ def measure(n: int, workers: int, parallel: int) -> dict[str, object]:
     return {
         "connections": n,
         "workers": workers,
+        "hold_seconds": hold,
         "open_seconds": round(opened, 2),
         "open_per_second": round(n / opened),
         "rss_kib_before": rss0,
@@ -135,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=200, help="connects in flight at once")
+    ap.add_argument(
+        "--hold", type=float, default=1.0, help="seconds to hold them idle before closing"
+    )
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
-    res = measure(args.connections, args.workers, args.parallel)
+    res = measure(args.connections, args.workers, args.parallel, args.hold)
     print(
         f"concurrency: {res['connections']} idle connections through pep "
         f"({res['workers']} workers) opened in {res['open_seconds']} s; "

@@ -13,6 +13,7 @@ as it found it before the next.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import tempfile
 import time
@@ -120,6 +121,25 @@ def rss_kib(pid: int) -> int:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (HAProxy threads, pep workers), s.
+
+    Softirq work done in the process's syscalls (veth delivers inline) is not charged to it:
+    the kernel counts that as softirq time, which ``machine_busy`` includes."""
+    ticks = 0
+    for p in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (proc(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs so far, from /proc/stat (iowait counts as idle)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(v) - v[3] - v[4], sum(v)
 
 
 def fd_count(pid: int) -> int:

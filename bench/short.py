@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.bulk import machine
-from bench.paths import PATHS, path
+from bench.paths import PATHS, cpu_seconds, machine_ticks, path
 from pep.topology import Topology
 from tests.netenv import SERVER_IP, gateway_topology
 
@@ -88,6 +89,22 @@ def wrk(topo: Topology, seconds: float, connections: int) -> dict[str, float]:
     return parse_wrk(r.stdout)
 
 
+def _costed(topo: Topology, seconds: float, connections: int, pid: int | None) -> dict[str, float]:
+    """One wrk run, plus what each connection cost: the proxy's own CPU (user + system) and
+    the whole machine's (wrk, nginx and softirq included), in microseconds."""
+    cpu0, (busy0, total0) = cpu_seconds(pid) if pid else 0.0, machine_ticks()
+    res = wrk(topo, seconds, connections)
+    cpu1, (busy1, total1) = cpu_seconds(pid) if pid else 0.0, machine_ticks()
+    conns = res["rps"] * seconds
+    ncpu = os.cpu_count() or 1
+    res["machine_busy_pct"] = round((busy1 - busy0) / (total1 - total0) * 100 * ncpu, 1)
+    if conns:
+        tick = os.sysconf("SC_CLK_TCK")
+        res["machine_us_per_conn"] = round((busy1 - busy0) / tick / conns * 1e6, 1)
+        res["proxy_us_per_conn"] = round((cpu1 - cpu0) / conns * 1e6, 1)
+    return res
+
+
 def measure(
     seconds: float,
     connections: int,
@@ -109,8 +126,8 @@ def measure(
             time.sleep(0.5)
             for _ in range(rounds):
                 for name in paths:
-                    with path(topo, name, ["--log-level", "warning", *(pep_args or [])]):
-                        runs[name].append(wrk(topo, seconds, connections))
+                    with path(topo, name, ["--log-level", "warning", *(pep_args or [])]) as pid:
+                        runs[name].append(_costed(topo, seconds, connections, pid))
         finally:
             nginx.terminate()
             nginx.wait(10)
@@ -157,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in med.items():
         print(
             f"short {name}: {m['rps']:.0f} req/s, p50 {m.get('p50_ms', float('nan')):.2f} ms, "
-            f"p99 {m.get('p99_ms', float('nan')):.2f} ms, errors {m['socket_errors']:.0f}"
+            f"p99 {m.get('p99_ms', float('nan')):.2f} ms, errors {m['socket_errors']:.0f}; "
+            f"CPU per connection: proxy {m.get('proxy_us_per_conn', 0):.0f} us, machine "
+            f"{m.get('machine_us_per_conn', 0):.0f} us (machine {m['machine_busy_pct']:.0f}% busy)"
         )
     for key in ("pep_vs_haproxy_rps", "pep_vs_haproxy_p99", "pep_vs_kernel_rps"):
         if key in res:

@@ -75,7 +75,7 @@ async def serve(
     rt = Runtime(cfg, listener, flows, queues=(mine[0], mine[-1]), worker=worker, reload=reload)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            await listener.bind()
+            listener.bind()
             queue = rt.queue = SynQueue(cfg, mine, flows)
             queue.set_load(lambda: listener.counters.active)
             queue.decider.room = listener.fds.room  # out of descriptors: bypass

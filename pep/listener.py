@@ -30,8 +30,8 @@ import trio
 from pep.config import Config
 from pep.connections import ConnectionTable
 from pep.flows import FlowTable
-from pep.relay import RelayStats, abort, relay
-from pep.tuning import apply_tuning, reset_if_killed, transparent
+from pep.relay import Relayer, RelayStats, abort
+from pep.tuning import STREAM, apply_tuning, reset_if_killed, transparent
 from pep.upstream import UpstreamError, open_for
 
 __all__ = ["FdBudget", "Listener", "ListenerCounters", "original_dst"]
@@ -44,9 +44,12 @@ _FIRST_BYTES_MAX = 64 * 1024
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # sin_family (host order, skipped), port, addr
 _SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, addr, scope id
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+# Clients accepted per wake-up of a listener before the connections already accepted get to
+# run: saves a scheduler round trip per client under load, bounds the delay it adds to them.
+_ACCEPT_BATCH = 16
 
 
-def original_dst(sock: trio.socket.SocketType) -> tuple[str, int] | None:
+def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     """The pre-NAT destination from conntrack, or None when conntrack has no entry for it."""
     if sock.family == socket.AF_INET6:
         level, layout = socket.IPPROTO_IPV6, _SOCKADDR_IN6
@@ -70,6 +73,32 @@ def is_local_address(host: str) -> bool:
         except OSError:
             return False
     return True
+
+
+class LocalAddresses:
+    """``is_local_address``, remembered for ``ttl`` seconds per address.
+
+    The loop guard asks for every connection, and three syscalls per connection buy nothing
+    when a gateway's addresses change a few times a day: an address added is guarded within
+    ``ttl``. Bounded: the memory is dropped whole at ``size`` addresses.
+    """
+
+    def __init__(
+        self, ttl: float = 1.0, size: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl, self.size, self._clock = ttl, size, clock
+        self._known: dict[str, tuple[bool, float]] = {}
+
+    def __contains__(self, host: str) -> bool:
+        now = self._clock()
+        known = self._known.get(host)
+        if known is not None and known[1] > now:
+            return known[0]
+        if len(self._known) >= self.size:
+            self._known.clear()
+        local = is_local_address(host)
+        self._known[host] = (local, now + self.ttl)
+        return local
 
 
 @dataclass(slots=True)
@@ -156,6 +185,8 @@ class Listener:
         self.flows = flows
         self.counters = ListenerCounters()
         self.table = ConnectionTable()  # live connections and totals: pep status, metrics
+        self.relayer = Relayer()  # moves the bytes of every connection (pep.relay)
+        self.local = LocalAddresses()  # the loop guard's memory
         self.socks = [self._socket(_FAMILY[f]) for f in cfg.families]
         self.fds = FdBudget()  # asked by the SYN reader (daemon.serve wires it)
         # One descriptor held back: out of descriptors, it is freed to accept and reset a
@@ -163,8 +194,8 @@ class Listener:
         self._reserve = _reserve_fd()
         self._logged_no_fd = -math.inf
 
-    def _socket(self, family: int) -> trio.socket.SocketType:
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    def _socket(self, family: int) -> socket.socket:
+        sock = socket.socket(family, STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.cfg.workers > 1:  # each worker binds its own socket on the port (pep.workers)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -181,11 +212,11 @@ class Listener:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, self.cfg.backlog)
         return sock
 
-    async def bind(self) -> None:
+    def bind(self) -> None:
         for sock in self.socks:
             host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
             try:
-                await sock.bind((host, self.cfg.listen_port))
+                sock.bind((host, self.cfg.listen_port))
             except OSError as e:
                 raise OSError(
                     e.errno, f"cannot listen on [{host}]:{self.cfg.listen_port}: {e.strerror}"
@@ -200,32 +231,48 @@ class Listener:
             self._reserve = None
 
     async def serve(self, nursery: trio.Nursery) -> None:
-        """Accept on every listening socket until cancelled."""
+        """Accept on every listening socket until cancelled; the connections, and the relay
+        engine they share, run in ``nursery``."""
+        nursery.start_soon(self.relayer.run)
         async with trio.open_nursery() as accepting:
             for sock in self.socks:
                 accepting.start_soon(self._accept_loop, sock, nursery)
 
-    async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept every waiting client per wake-up (up to ``_ACCEPT_BATCH``), each handled by
+        its own task; plain sockets, as in pep.upstream."""
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(_ACCEPT_BATCH):
+                if not await self._accept_one(sock, nursery):
+                    break
+
+    async def _accept_one(self, sock: socket.socket, nursery: trio.Nursery) -> bool:
+        """Accept one client; False when none is waiting (or accepting must pause)."""
         while True:
             try:
-                client, _ = await sock.accept()
+                client, _ = sock.accept()
+            except BlockingIOError:
+                return False
             except OSError as e:
                 self.counters.accept_errors += 1
                 if e.errno in (errno.EMFILE, errno.ENFILE) and await self._refuse_one(sock):
-                    continue
+                    return True
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors or memory: the connection stays in the backlog.
                     # Back off instead of spinning on a listener that stays readable.
                     log.warning("accept: %s; pausing 100 ms", e.strerror)
                     await trio.sleep(0.1)
-                    continue
+                    return False
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up before accept; nothing to do
                 raise
+            client.setblocking(False)  # accept4() does not pass O_NONBLOCK on
             self.counters.accepted += 1
             nursery.start_soon(self._guarded, client)
+            return True
 
-    async def _refuse_one(self, sock: trio.socket.SocketType) -> bool:
+    async def _refuse_one(self, sock: socket.socket) -> bool:
         """Out of descriptors: accept one waiting client with the reserve descriptor and reset
         it, so it is refused at once instead of hanging in the backlog until a descriptor
         frees. The SYN reader stops splitting before this happens (FdBudget); this is for
@@ -243,7 +290,7 @@ class Listener:
         os.close(self._reserve)
         self._reserve = None
         try:
-            client, _ = await sock.accept()  # synchronous: a client is waiting
+            client, _ = sock.accept()  # a client is waiting
         except OSError:
             self._reserve = _reserve_fd()
             return False
@@ -260,7 +307,7 @@ class Listener:
             )
         return True
 
-    async def _guarded(self, client: trio.socket.SocketType) -> None:
+    async def _guarded(self, client: socket.socket) -> None:
         """One connection's failure, even a bug, must not take the other connections down."""
         try:
             await self.handle(client)
@@ -268,7 +315,7 @@ class Listener:
             log.exception("connection handler failed; connection dropped")
             abort(client)
 
-    async def handle(self, client: trio.socket.SocketType) -> None:
+    async def handle(self, client: socket.socket) -> None:
         c = self.counters
         try:
             peer = client.getpeername()[:2]  # IPv6 adds flowinfo, scope id
@@ -285,7 +332,7 @@ class Listener:
             )
             abort(client)
             return
-        if is_local_address(dst[0]):
+        if dst[0] in self.local:
             # Loop guard: the queue rule never marks SYNs for the gateway's own addresses, so
             # only a foreign mark (another tool's rule, a misconfiguration) gets here. pep must
             # not become a relay into the gateway's own services, nor connect to itself.
@@ -354,7 +401,7 @@ class Listener:
         stats = RelayStats(up=len(first))
         self.table.established(conn, stats, connect_ms / 1000)
         try:
-            await relay(
+            await self.relayer.relay(
                 client,
                 upstream,
                 stats,
@@ -376,7 +423,7 @@ class Listener:
             )
 
     def _original_dst(
-        self, client: trio.socket.SocketType, local: tuple[str, int]
+        self, client: socket.socket, local: tuple[str, int]
     ) -> tuple[str, int] | None:
         """Where the client was going, or None when it came to the listener itself."""
         if self.cfg.mode == "tproxy":
@@ -384,13 +431,13 @@ class Listener:
             # connection has our port on one of our own addresses: the queue rule never marks
             # SYNs for local addresses, so those are never TPROXY'd.
             dst = (local[0], local[1])
-            if dst[1] == self.cfg.listen_port and is_local_address(dst[0]):
+            if dst[1] == self.cfg.listen_port and dst[0] in self.local:
                 return None
             return dst
         dst = original_dst(client)
         return None if dst is None or dst == (local[0], local[1]) else dst
 
-    async def _first_bytes(self, client: trio.socket.SocketType) -> bytes:
+    async def _first_bytes(self, client: socket.socket) -> bytes:
         """Peek at what the client sent first, waiting at most ``fastopen_wait``.
 
         Peeked, not read: if the upstream connect fails nothing was taken from the client,
@@ -399,16 +446,20 @@ class Listener:
         with trio.move_on_after(self.cfg.fastopen_wait):
             await trio.lowlevel.wait_readable(client)
             try:
-                return await client.recv(_FIRST_BYTES_MAX, socket.MSG_PEEK)
+                return client.recv(_FIRST_BYTES_MAX, socket.MSG_PEEK)
             except OSError:  # the client already reset: the relay will see it too
                 return b""
         return b""  # nothing yet: a server-speaks-first protocol
 
     @staticmethod
-    async def _consume(client: trio.socket.SocketType, n: int) -> None:
+    async def _consume(client: socket.socket, n: int) -> None:
         """Drop the ``n`` peeked bytes that the upstream SYN already carried."""
         while n:
-            got = len(await client.recv(n))
+            try:
+                got = len(client.recv(n))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(client)
+                continue
             if not got:
                 raise ConnectionResetError("client closed while its first bytes were in flight")
             n -= got

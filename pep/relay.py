@@ -1,9 +1,15 @@
-"""Moving bytes between the two legs of a split connection, zero-copy with ``os.splice``.
+"""Moving bytes between the two legs of every split connection, zero-copy with ``os.splice``.
 
 socket -> pipe -> socket keeps the payload in kernel pages: the prototype measured 12.3 Gbit/s
-this way against 3.4 with recv/send (DESIGN.md). Each direction is one trio task that
-waits on the fds with ``trio.lowlevel.wait_readable/wait_writable``; per fd there is exactly one
-reader (its own direction) and one writer (the other direction), which is what trio allows.
+this way against 3.4 with recv/send (DESIGN.md).
+
+One engine per process, ``Relayer``, moves the bytes of all its connections: one
+level-triggered epoll set, read by one trio task, in which each socket is registered once.
+A trio task per direction per connection cost more than a short connection's bytes (three
+tasks, a nursery and an epoll_ctl per wait; docs/BENCHMARKS.md); HAProxy and nginx relay the
+same way. Each connection's own task (``Listener.handle``) still owns its sockets, its idle
+timeout (a cancel scope whose deadline the engine moves on activity) and the close: it waits
+in ``Relayer.relay`` until the engine reports the connection done.
 
 Half-close (RFC 9293 section 3.6: a FIN closes one direction only): EOF read from one side
 becomes ``shutdown(SHUT_WR)`` on the other once the pipe is drained, and the connection is
@@ -20,6 +26,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -28,13 +35,17 @@ import trio
 
 from pep.tuning import close_gracefully
 
-__all__ = ["RelayStats", "abort", "relay"]
+__all__ = ["PIPES", "PipePool", "RelayStats", "Relayer", "abort"]
 
 log = logging.getLogger(__name__)
 
 F_SETPIPE_SZ = 1031  # include/uapi/linux/fcntl.h (F_LINUX_SPECIFIC_BASE + 7)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP  # always reported, whatever the registered mask
+_PARKED = -1  # an fd's mask while it is out of the epoll set (see _Conn.ready)
+_BATCH = 256  # events handled per wake-up before other tasks get a turn
 
 
 @dataclass(slots=True)
@@ -49,14 +60,7 @@ class RelayStats:
     down_eof: bool = False
 
 
-class _PeerError(Exception):
-    """One side failed (reset, timeout); the whole connection is reset."""
-
-    def __init__(self, side: str, err: OSError) -> None:
-        super().__init__(f"{side} error: {err.strerror or err}")
-
-
-def abort(sock: trio.socket.SocketType) -> None:
+def abort(sock: socket.socket) -> None:
     """Close with an RST (SO_LINGER 0), so the peer sees a failure, not an orderly EOF."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -135,117 +139,306 @@ def _make_pipe(size: int) -> tuple[int, int]:
 _pipe_warned = False
 
 
-class _Relay:
-    """One connection's two pumps, sharing one cancel scope for idle timeout and failure."""
+class _Pump:
+    """One direction, src -> pipe -> dst. ``pending`` bytes wait in the pipe for dst to take
+    them; while any do, src is not read (the pipe is the only buffer: bounded)."""
 
-    __slots__ = ("failure", "idle_timeout", "pipe_size", "scope", "stats")
+    __slots__ = ("dst", "dst_name", "eof", "pending", "pipe", "src", "src_name", "up")
 
-    def __init__(self, stats: RelayStats, pipe_size: int, idle_timeout: float) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, names: str, up: bool) -> None:
+        self.src, self.dst = src, dst
+        self.src_name, self.dst_name = names.split(">")
+        self.up = up
+        self.pipe: tuple[int, int] | None = None  # borrowed from PIPES only while data moves
+        self.pending = 0
+        self.eof = False
+
+
+class _Conn:
+    """One connection's state in the engine: its two pumps and the epoll mask of each fd."""
+
+    __slots__ = (
+        "cfd",
+        "done",
+        "down",
+        "failure",
+        "finished",
+        "idle_timeout",
+        "masks",
+        "moved_at",
+        "pipe_size",
+        "pumps",
+        "relayer",
+        "scope",
+        "stats",
+        "ufd",
+        "up",
+    )
+
+    def __init__(
+        self,
+        relayer: Relayer,
+        client: socket.socket,
+        upstream: socket.socket,
+        stats: RelayStats,
+        pipe_size: int,
+        idle_timeout: float,
+    ) -> None:
+        self.relayer = relayer
+        self.cfd, self.ufd = client.fileno(), upstream.fileno()
+        self.up = _Pump(client, upstream, "client>upstream", True)
+        self.down = _Pump(upstream, client, "upstream>client", False)
+        # fd -> (the pump reading it, the pump writing it)
+        self.pumps = {self.cfd: (self.up, self.down), self.ufd: (self.down, self.up)}
+        self.masks = {self.cfd: _IN, self.ufd: _IN}
         self.stats = stats
         self.pipe_size = pipe_size
         self.idle_timeout = idle_timeout
-        self.failure: str | None = None
+        self.moved_at = trio.current_time()
         self.scope = trio.CancelScope()
         if idle_timeout:
-            self.scope.deadline = trio.current_time() + idle_timeout
+            self.scope.deadline = self.moved_at + idle_timeout
+        self.done = trio.Event()
+        self.failure: str | None = None
+        self.finished = False
 
-    async def pump(
-        self,
-        src: trio.socket.SocketType,
-        dst: trio.socket.SocketType,
-        names: tuple[str, str],
-        attr: str,
-    ) -> None:
+    def ready(self, fd: int, ev: int) -> None:
+        reading, writing = self.pumps[fd]
+        handled = False
+        if writing.pending and ev & (_OUT | _ERR):
+            self._flush(writing)
+            handled = True
+        if not self.finished and not reading.eof and not reading.pending and ev & (_IN | _ERR):
+            self._read(reading)
+            handled = True
+        if not handled and not self.finished and ev & _ERR:
+            if reading.pending and not ev & select.EPOLLERR:
+                # Hung up (its FIN read while ours was sent) with data still to read once
+                # the other side drains the pipe. No mask silences EPOLLHUP: out of the
+                # set until then, or the engine would spin on it.
+                self.relayer.modify(fd, _PARKED)
+                self.masks[fd] = _PARKED
+                return
+            # Nothing to read or write on it, yet it failed (an RST after its FIN): the
+            # other direction could never be delivered, so the connection ends now.
+            err = reading.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+            self._fail(reading.src_name, OSError(err, os.strerror(err)))
+
+    def _read(self, p: _Pump) -> None:
+        if p.pipe is None:
+            try:
+                p.pipe = PIPES.get(self.pipe_size)
+            except OSError as e:  # out of descriptors: this connection cannot go on
+                self._fail("pep", e)
+                return
         try:
-            await self._pump(src.fileno(), dst, names, attr)
-        except _PeerError as e:
-            if self.failure is None:
-                self.failure = str(e)
-            self.scope.cancel()
+            n = os.splice(p.src.fileno(), p.pipe[1], self.pipe_size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return  # a stale readiness report; the pipe stays empty
+        except OSError as e:
+            self._fail(p.src_name, e)
+            return
+        if n == 0:  # EOF, and the pipe is empty: pass the FIN on
+            PIPES.put(self.pipe_size, p.pipe)
+            p.pipe = None
+            self._eof(p)
+            return
+        p.pending = n
+        self._flush(p)
 
-    async def _pump(
-        self, sfd: int, dst: trio.socket.SocketType, names: tuple[str, str], attr: str
-    ) -> None:
-        dfd, size, stats = dst.fileno(), self.pipe_size, self.stats
-        pipe: tuple[int, int] | None = None  # borrowed from PIPES only while data moves
-        clean = True  # the borrowed pipe is empty
+    def _flush(self, p: _Pump) -> None:
+        assert p.pipe is not None
+        blocked = self.masks[p.dst.fileno()] & _OUT
+        try:
+            while p.pending:
+                n = os.splice(p.pipe[0], p.dst.fileno(), p.pending, flags=_SPLICE_FLAGS)
+                p.pending -= n
+                if p.up:
+                    self.stats.up += n
+                else:
+                    self.stats.down += n
+        except BlockingIOError:
+            if not blocked:  # dst is full: wait for it to drain, stop reading src meanwhile
+                self._sync(p)
+            if self.idle_timeout:
+                self._moved()
+            return
+        except OSError as e:
+            self._fail(p.dst_name, e)
+            return
+        if self.idle_timeout:
+            self._moved()
+        PIPES.put(self.pipe_size, p.pipe)
+        p.pipe = None
+        if blocked:
+            self._sync(p)
+
+    def _moved(self) -> None:
+        """Push the idle deadline on, at most every tenth of the timeout (a deadline change
+        is a heap operation in trio's scheduler; a chunk moved is not worth one)."""
+        now = self.relayer.now
+        if now - self.moved_at >= min(1.0, self.idle_timeout / 10):
+            self.moved_at = now
+            self.scope.deadline = now + self.idle_timeout
+
+    def _eof(self, p: _Pump) -> None:
+        p.eof = True
+        try:
+            p.dst.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:  # the peer already closed both ways
+                self._fail(p.dst_name, e)
+                return
+        if p.up:
+            self.stats.up_eof = True
+        else:
+            self.stats.down_eof = True
+        if self.up.eof and self.down.eof:
+            self.finish(None)
+        else:
+            self._sync(p)
+
+    def _want(self, fd: int) -> int:
+        reading, writing = self.pumps[fd]
+        return (_IN if not reading.eof and not reading.pending else 0) | (
+            _OUT if writing.pending else 0
+        )
+
+    def _sync(self, p: _Pump) -> None:
+        """Register what each of the pump's fds now waits for (one epoll_ctl per change)."""
+        for sock in (p.src, p.dst):
+            fd = sock.fileno()
+            want = self._want(fd)
+            if want != self.masks[fd]:
+                self.relayer.modify(fd, want)
+                self.masks[fd] = want
+
+    def _fail(self, side: str, err: OSError) -> None:
+        self.finish(f"{side} error: {err.strerror or err}")
+
+    def finish(self, failure: str | None) -> None:
+        """Out of the engine; the connection's task wakes up to close the sockets."""
+        if self.finished:
+            return
+        self.finished = True
+        self.failure = failure
+        self.relayer.forget(self)
+        self.done.set()
+
+    def release(self) -> None:
+        """Give back the pipes: empty ones to the pool, ones that may hold bytes closed."""
+        for p in (self.up, self.down):
+            if p.pipe is not None:
+                if p.pending:
+                    PIPES.discard(p.pipe)
+                else:
+                    PIPES.put(self.pipe_size, p.pipe)
+                p.pipe = None
+
+
+class Relayer:
+    """The relay engine of one process; ``run`` must be running while ``relay`` is used."""
+
+    def __init__(self) -> None:
+        self._ep = select.epoll()
+        self._conns: dict[int, _Conn] = {}
+        self.now = 0.0  # trio.current_time() at the start of the batch being handled
+        self.running = False
+
+    async def run(self) -> None:
+        """Handle every ready socket, until cancelled (which only the connections' owner
+        does: every relay is then cancelled with it and resets its sockets)."""
+        self.running = True
         try:
             while True:
-                if pipe is None:
-                    await trio.lowlevel.wait_readable(sfd)
+                await trio.lowlevel.wait_readable(self._ep.fileno())
+                self.now = trio.current_time()
+                for fd, ev in self._ep.poll(0, _BATCH):
+                    conn = self._conns.get(fd)
+                    if conn is None:
+                        continue  # finished earlier in this batch
                     try:
-                        pipe = PIPES.get(size)
-                    except OSError as e:  # out of descriptors: this connection cannot go on
-                        raise _PeerError("pep", e) from None
-                try:
-                    n = os.splice(sfd, pipe[1], size, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    PIPES.put(size, pipe)  # idle again: give the pipe back
-                    pipe = None
-                    continue
-                except OSError as e:
-                    raise _PeerError(names[0], e) from None
-                if n == 0:
-                    break  # EOF, and the pipe is empty: pass the FIN on
-                clean, pending = False, n
-                while pending:
-                    try:
-                        pending -= os.splice(pipe[0], dfd, pending, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(dfd)
-                    except OSError as e:
-                        raise _PeerError(names[1], e) from None
-                clean = True
-                setattr(stats, attr, getattr(stats, attr) + n)
-                if self.idle_timeout:
-                    self.scope.deadline = trio.current_time() + self.idle_timeout
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError as e:
-                if e.errno != errno.ENOTCONN:  # the peer already closed both ways
-                    raise _PeerError(names[1], e) from None
-            setattr(stats, attr + "_eof", True)
+                        conn.ready(fd, ev)
+                    except Exception:  # a bug costs its own connection, not every one
+                        log.exception("relay failed; connection reset")
+                        conn.finish("pep error")
         finally:
-            if pipe is not None:
-                if clean:
-                    PIPES.put(size, pipe)
-                else:
-                    PIPES.discard(pipe)
+            self.running = False
+            trio.lowlevel.notify_closing(self._ep.fileno())
+            self._ep.close()  # relays still finishing find it closed: see forget
 
+    async def relay(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        stats: RelayStats,
+        *,
+        pipe_size: int = 1 << 20,
+        idle_timeout: float = 0,
+    ) -> None:
+        """Relay until both directions reach EOF, one side fails, or the connection idles out.
 
-async def relay(
-    client: trio.socket.SocketType,
-    upstream: trio.socket.SocketType,
-    stats: RelayStats,
-    *,
-    pipe_size: int = 1 << 20,
-    idle_timeout: float = 0,
-) -> None:
-    """Relay until both directions reach EOF, one side fails, or the connection idles out.
+        Always closes both sockets: with FIN after two clean EOFs or an idle timeout, with an
+        RST to both when one side failed or the relay was cancelled (daemon stopping), because
+        the peers must not take a cut-off transfer for a complete one.
+        """
+        if not self.running:
+            raise RuntimeError("Relayer.run is not running")
+        conn = _Conn(self, client, upstream, stats, pipe_size, idle_timeout)
+        clean = False
+        try:
+            self._add(conn)
+            with conn.scope:
+                await conn.done.wait()
+            if conn.failure is not None:
+                stats.close_reason = conn.failure
+            elif conn.scope.cancelled_caught:
+                stats.close_reason = "idle timeout"
+                clean = True
+            else:
+                stats.close_reason = "eof"
+                clean = True
+        finally:
+            if not conn.finished:  # idle timeout or cancelled
+                conn.finished = True
+                self.forget(conn)
+            conn.release()
+            if clean:
+                close_gracefully(client, upstream)  # FIN after the data (see Listener.handle)
+            else:
+                stats.close_reason = stats.close_reason or "cancelled"
+                abort(client)
+                abort(upstream)
 
-    Always closes both sockets: with FIN after two clean EOFs or an idle timeout, with an RST
-    to both when one side failed or the relay was cancelled (daemon stopping), because the
-    peers must not take a cut-off transfer for a complete one.
-    """
-    r = _Relay(stats, pipe_size, idle_timeout)
-    clean = False
-    try:
-        with r.scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(r.pump, client, upstream, ("client", "upstream"), "up")
-                nursery.start_soon(r.pump, upstream, client, ("upstream", "client"), "down")
-        if r.failure is not None:
-            stats.close_reason = r.failure
-        elif r.scope.cancelled_caught:
-            stats.close_reason = "idle timeout"
-            clean = True
+    def _add(self, conn: _Conn) -> None:
+        # Registered for input at once: a request already waiting is reported by the next
+        # poll, level-triggered.
+        self._ep.register(conn.cfd, _IN)
+        self._conns[conn.cfd] = conn
+        try:
+            self._ep.register(conn.ufd, _IN)
+        except OSError:
+            self._ep.unregister(conn.cfd)
+            del self._conns[conn.cfd]
+            raise
+        self._conns[conn.ufd] = conn
+
+    def modify(self, fd: int, mask: int) -> None:
+        """Change what ``fd`` is polled for; ``_PARKED`` takes it out of the set until the
+        next change puts it back."""
+        conn = self._conns[fd]
+        if mask == _PARKED:
+            self._ep.unregister(fd)
+        elif conn.masks[fd] == _PARKED:
+            self._ep.register(fd, mask)
         else:
-            stats.close_reason = "eof"
-            clean = True
-    finally:
-        if clean:
-            close_gracefully(client, upstream)  # FIN after the data (see Listener.handle)
-        else:
-            stats.close_reason = stats.close_reason or "cancelled"
-            abort(client)
-            abort(upstream)
+            self._ep.modify(fd, mask)
+
+    def forget(self, conn: _Conn) -> None:
+        for fd in (conn.cfd, conn.ufd):
+            if self._conns.get(fd) is conn:
+                del self._conns[fd]
+                # Before the socket closes, as its fd number is reused at once. ValueError:
+                # the engine already stopped (the daemon is cancelling every relay).
+                with contextlib.suppress(OSError, ValueError):
+                    self._ep.unregister(fd)

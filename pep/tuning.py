@@ -6,12 +6,20 @@ import contextlib
 import socket
 import struct
 
-import trio
-
 from pep.config import LegTuning
 
-__all__ = ["apply_tuning", "close_gracefully", "mirror_syn", "reset_if_killed", "transparent"]
+__all__ = [
+    "STREAM",
+    "apply_tuning",
+    "close_gracefully",
+    "mirror_syn",
+    "reset_if_killed",
+    "transparent",
+]
 
+# The type of every socket pep opens: non-blocking for trio's waits, not inherited by the
+# iptables helper processes.
+STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)  # include/uapi/linux/tcp.h
 TCP_NOTSENT_LOWAT = 25  # include/uapi/linux/tcp.h
 IP_TRANSPARENT = 19  # include/uapi/linux/in.h
@@ -20,7 +28,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}
 _LINGER_DEFAULT = struct.pack("ii", 0, 0)  # l_onoff 0: close sends a FIN after the data
 
 
-def apply_tuning(sock: trio.socket.SocketType, tuning: LegTuning) -> None:
+def apply_tuning(sock: socket.socket, tuning: LegTuning) -> None:
     """Set one leg's socket options. Buffers set before connect() also size the window scale."""
     if tuning.nodelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -45,7 +53,7 @@ def apply_tuning(sock: trio.socket.SocketType, tuning: LegTuning) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, opt, value)
 
 
-def mirror_syn(sock: trio.socket.SocketType, tos: int | None, mss: int | None) -> None:
+def mirror_syn(sock: socket.socket, tos: int | None, mss: int | None) -> None:
     """Carry the client SYN's TOS/traffic class and MSS onto the upstream leg.
 
     The MSS is clamped before connect() (TCP_MAXSEG on an unconnected socket caps the MSS it
@@ -61,7 +69,7 @@ def mirror_syn(sock: trio.socket.SocketType, tos: int | None, mss: int | None) -
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
 
 
-def transparent(sock: trio.socket.SocketType) -> None:
+def transparent(sock: socket.socket) -> None:
     """IP_TRANSPARENT: accept TPROXY'd connections / bind a non-local (client) address."""
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -69,7 +77,7 @@ def transparent(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
-def reset_if_killed(sock: trio.socket.SocketType) -> None:
+def reset_if_killed(sock: socket.socket) -> None:
     """SO_LINGER 0 for as long as pep owns a split connection's socket: if the process dies
     (kill -9, the OOM killer), the kernel closes the socket with an RST, so neither peer takes
     a transfer cut short for a complete one (a plain close would send a FIN after the data
@@ -79,7 +87,7 @@ def reset_if_killed(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
-def close_gracefully(*socks: trio.socket.SocketType) -> None:
+def close_gracefully(*socks: socket.socket) -> None:
     """Close with a FIN after every byte already written (undoes ``reset_if_killed``)."""
     for sock in socks:
         with contextlib.suppress(OSError):

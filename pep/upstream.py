@@ -16,7 +16,7 @@ import trio
 
 from pep.config import Config, LegTuning
 from pep.syn import SynInfo
-from pep.tuning import apply_tuning, mirror_syn, transparent
+from pep.tuning import STREAM, apply_tuning, mirror_syn, transparent
 
 __all__ = ["UpstreamError", "connect", "open_for"]
 
@@ -39,7 +39,7 @@ async def connect(
     source: tuple[str, int] | None = None,
     tos: int | None = None,
     mss: int | None = None,
-) -> trio.socket.SocketType:
+) -> socket.socket:
     """Connect to ``dst``; with ``first_bytes``, carry them in the SYN (TCP Fast Open).
 
     TCP_FASTOPEN_CONNECT (Linux 4.11) defers the SYN to the first write, so the client's
@@ -50,9 +50,13 @@ async def connect(
     ``source`` (full transparency, TPROXY mode) binds the client's own address and port with
     IP_TRANSPARENT, so the server sees the client; its replies are routed back to this socket
     by the DIVERT rule (``-m socket --transparent``) and pep's policy route.
+
+    A plain non-blocking socket, with trio only to wait: the connection's sockets are used by
+    one task at a time (pep.relay), so trio's socket wrapper would add a scheduler round trip
+    per call and nothing else.
     """
     family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, STREAM)
     ok = False
     try:
         apply_tuning(sock, tuning)
@@ -60,20 +64,26 @@ async def connect(
         if source is not None:
             transparent(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await sock.bind(source)
+            sock.bind(source)  # numeric: no resolver call
         if first_bytes:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
         with trio.move_on_after(timeout):
-            await sock.connect(dst)  # returns at once when the SYN is deferred
+            err = sock.connect_ex(dst)  # 0 at once when the SYN is deferred (Fast Open)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
             if first_bytes:
                 view = memoryview(first_bytes)
                 while view:  # the first write sends SYN+data; more waits for the handshake
-                    view = view[await sock.send(view) :]
+                    try:
+                        view = view[sock.send(view) :]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+            if first_bytes or not _established(sock):
                 # Writable once the handshake completes (or fails): a SYN_SENT socket is not.
                 await trio.lowlevel.wait_writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
             ok = True
             return sock
         raise UpstreamError("connect timeout")
@@ -86,6 +96,17 @@ async def connect(
                 sock.close()
 
 
+def _established(sock: socket.socket) -> bool:
+    """Whether the handshake already completed within connect(): to a server on this host
+    or a veth away the kernel processes the SYN-ACK before the syscall returns, and a trip
+    through trio's scheduler to learn it would cost more than the check."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 async def open_for(
     cfg: Config,
     dst: tuple[str, int],
@@ -93,7 +114,7 @@ async def open_for(
     syn: SynInfo | None,
     first_bytes: bytes = b"",
     timeout: float | None = None,
-) -> trio.socket.SocketType:
+) -> socket.socket:
     """The upstream leg for one split flow, as configured: the per-destination tuning, the
     client's address as source (``transparent_source``), and the client SYN's TOS and MSS
     (``mirror_tos``, ``mirror_mss``) when the SYN reader recorded it."""

@@ -24,7 +24,8 @@ The design, and why it is this simple one:
   (after validating the file itself), restarts a worker that dies, and serves the status
   socket and metrics by asking each worker over its own status socket (``PATH.N``) and
   summing. Workers are started with ``--worker N`` on the master's own command line, so they
-  load the configuration exactly as the master did, and get SIGTERM if the master dies.
+  load the configuration exactly as the master did, and get SIGTERM if the master dies
+  (PR_SET_PDEATHSIG, see ``WorkerProcess`` for why they are forked from the main thread).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pep.connections import ConnectionTable
 from pep.control import Services, plan_reload
 from pep.flows import FlowTable
 
-__all__ = ["MASTER_PID_ENV", "WorkerError", "supervise"]
+__all__ = ["MASTER_PID_ENV", "WorkerError", "WorkerProcess", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,54 @@ class WorkerError(RuntimeError):
     """A worker could not be started; the worker's own log line says why."""
 
 
+class WorkerProcess:
+    """A child process forked from the calling thread, awaited through a pidfd.
+
+    Not ``trio.lowlevel.open_process``: it forks in one of trio's cached threads, and the
+    kernel sends a child's PR_SET_PDEATHSIG when the *thread* that forked it exits, not the
+    process. trio's threads exit after 10 s idle, so every worker got SIGTERM 10 s after it
+    started (or restarted) and began to drain: its listener closed, resetting the clients in
+    its accept queue, and its connections were reset at ``drain_timeout``. The master's main
+    thread (the one running trio) lives as long as the master, which is what the workers'
+    death signal means. The fork blocks the event loop for a few milliseconds, only when a
+    worker starts.
+    """
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str]) -> None:
+        self._popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        self.pid = self._popen.pid
+        self._pidfd: int | None = os.pidfd_open(self.pid)
+        self._wait_lock = trio.Lock()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        # One waiter at a time (wait_readable allows one per fd), and only the waiter closes
+        # the pidfd, so it is never closed under a parked task.
+        async with self._wait_lock:
+            if self._pidfd is not None:
+                if self._popen.poll() is None:
+                    await trio.lowlevel.wait_readable(self._pidfd)  # readable once it exited
+                os.close(self._pidfd)
+                self._pidfd = None
+            return self._popen.wait()  # exited by now: reaps it without blocking
+
+    def send_signal(self, sig: int) -> None:
+        self._popen.send_signal(sig)  # a no-op once reaped: never a recycled pid
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+
 class Master:
     def __init__(self, cfg: Config, argv: Sequence[str], reload: Callable[[], Config] | None):
         self.cfg = cfg
         self.argv = list(argv)
         self._reload = reload
         self.n = cfg.workers
-        self.procs: list[trio.Process | None] = [None] * self.n
+        self.procs: list[WorkerProcess | None] = [None] * self.n
         self.restarts = [0] * self.n
         self.state = "starting"
         self.started = time.monotonic()
@@ -79,12 +121,12 @@ class Master:
 
     # --- processes
 
-    async def spawn(self, i: int) -> trio.Process:
+    def spawn(self, i: int) -> WorkerProcess:
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)  # only the master talks to systemd
         env[MASTER_PID_ENV] = str(os.getpid())
         cmd = [sys.executable, "-m", "pep.cli", *self.argv, "--worker", str(i)]
-        proc = await trio.lowlevel.open_process(cmd, env=env, stdin=subprocess.DEVNULL)
+        proc = WorkerProcess(cmd, env)  # from this (the main) thread: see WorkerProcess
         self.procs[i] = proc
         log.debug("worker %d started (pid %d)", i, proc.pid)
         return proc
@@ -127,7 +169,7 @@ class Master:
             await trio.sleep(RESTART_DELAY)
             if self.stopping.is_set():
                 return
-            await self.spawn(i)
+            self.spawn(i)
 
     def signal_all(self, sig: int) -> None:
         for proc in self.procs:
@@ -233,7 +275,7 @@ async def supervise(
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             for i in range(master.n):
-                await master.spawn(i)
+                master.spawn(i)
             await master.wait_ready()
             await master.services.open()
             install_rules(cfg)
