@@ -326,3 +326,29 @@ def test_cli_status_without_daemon_exits_3(tmp_path: Path) -> None:
     )
     assert r.returncode == 3
     assert "no pep daemon is running" in r.stderr and "none.sock" in r.stderr
+
+
+# A child that asks for SIGTERM when its parent dies (as a worker does), then exits 0 after
+# a while: -SIGTERM means the death signal fired while the parent was still alive.
+_DEATH_SIGNAL_CHILD = (
+    "import time; from pep.systemd import set_parent_death_signal; "
+    "set_parent_death_signal(); time.sleep(2.0)"
+)
+
+
+async def test_worker_death_signal_outlives_trio_worker_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PR_SET_PDEATHSIG follows the thread that forked the child. trio.lowlevel.open_process
+    forks in a cached thread that exits when idle (10 s; shortened here), which used to send
+    every worker SIGTERM 10 s after it started; workers are forked from the main thread."""
+    from pep.workers import WorkerProcess
+
+    # Long enough for the child to start and set its death signal, short for a unit test.
+    monkeypatch.setattr("trio._core._thread_cache.IDLE_TIMEOUT", 0.5)
+    proc = WorkerProcess([sys.executable, "-c", _DEATH_SIGNAL_CHILD], dict(os.environ))
+    assert proc.returncode is None
+    await trio.to_thread.run_sync(lambda: None)  # a cached thread that exits while we wait
+    with trio.fail_after(10):
+        assert await proc.wait() == 0
+    assert await proc.wait() == 0  # a second wait returns at once
