@@ -20,9 +20,9 @@ import subprocess
 import sys
 import time
 
-from bench.paths import PATHS, path
+from bench.paths import PATHS, bench_topology, path
 from pep.topology import Topology
-from tests.netenv import SERVER_IP, gateway_topology
+from tests.netenv import SERVER_IP
 
 
 def iperf(topo: Topology, seconds: float, reverse: bool, streams: int) -> float:
@@ -65,7 +65,7 @@ def measure(
     shared machine over every path.
     """
     gbit: dict[str, list[float]] = {p: [] for p in paths}
-    with gateway_topology("b") as topo:
+    with bench_topology("b") as topo:
         for _ in range(rounds):
             for name in paths:
                 with path(topo, name, pep_args):

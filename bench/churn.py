@@ -22,9 +22,9 @@ import trio
 
 from bench.bulk import machine
 from bench.concurrency import PORT, SERVER
-from bench.paths import fd_count, path, rss_kib
+from bench.paths import bench_topology, fd_count, path, rss_kib
 from pep.topology import Topology, ns_socket
-from tests.netenv import SERVER_IP, gateway_topology
+from tests.netenv import SERVER_IP
 
 WARMUP = 10.0
 
@@ -72,7 +72,7 @@ async def churn(
 
 
 def measure(seconds: float, parallel: int, warmup: float = WARMUP) -> dict[str, object]:
-    with gateway_topology("h") as topo:
+    with bench_topology("h") as topo:
         server = topo.popen(
             "server", [sys.executable, "-c", SERVER.format(ip=SERVER_IP, port=PORT)]
         )

@@ -25,9 +25,9 @@ from pathlib import Path
 import trio
 
 from bench.bulk import machine
-from bench.paths import fd_count, path, rss_kib
+from bench.paths import bench_topology, fd_count, path, rss_kib
 from pep.topology import Topology, ns_socket
-from tests.netenv import SERVER_IP, gateway_topology
+from tests.netenv import SERVER_IP
 
 PORT = 7000
 # A tiny echo server for the server namespace: holds every connection until the peer closes.
@@ -92,7 +92,7 @@ async def close_all(socks: list[trio.socket.SocketType]) -> int:
 
 def measure(n: int, workers: int, parallel: int, hold: float = 1.0) -> dict[str, object]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
-    with gateway_topology("c") as topo:
+    with bench_topology("c") as topo:
         server = topo.popen(
             "server", [sys.executable, "-c", SERVER.format(ip=SERVER_IP, port=PORT)]
         )

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from bench.bulk import machine
-from bench.paths import PATHS, cpu_seconds, machine_ticks, path
+from bench.paths import PATHS, bench_topology, cpu_seconds, machine_ticks, path
 from pep.topology import Topology
-from tests.netenv import SERVER_IP, gateway_topology
+from tests.netenv import SERVER_IP
 
 NGINX_CONF = """\
 daemon off;
@@ -113,7 +113,7 @@ def measure(
     pep_args: list[str] | None = None,
 ) -> dict[str, object]:
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
-    with gateway_topology("s") as topo, tempfile.TemporaryDirectory(prefix="pep-nginx-") as tmp:
+    with bench_topology("s") as topo, tempfile.TemporaryDirectory(prefix="pep-nginx-") as tmp:
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(NGINX_CONF.format(tmp=tmp, ip=SERVER_IP))
         nginx = topo.popen(

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import trio
 
-from tests.netenv import INGRESS, SERVER_IP, PepProcess, connect, gateway_topology, listen
-from tests.relenv import Pattern, cpu_seconds, fd_count, rss_kib
+from bench.paths import bench_topology, cpu_seconds, fd_count, rss_kib
+from tests.netenv import INGRESS, SERVER_IP, PepProcess, connect, listen
+from tests.relenv import Pattern
 
 PORT = 8080
 _HEAD = struct.Struct("!IQQ")  # seed, upload size, download size
@@ -153,7 +154,7 @@ async def soak(duration: float, out: Path | None) -> int:
     stats = Stats()
     rng = random.Random(7)
     samples: list[dict[str, object]] = []
-    with gateway_topology("rk") as topo:
+    with bench_topology("rk") as topo:
         pep = PepProcess(topo, "gw", ["--interface", INGRESS])
         try:
             pep.start()

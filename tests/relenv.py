@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import random
 import socket
 import struct
@@ -24,29 +23,7 @@ import trio
 from pep.topology import Topology, in_netns
 from tests.netenv import INGRESS, PepProcess, connect, recv_to_eof, send_all
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# --- what the daemon costs ------------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used (fields 14 and 15 of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+# --- the daemon under test (what it costs: bench.paths rss_kib, fd_count, cpu_seconds) -------
 
 
 def pid_of(pep: PepProcess) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from bench.paths import cpu_seconds, fd_count, rss_kib
 from pep.topology import Topology
 from tests.netenv import (
     CLIENT_IP,
@@ -31,7 +32,7 @@ from tests.netenv import (
     sha,
 )
 from tests.opsenv import status_json
-from tests.relenv import cpu_seconds, fd_count, pid_of, request, rss_kib, settle, start_pep
+from tests.relenv import pid_of, request, settle, start_pep
 from tests.test_core_netns import echo_upper
 
 pytestmark = pytest.mark.netns

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from bench.paths import rss_kib
 from pep.topology import Topology
 from tests.netenv import (
     CLIENT_IP,
@@ -29,7 +30,6 @@ from tests.relenv import (
     raw_sender,
     raw_syns,
     request,
-    rss_kib,
     send_packets,
     settle,
     start_pep,
