@@ -49,9 +49,10 @@ _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 _ACCEPT_BATCH = 16
 
 
-def original_dst(sock: socket.socket) -> tuple[str, int] | None:
-    """The pre-NAT destination from conntrack, or None when conntrack has no entry for it."""
-    if sock.family == socket.AF_INET6:
+def original_dst(sock: socket.socket, family: int) -> tuple[str, int] | None:
+    """The pre-NAT destination from conntrack, or None when conntrack has no entry for it.
+    (``family`` is the caller's to give: ``sock.family`` builds an enum on every read.)"""
+    if family == socket.AF_INET6:
         level, layout = socket.IPPROTO_IPV6, _SOCKADDR_IN6
     else:
         level, layout = socket.SOL_IP, _SOCKADDR_IN
@@ -60,7 +61,7 @@ def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     except OSError:
         return None  # ENOENT: not tracked, so certainly not redirected by us
     port, addr = layout.unpack(raw)
-    return socket.inet_ntop(sock.family, addr), port
+    return socket.inet_ntop(family, addr), port
 
 
 def is_local_address(host: str) -> bool:
@@ -434,7 +435,7 @@ class Listener:
             if dst[1] == self.cfg.listen_port and dst[0] in self.local:
                 return None
             return dst
-        dst = original_dst(client)
+        dst = original_dst(client, socket.AF_INET6 if ":" in local[0] else socket.AF_INET)
         return None if dst is None or dst == (local[0], local[1]) else dst
 
     async def _first_bytes(self, client: socket.socket) -> bytes:

@@ -21,19 +21,17 @@ SO_LINGER 0): a truncated transfer must not look like a clean end to the peer.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
 import os
 import select
 import socket
-import struct
 from dataclasses import dataclass
 
 import trio
 
-from pep.tuning import close_gracefully
+from pep.tuning import close_gracefully, reset_if_killed
 
 __all__ = ["PIPES", "PipePool", "RelayStats", "Relayer", "abort"]
 
@@ -41,11 +39,12 @@ log = logging.getLogger(__name__)
 
 F_SETPIPE_SZ = 1031  # include/uapi/linux/fcntl.h (F_LINUX_SPECIFIC_BASE + 7)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP  # always reported, whatever the registered mask
 _PARKED = -1  # an fd's mask while it is out of the epoll set (see _Conn.ready)
 _BATCH = 256  # events handled per wake-up before other tasks get a turn
+_BULK = 64 * 1024  # a chunk larger than this is a bulk transfer's: read on at once ...
+_BULK_CHUNKS = 4  # ... up to this many chunks per readiness report
 
 
 @dataclass(slots=True)
@@ -62,8 +61,7 @@ class RelayStats:
 
 def abort(sock: socket.socket) -> None:
     """Close with an RST (SO_LINGER 0), so the peer sees a failure, not an orderly EOF."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    reset_if_killed(sock)  # SO_LINGER 0
     sock.close()
 
 
@@ -225,26 +223,34 @@ class _Conn:
             self._fail(reading.src_name, OSError(err, os.strerror(err)))
 
     def _read(self, p: _Pump) -> None:
-        if p.pipe is None:
+        """Move what src has to dst; a chunk of a bulk transfer (over ``_BULK``) is followed
+        at once by the next, up to ``_BULK_CHUNKS``, saving a trip through both event loops
+        per chunk; a short exchange never pays for the extra read."""
+        for _ in range(_BULK_CHUNKS):
+            if p.pipe is None:
+                try:
+                    p.pipe = PIPES.get(self.pipe_size)
+                except OSError as e:  # out of descriptors: this connection cannot go on
+                    self._fail("pep", e)
+                    return
             try:
-                p.pipe = PIPES.get(self.pipe_size)
-            except OSError as e:  # out of descriptors: this connection cannot go on
-                self._fail("pep", e)
+                n = os.splice(p.src.fileno(), p.pipe[1], self.pipe_size, flags=_SPLICE_FLAGS)
+            except BlockingIOError:  # drained (or a stale readiness report)
+                PIPES.put(self.pipe_size, p.pipe)
+                p.pipe = None
                 return
-        try:
-            n = os.splice(p.src.fileno(), p.pipe[1], self.pipe_size, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            return  # a stale readiness report; the pipe stays empty
-        except OSError as e:
-            self._fail(p.src_name, e)
-            return
-        if n == 0:  # EOF, and the pipe is empty: pass the FIN on
-            PIPES.put(self.pipe_size, p.pipe)
-            p.pipe = None
-            self._eof(p)
-            return
-        p.pending = n
-        self._flush(p)
+            except OSError as e:
+                self._fail(p.src_name, e)
+                return
+            if n == 0:  # EOF, and the pipe is empty: pass the FIN on
+                PIPES.put(self.pipe_size, p.pipe)
+                p.pipe = None
+                self._eof(p)
+                return
+            p.pending = n
+            self._flush(p)
+            if p.pending or self.finished or n <= _BULK:
+                return
 
     def _flush(self, p: _Pump) -> None:
         assert p.pipe is not None
@@ -440,5 +446,7 @@ class Relayer:
                 del self._conns[fd]
                 # Before the socket closes, as its fd number is reused at once. ValueError:
                 # the engine already stopped (the daemon is cancelling every relay).
-                with contextlib.suppress(OSError, ValueError):
+                try:  # noqa: SIM105 (as in tuning.set_linger)
                     self._ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass

@@ -67,26 +67,19 @@ async def connect(
             sock.bind(source)  # numeric: no resolver call
         if first_bytes:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
-        with trio.move_on_after(timeout):
-            err = sock.connect_ex(dst)  # 0 at once when the SYN is deferred (Fast Open)
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
-            if first_bytes:
-                view = memoryview(first_bytes)
-                while view:  # the first write sends SYN+data; more waits for the handshake
-                    try:
-                        view = view[sock.send(view) :]
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-            if first_bytes or not _established(sock):
-                # Writable once the handshake completes (or fails): a SYN_SENT socket is not.
-                await trio.lowlevel.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-            ok = True
-            return sock
-        raise UpstreamError("connect timeout")
+        err = sock.connect_ex(dst)  # 0 at once when the SYN is deferred (Fast Open)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+        if first_bytes or not _established(sock):
+            with trio.move_on_after(timeout) as waiting:
+                await _handshake(sock, first_bytes)
+            if waiting.cancelled_caught:
+                raise UpstreamError("connect timeout")
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        ok = True
+        return sock
     except OSError as e:
         name = errno.errorcode.get(e.errno or 0, str(e.errno))
         raise UpstreamError(f"connect failed: {name}") from None
@@ -94,6 +87,19 @@ async def connect(
         if not ok:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+async def _handshake(sock: socket.socket, first_bytes: bytes) -> None:
+    """Send the Fast Open bytes (the first write sends SYN+data; more waits for the
+    handshake), then wait for the handshake to complete or fail: a SYN_SENT socket is not
+    writable."""
+    view = memoryview(first_bytes)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+    await trio.lowlevel.wait_writable(sock)
 
 
 def _established(sock: socket.socket) -> bool:
