@@ -207,6 +207,8 @@ class Listener:
         # Accepted sockets inherit buffers, congestion control and TCP_NODELAY from the
         # listener; buffers must be set here to count in the window scale of the SYN-ACK.
         apply_tuning(sock, self.cfg.client)
+        # And SO_LINGER 0: from accept on, a crash resets the client (see reset_if_killed).
+        reset_if_killed(sock)
         if self.cfg.tcp_fastopen:
             # Queue length for pending Fast Open requests (the kernel's own listeners use
             # the backlog here too).
@@ -324,7 +326,6 @@ class Listener:
         except OSError:
             client.close()  # reset between accept and here
             return
-        reset_if_killed(client)  # from here on a crash resets the client (see relay)
         dst = self._original_dst(client, local)
         if dst is None:
             c.not_redirected += 1

@@ -323,13 +323,28 @@ class _Conn:
         self.finish(f"{side} error: {err.strerror or err}")
 
     def finish(self, failure: str | None) -> None:
-        """Out of the engine; the connection's task wakes up to close the sockets."""
+        """Out of the engine, closed, and the connection's task woken to account for it.
+
+        Closed here rather than by the task: closing takes the sockets out of the epoll set,
+        so no stale readiness is reported for them in between, and no unregistering is needed.
+        """
         if self.finished:
             return
         self.finished = True
         self.failure = failure
-        self.relayer.forget(self)
+        self.close(clean=failure is None)
         self.done.set()
+
+    def close(self, clean: bool) -> None:
+        """FIN after the data on a clean end (see Listener.handle), RST to both otherwise."""
+        self.relayer.forget(self)
+        self.release()
+        client, upstream = self.up.src, self.down.src
+        if clean:
+            close_gracefully(client, upstream)
+        else:
+            abort(client)
+            abort(upstream)
 
     def release(self) -> None:
         """Give back the pipes: empty ones to the pool, ones that may hold bytes closed."""
@@ -403,18 +418,11 @@ class Relayer:
                 clean = True
             else:
                 stats.close_reason = "eof"
-                clean = True
         finally:
-            if not conn.finished:  # idle timeout or cancelled
+            if not conn.finished:  # idle timeout or cancelled: still open
                 conn.finished = True
-                self.forget(conn)
-            conn.release()
-            if clean:
-                close_gracefully(client, upstream)  # FIN after the data (see Listener.handle)
-            else:
                 stats.close_reason = stats.close_reason or "cancelled"
-                abort(client)
-                abort(upstream)
+                conn.close(clean)
 
     def _add(self, conn: _Conn) -> None:
         # Registered for input at once: a request already waiting is reported by the next
@@ -441,12 +449,8 @@ class Relayer:
             self._ep.modify(fd, mask)
 
     def forget(self, conn: _Conn) -> None:
+        """Drop the connection, whose sockets are about to close: closing an fd removes it
+        from the epoll set (it is never duplicated), before its number can be reused."""
         for fd in (conn.cfd, conn.ufd):
             if self._conns.get(fd) is conn:
                 del self._conns[fd]
-                # Before the socket closes, as its fd number is reused at once. ValueError:
-                # the engine already stopped (the daemon is cancelling every relay).
-                try:  # noqa: SIM105 (as in tuning.set_linger)
-                    self._ep.unregister(fd)
-                except (OSError, ValueError):
-                    pass

@@ -75,9 +75,9 @@ async def connect(
                 await _handshake(sock, first_bytes)
             if waiting.cancelled_caught:
                 raise UpstreamError("connect timeout")
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
         ok = True
         return sock
     except OSError as e:
