@@ -236,7 +236,7 @@ class Listener:
     async def serve(self, nursery: trio.Nursery) -> None:
         """Accept on every listening socket until cancelled; the connections, and the relay
         engine they share, run in ``nursery``."""
-        nursery.start_soon(self.relayer.run)
+        await nursery.start(self.relayer.run)
         async with trio.open_nursery() as accepting:
             for sock in self.socks:
                 accepting.start_soon(self._accept_loop, sock, nursery)

@@ -143,9 +143,11 @@ class _Pump:
 
     __slots__ = ("dst", "dst_name", "eof", "pending", "pipe", "src", "src_name", "up")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, names: str, up: bool) -> None:
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, names: tuple[str, str], up: bool
+    ) -> None:
         self.src, self.dst = src, dst
-        self.src_name, self.dst_name = names.split(">")
+        self.src_name, self.dst_name = names
         self.up = up
         self.pipe: tuple[int, int] | None = None  # borrowed from PIPES only while data moves
         self.pending = 0
@@ -184,8 +186,8 @@ class _Conn:
     ) -> None:
         self.relayer = relayer
         self.cfd, self.ufd = client.fileno(), upstream.fileno()
-        self.up = _Pump(client, upstream, "client>upstream", True)
-        self.down = _Pump(upstream, client, "upstream>client", False)
+        self.up = _Pump(client, upstream, ("client", "upstream"), True)
+        self.down = _Pump(upstream, client, ("upstream", "client"), False)
         # fd -> (the pump reading it, the pump writing it)
         self.pumps = {self.cfd: (self.up, self.down), self.ufd: (self.down, self.up)}
         self.masks = {self.cfd: _IN, self.ufd: _IN}
@@ -254,7 +256,8 @@ class _Conn:
 
     def _flush(self, p: _Pump) -> None:
         assert p.pipe is not None
-        blocked = self.masks[p.dst.fileno()] & _OUT
+        mask = self.masks[p.dst.fileno()]
+        blocked = mask != _PARKED and mask & _OUT  # dst was full at the last try
         try:
             while p.pending:
                 n = os.splice(p.pipe[0], p.dst.fileno(), p.pending, flags=_SPLICE_FLAGS)
@@ -366,10 +369,12 @@ class Relayer:
         self.now = 0.0  # trio.current_time() at the start of the batch being handled
         self.running = False
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Handle every ready socket, until cancelled (which only the connections' owner
-        does: every relay is then cancelled with it and resets its sockets)."""
+        does: every relay is then cancelled with it and resets its sockets). Started with
+        ``nursery.start``, so no connection can reach ``relay`` before the engine runs."""
         self.running = True
+        task_status.started()
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._ep.fileno())

@@ -13,7 +13,6 @@ __all__ = [
     "close_gracefully",
     "mirror_syn",
     "reset_if_killed",
-    "set_linger",
     "transparent",
 ]
 
@@ -77,7 +76,7 @@ def transparent(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
-def set_linger(sock: socket.socket, linger: bytes) -> None:
+def _set_linger(sock: socket.socket, linger: bytes) -> None:
     """SO_LINGER, where a socket already reset by its peer is no error. A try, not
     contextlib.suppress: this runs four times per connection (see reset_if_killed)."""
     try:  # noqa: SIM105
@@ -92,11 +91,11 @@ def reset_if_killed(sock: socket.socket) -> None:
     a transfer cut short for a complete one (a plain close would send a FIN after the data
     already sent). Every orderly close must go through ``close_gracefully``: with SO_LINGER 0,
     close() discards data not yet sent."""
-    set_linger(sock, _LINGER_RESET)
+    _set_linger(sock, _LINGER_RESET)
 
 
 def close_gracefully(*socks: socket.socket) -> None:
     """Close with a FIN after every byte already written (undoes ``reset_if_killed``)."""
     for sock in socks:
-        set_linger(sock, _LINGER_DEFAULT)
+        _set_linger(sock, _LINGER_DEFAULT)
         sock.close()

@@ -265,6 +265,11 @@ async def test_fd_limit_lowered_under_the_daemon_refuses_at_once_then_recovers(
     with trio.fail_after(40):
         async with trio.open_nursery() as n:
             n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), hold, peers)
+            # The SYN reader reads the limit at the first SYN a second or more after its last
+            # reading (the first at start-up): after this sleep the next SYN takes a reading,
+            # and the limit lowered just after it goes unnoticed for a second, whenever the
+            # daemon's start-up happened to end.
+            await trio.sleep(1.1)
             held = [await one(i) for i in range(3)]
             assert outcomes == ["answered"] * 3 and {p[0] for p in peers} == {GW_SERVER_IP}
             used = fd_count(pid)
