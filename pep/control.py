@@ -30,7 +30,7 @@ from pep.config import Config, ConfigError, LegTuning, log_level_number
 from pep.flows import FlowTable
 from pep.tuning import apply_tuning
 
-__all__ = ["RELOADABLE", "ReloadPlan", "Runtime", "Services", "plan_reload"]
+__all__ = ["RELOADABLE", "ReloadPlan", "Runtime", "Services", "plan_reload", "watch_signals"]
 
 log = logging.getLogger(__name__)
 
@@ -245,26 +245,15 @@ class Runtime:
     # --- signals
 
     async def watch_signals(self, signals: AsyncIterator[int]) -> None:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                systemd.reloading()
-                self.reload()
-                systemd.notify("READY=1")
-            elif not self.stopping.is_set():
-                log.info(
-                    "%s: stopping; new connections go end to end, live ones get up to %.0f s "
-                    "(drain_timeout)",
-                    name,
-                    self.cfg.drain_timeout,
-                )
-                systemd.notify("STOPPING=1")
-                self.stopping.set()
-            elif signum == signal.SIGINT:
-                log.info("%s again: resetting the remaining connections now", name)
-                self.force.set()
-            else:
-                log.info("%s: already stopping", name)
+        await watch_signals(
+            signals,
+            reload=self.reload,
+            stopping=self.stopping,
+            force=self.force.set,
+            stop_text="new connections go end to end, live ones get up to "
+            f"{self.cfg.drain_timeout:.0f} s (drain_timeout)",
+            force_text="resetting the remaining connections now",
+        )
 
     # --- reload
 
@@ -340,3 +329,32 @@ class Runtime:
                 self.cfg.drain_timeout,
             )
         connections.cancel()
+
+
+async def watch_signals(
+    signals: AsyncIterator[int],
+    *,
+    reload: Callable[[], object],
+    stopping: trio.Event,
+    force: Callable[[], None],
+    stop_text: str,
+    force_text: str,
+) -> None:
+    """The daemon's signals, for a single process and a workers' master alike: SIGHUP
+    reloads (told to systemd), the first SIGTERM/SIGINT sets ``stopping``, a second SIGINT
+    calls ``force`` (Ctrl-C twice: do not wait for the drain)."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            systemd.reloading()
+            reload()
+            systemd.notify("READY=1")
+        elif not stopping.is_set():
+            log.info("%s: stopping; %s", name, stop_text)
+            systemd.notify("STOPPING=1")
+            stopping.set()
+        elif signum == signal.SIGINT:
+            log.info("%s again: %s", name, force_text)
+            force()
+        else:
+            log.info("%s: already stopping", name)

@@ -44,7 +44,7 @@ import trio
 from pep import status, systemd
 from pep.config import Config, ConfigError, log_level_number
 from pep.connections import ConnectionTable
-from pep.control import Services, plan_reload
+from pep.control import Services, plan_reload, watch_signals
 from pep.flows import FlowTable
 
 __all__ = ["MASTER_PID_ENV", "WorkerError", "WorkerProcess", "supervise"]
@@ -223,21 +223,14 @@ class Master:
     # --- signals
 
     async def watch_signals(self, signals: AsyncIterator[int]) -> None:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                systemd.reloading()
-                self.reload()
-                systemd.notify("READY=1")
-            elif not self.stopping.is_set():
-                log.info("%s: stopping; new connections go end to end, the workers drain", name)
-                systemd.notify("STOPPING=1")
-                self.stopping.set()
-            elif signum == signal.SIGINT:
-                log.info("%s again: the workers reset their remaining connections now", name)
-                self.signal_all(signal.SIGINT)
-            else:
-                log.info("%s: already stopping", name)
+        await watch_signals(
+            signals,
+            reload=self.reload,
+            stopping=self.stopping,
+            force=lambda: self.signal_all(signal.SIGINT),
+            stop_text="new connections go end to end, the workers drain",
+            force_text="the workers reset their remaining connections now",
+        )
 
     def reload(self) -> None:
         """Validate the file here, so an invalid one is reported once, not by every worker;
