@@ -216,8 +216,7 @@ class _Conn:
                 # Hung up (its FIN read while ours was sent) with data still to read once
                 # the other side drains the pipe. No mask silences EPOLLHUP: out of the
                 # set until then, or the engine would spin on it.
-                self.relayer.modify(fd, _PARKED)
-                self.masks[fd] = _PARKED
+                self._set_mask(fd, _PARKED)
                 return
             # Nothing to read or write on it, yet it failed (an RST after its FIN): the
             # other direction could never be delivered, so the connection ends now.
@@ -319,8 +318,11 @@ class _Conn:
             fd = sock.fileno()
             want = self._want(fd)
             if want != self.masks[fd]:
-                self.relayer.modify(fd, want)
-                self.masks[fd] = want
+                self._set_mask(fd, want)
+
+    def _set_mask(self, fd: int, mask: int) -> None:
+        self.relayer.modify(fd, self.masks[fd], mask)
+        self.masks[fd] = mask
 
     def _fail(self, side: str, err: OSError) -> None:
         self.finish(f"{side} error: {err.strerror or err}")
@@ -442,13 +444,12 @@ class Relayer:
             raise
         self._conns[conn.ufd] = conn
 
-    def modify(self, fd: int, mask: int) -> None:
-        """Change what ``fd`` is polled for; ``_PARKED`` takes it out of the set until the
-        next change puts it back."""
-        conn = self._conns[fd]
+    def modify(self, fd: int, old: int, mask: int) -> None:
+        """Change what ``fd`` is polled for from ``old`` to ``mask``; ``_PARKED`` takes it
+        out of the set until the next change puts it back."""
         if mask == _PARKED:
             self._ep.unregister(fd)
-        elif conn.masks[fd] == _PARKED:
+        elif old == _PARKED:
             self._ep.register(fd, mask)
         else:
             self._ep.modify(fd, mask)
