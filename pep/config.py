@@ -20,9 +20,9 @@ from typing import Any
 __all__ = ["Config", "ConfigError", "LegTuning", "load"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_IFNAME = re.compile(
-    r"^[^\s/:]{1,15}$"
-)  # IFNAMSIZ 16 incl. NUL; no '/', ':' or spaces (dev_valid_name)
+# IFNAMSIZ 16 incl. NUL; no whitespace, '/' or ':' (the kernel's dev_valid_name), and no '!'
+# (iptables reads "! -i" as negation): what passes here, the rules take.
+_IFNAME = re.compile(r"^[^\s/:!]{1,15}$")
 
 
 class ConfigError(ValueError):
@@ -279,7 +279,8 @@ def _interfaces(key: str, value: object) -> tuple[str, ...]:
         raise ConfigError(key, value, "must be a non-empty list of interface names")
     for name in value:
         if not isinstance(name, str) or not _IFNAME.match(name):
-            raise ConfigError(key, name, "is not a valid interface name (1-15 chars, no '/', ':')")
+            allowed = "is not a valid interface name (1-15 chars, no whitespace, '/', ':', '!')"
+            raise ConfigError(key, name, allowed)
     if len(set(value)) != len(value):
         raise ConfigError(key, value, "lists an interface twice")
     return tuple(value)
@@ -439,6 +440,9 @@ def read_file(path: str | Path) -> dict[str, object]:
         raise ConfigError("--config", str(path), "file does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("--config", str(path), f"is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 (toml.io, "Spec"); tomllib decodes first
+        msg = f"is not valid TOML: not UTF-8 (byte {e.start}: {e.reason})"
+        raise ConfigError("--config", str(path), msg) from None
     except OSError as e:
         raise ConfigError("--config", str(path), f"cannot be read: {e.strerror}") from None
 

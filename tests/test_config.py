@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pep.config import Config, ConfigError, LegTuning, load
+from pep.config import Config, ConfigError, LegTuning, build, load
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -40,6 +40,8 @@ def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
         ('interfaces = ["eth1"]\nlisten_prot = 80', "listen_prot", "unknown key"),
         ('interfaces = ["eth1", "eth1"]', "interfaces", "twice"),
         ('interfaces = ["bad/name"]', "interfaces", "not a valid interface name"),
+        # iptables reads '!' as negation: RuleSpec refused it after config.build had passed it
+        ('interfaces = ["eth!1"]', "interfaces", "not a valid interface name"),
         ("interfaces = []", "interfaces", "non-empty"),
         ('interfaces = ["eth1"]\nlog_level = "loud"', "log_level", "one of"),
         ('interfaces = ["eth1"]\nconnect_timeout = -1', "connect_timeout", "between"),
@@ -136,19 +138,47 @@ congestion = "reno"
     assert cfg.upstream_tuning("192.0.2.1") == cfg.upstream
 
 
+def test_build_refuses_what_the_rules_would_refuse() -> None:
+    """config.build is the one check of interface names: what it passes, iptables takes."""
+    for name in ("eth!1", "!eth1", "eth 1", "eth1:0", "a/b", "x" * 16, ""):
+        with pytest.raises(ConfigError) as exc:
+            build({"interfaces": [name]})
+        assert exc.value.key == "interfaces" and exc.value.value == name
+    with pytest.raises(ConfigError) as exc:
+        load(None, {"interfaces": ["eth!1"]})  # --interface 'eth!1'
+    assert exc.value.key == "interfaces"
+    ok = ("eth1", "ppp+", "x" * 15)  # "+" is iptables' wildcard
+    assert build({"interfaces": list(ok)}).interfaces == ok
+
+
+def test_not_utf8_is_not_valid_toml(tmp_path: Path) -> None:
+    """A file that is not UTF-8 was a UnicodeDecodeError traceback (exit 1)."""
+    p = tmp_path / "bad.toml"
+    p.write_bytes(b"\xff\xfe = 1\n")
+    with pytest.raises(ConfigError) as exc:
+        load(p, {})
+    assert exc.value.key == "--config" and "is not valid TOML" in str(exc.value)
+    for command in ("run", "status"):
+        r = pep_cli(command, "--config", str(p))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith(f"pep: config: --config = {str(p)!r}: is not valid TOML")
+        assert r.stderr.endswith(": not UTF-8 (byte 0: invalid start byte)\n")
+
+
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load("/nonexistent/pep.toml", {})
 
 
+def pep_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pep.cli", *args], capture_output=True, text=True, timeout=30
+    )
+
+
 def test_cli_exits_2_with_message(tmp_path: Path) -> None:
     p = write(tmp_path, 'interfaces = ["eth1"]\nlisten_port = 0\n')
-    r = subprocess.run(
-        [sys.executable, "-m", "pep.cli", "run", "--config", str(p)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r = pep_cli("run", "--config", str(p))
     assert r.returncode == 2
     assert "listen_port = 0" in r.stderr and "between 1 and 65535" in r.stderr
 
