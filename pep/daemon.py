@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -38,8 +39,33 @@ def rule_spec(cfg: Config) -> iptables_setup.RuleSpec:
     )
 
 
+def missing_interfaces(
+    interfaces: Iterable[str], present: Iterable[str] | None = None
+) -> list[str]:
+    """The ingress interfaces this namespace does not have (``present``: default, its own);
+    a trailing "+" is iptables' wildcard: "ppp+" is there when some ppp interface is."""
+    try:
+        have = set(present) if present is not None else {n for _, n in socket.if_nameindex()}
+    except OSError:
+        return []  # cannot tell: say nothing rather than something wrong
+    return [
+        i
+        for i in interfaces
+        if i not in have and not (i.endswith("+") and any(h.startswith(i[:-1]) for h in have))
+    ]
+
+
 def install_rules(cfg: Config) -> None:
-    """Netfilter rules, plus in TPROXY mode the policy routing they rely on (routes first)."""
+    """Netfilter rules, plus in TPROXY mode the policy routing they rely on (routes first).
+
+    An interface that does not exist is a warning, not an error: the rules match it by name,
+    so one that comes up later (ppp0 on dial-up) is split from then on; the warning is what
+    gives a typo away.
+    """
+    for name in missing_interfaces(cfg.interfaces):
+        log.warning(
+            "interface %s does not exist (yet): its connections are split once it appears", name
+        )
     if cfg.mode == "tproxy":
         routing.install(cfg.tproxy_mark, cfg.route_table, cfg.families)
     else:

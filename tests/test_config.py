@@ -193,3 +193,26 @@ def test_cli_help_mentions_every_flag() -> None:
     assert r.returncode == 0
     for flag in ("--config", "--interface", "--listen-port", "--queue", "--log-level"):
         assert flag in r.stdout
+
+
+def test_missing_interface_is_a_warning_at_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`interfaces = ["nonexist0"]` started silently; it may come up later (ppp0), so pep
+    still starts, but says so."""
+    from pep import daemon
+
+    assert daemon.missing_interfaces(["eth1", "ppp0", "ppp+", "wg+"], ["lo", "eth1", "ppp1"]) == [
+        "ppp0",
+        "wg+",
+    ]
+    assert daemon.missing_interfaces(["lo"]) == []  # this namespace's own list
+    installed = []
+    monkeypatch.setattr(daemon.routing, "remove", lambda: 0)
+    monkeypatch.setattr(daemon.iptables_setup, "install", installed.append)
+    with caplog.at_level("WARNING", logger="pep.daemon"):
+        daemon.install_rules(build({"interfaces": ["lo", "nonexist0"]}))
+    assert [r.getMessage() for r in caplog.records] == [
+        "interface nonexist0 does not exist (yet): its connections are split once it appears"
+    ]
+    assert installed[0].interfaces == ("lo", "nonexist0")  # the rule is installed all the same
