@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from pep import metrics, status, systemd
+from pep.checks import reloadable
 from pep.config import Config, ConfigError, LegTuning, log_level_number
 from pep.flows import FlowTable
 from pep.tuning import apply_tuning
@@ -34,33 +35,10 @@ __all__ = ["RELOADABLE", "ReloadPlan", "Runtime", "Services", "plan_reload", "wa
 
 log = logging.getLogger(__name__)
 
-# Keys a SIGHUP applies. Everything else is fixed at start: it shapes the rules, the queue
-# bindings or the sockets. A key added to Config is restart-only until it is listed here (with
-# whatever ``Runtime.apply`` must do for it), so a reload can never half-apply something new.
-RELOADABLE = frozenset(
-    {
-        "log_level",
-        "flow_ttl",
-        "flow_table_size",
-        "connect_timeout",
-        "idle_timeout",
-        "fastopen_wait",
-        "pipe_size",
-        "drain_timeout",
-        "client",
-        "upstream",
-        # decided per SYN by the SYN reader (pep.syn_queue.Decider.configure)
-        "policy",
-        "default_action",
-        "max_connections",
-        "syn_verdict",
-        "syn_hold_max",
-        "syn_hold_timeout",
-        "mirror_tos",
-        "mirror_mss",
-        "upstream_override",
-    }
-)
+# Keys a SIGHUP applies: those pep.config declares with ``reload=True``. Everything else is
+# fixed at start: it shapes the rules, the queue bindings or the sockets. ``Runtime.apply``
+# does what each reloadable key needs (most are read per SYN or per connection).
+RELOADABLE = reloadable(Config)
 # The client leg is set on the listening socket and inherited by accepted sockets. A buffer
 # size or congestion control, once set, cannot be put back to "kernel default" there.
 _STICKY_CLIENT = ("sndbuf", "rcvbuf", "congestion")

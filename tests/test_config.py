@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
 
+from pep.checks import choice, key, reloadable, seconds, table
 from pep.config import Config, ConfigError, LegTuning, build, load
+from pep.control import RELOADABLE
+from pep.policy import Rule
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -42,6 +47,11 @@ def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
         ('interfaces = ["bad/name"]', "interfaces", "not a valid interface name"),
         # iptables reads '!' as negation: RuleSpec refused it after config.build had passed it
         ('interfaces = ["eth!1"]', "interfaces", "not a valid interface name"),
+        (
+            'interfaces = ["eth1"]\n[[policy]]\naction = "split"\ninterface = "a b"',
+            "policy[0].interface",
+            "not a valid interface name",
+        ),
         ("interfaces = []", "interfaces", "non-empty"),
         ('interfaces = ["eth1"]\nlog_level = "loud"', "log_level", "one of"),
         ('interfaces = ["eth1"]\nconnect_timeout = -1', "connect_timeout", "between"),
@@ -165,6 +175,19 @@ def test_not_utf8_is_not_valid_toml(tmp_path: Path) -> None:
         assert r.stderr.endswith(": not UTF-8 (byte 0: invalid start byte)\n")
 
 
+def test_typed_values() -> None:
+    """Config.policy holds Rules, an override's dst holds networks: checked once, typed."""
+    cfg = build(
+        {
+            "policy": [{"action": "bypass", "dst": "10.0.0.0/8"}],
+            "upstream_override": [{"dst": ["2001:db8::/32"], "nodelay": False}],
+        }
+    )
+    assert cfg.policy == (Rule(name="rule0", action="bypass", dst=(ip_network("10.0.0.0/8"),)),)
+    assert cfg.upstream_override[0].dst == (ip_network("2001:db8::/32"),)
+    assert cfg.upstream_override[0].changes == (("nodelay", False),)
+
+
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load("/nonexistent/pep.toml", {})
@@ -216,3 +239,38 @@ def test_missing_interface_is_a_warning_at_start(
         "interface nonexist0 does not exist (yet): its connections are split once it appears"
     ]
     assert installed[0].interfaces == ("lo", "nonexist0")  # the rule is installed all the same
+
+
+def test_each_key_is_declared_once_with_its_check_and_reload_flag() -> None:
+    """The fields are the declaration: build, the unknown-key message and RELOADABLE (the
+    reload plan) all come from them, so none can drift from another."""
+    for cls in (Config, LegTuning, Rule):
+        for f in dataclasses.fields(cls):
+            assert callable(f.metadata["check"]) and isinstance(f.metadata["reload"], bool)
+    assert {f.name for f in dataclasses.fields(Config) if f.metadata["reload"]} == RELOADABLE
+    assert {"policy", "client", "log_level"} <= RELOADABLE
+    assert not {"interfaces", "listen_port", "status_socket", "queue"} & RELOADABLE
+    with pytest.raises(ConfigError, match=r"unknown key \(allowed: backlog, client, "):
+        build({"nosuch": 1})
+
+
+def test_a_new_table_is_one_dataclass_and_one_field() -> None:
+    """How a sub-table such as [client] is declared: a dataclass of key() fields, then
+    ``table(cls)`` checks it, with the dotted names in errors and required keys enforced."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Link:
+        name: str = key(check=choice("sat", "lte"))  # required: no default
+        rtt: float = key(0.6, seconds(0, 10), reload=True)
+
+    check = table(Link)
+    assert check("link", {"name": "sat"}) == Link("sat", 0.6)
+    assert reloadable(Link) == {"rtt"}
+    for raw, where in (({"name": "sat", "rtt": 99}, "link.rtt"), ({}, "link.name")):
+        with pytest.raises(ConfigError) as exc:
+            check("link", raw)
+        assert exc.value.key == where
+    with pytest.raises(ConfigError, match=r"link.mtu = 1: unknown key \(allowed: name, rtt\)"):
+        check("link", {"name": "sat", "mtu": 1})
+    with pytest.raises(ConfigError, match="must be a table with keys name, rtt"):
+        check("link", 5)
