@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--status-socket",
         metavar="PATH",
-        help='unix socket `pep status` reads (default /run/pep/pep.sock; "" for none)',
+        help="unix socket `pep status` reads (default /run/pep/pep.sock, in a named netns "
+        '/run/pep/netns/NAME/pep.sock; "" for none)',
     )
     run.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by pep.workers
     status = sub.add_parser(

@@ -39,6 +39,7 @@ from pep.checks import (
     seconds,
     table,
 )
+from pep.paths import default_status_socket
 from pep.policy import Rule, parse_rules
 
 __all__ = ["Config", "ConfigError", "LegTuning", "build", "load", "read_file"]
@@ -239,8 +240,10 @@ class Config:
     # finish before they are reset. Below systemd's default TimeoutStopSec of 90 s; the
     # shipped unit sets TimeoutStopSec=45 to leave room for the rest of the shutdown.
     drain_timeout: float = key(30.0, seconds(0, 86400), reload=True)
-    # Unix socket `pep status` reads; "" disables it. /run/pep is the unit's RuntimeDirectory.
-    status_socket: str = key("/run/pep/pep.sock", _socket_path)
+    # Unix socket `pep status` reads; "" disables it. /run/pep/pep.sock (/run/pep is the
+    # unit's RuntimeDirectory), or /run/pep/netns/NAME/pep.sock in the named netns NAME, so
+    # peps in two namespaces of one host do not collide (pep.paths).
+    status_socket: str = key(factory=default_status_socket, check=_socket_path)
     # "ADDRESS:PORT" of the Prometheus endpoint (e.g. "127.0.0.1:9560"); "" serves none.
     metrics_listen: str = key("", _listen_address)
     # Processes sharing the listener (SO_REUSEPORT), each reading one queue of

@@ -101,6 +101,7 @@ class PepProcess:
     # Status socket; by default one in a fresh temporary directory, so parallel daemons
     # never share /run/pep/pep.sock.
     status_socket: str | None = None
+    own_status_socket: bool = True  # False: no --status-socket, the daemon's own default
     prefix: Sequence[str] = ()  # command run before python, e.g. setpriv with its options
     _tmpdir: str | None = None
 
@@ -108,7 +109,7 @@ class PepProcess:
         fd, name = tempfile.mkstemp(prefix="pep-log-", suffix=".txt")
         self.log_path = Path(name)
         args = list(self.args)
-        if "--status-socket" not in args:
+        if "--status-socket" not in args and self.own_status_socket:
             if self.status_socket is None:
                 self._tmpdir = tempfile.mkdtemp(prefix="pep-run-")
                 self.status_socket = os.path.join(self._tmpdir, "pep.sock")
