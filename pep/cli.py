@@ -106,9 +106,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _setup_logging(level: str, tag: str = "") -> None:
-    # Under systemd (JOURNAL_STREAM set) the journal stamps each line itself.
+    from pep import systemd
+
     fmt = "%(levelname)s %(name)s" + tag + ": %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
+    if not systemd.under_journal():  # else the journal stamps each line itself
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=config_mod.log_level_number(level), format=fmt, stream=sys.stderr)
     # Libraries' own debug output (pyroute2 logs every netlink message) drowns pep's.

@@ -1,9 +1,11 @@
-"""The two bits of systemd integration pep uses, without a dependency on libsystemd.
+"""The systemd integration pep uses, without a dependency on libsystemd.
 
-- ``notify``: the sd_notify(3) datagram protocol, so ``Type=notify`` units are started only once
-  the rules are in place, and ``systemctl reload``/``stop`` see RELOADING/STOPPING.
+- ``notify`` and ``reloading``: the sd_notify(3) datagram protocol, so ``Type=notify`` units
+  are started only once the rules are in place, and ``systemctl reload``/``stop`` see
+  RELOADING/STOPPING.
 - ``under_journal``: whether stderr goes to the journal (JOURNAL_STREAM, systemd.exec(5)), in
   which case log lines carry no timestamp of their own: the journal stamps each line.
+- ``set_parent_death_signal``: PR_SET_PDEATHSIG, so a worker does not outlive its master.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def reloading() -> bool:
 
 
 def under_journal() -> bool:
+    """stderr is a journal stream (systemd sets JOURNAL_STREAM for it, systemd.exec(5))."""
     return "JOURNAL_STREAM" in os.environ
 
 
