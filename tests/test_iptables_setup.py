@@ -317,17 +317,13 @@ def test_kernel_refusal_names_the_rule_and_rolls_back(netns: str) -> None:
     message = in_ns(
         netns,
         f"""
-        import iptc
+        import dataclasses
+        from pep import rule_plan
+        from pep.nfrule import ext
         s.install({SPEC})  # a previous good state: replaced, then rolled back to nothing
-        def refused(rule_cls):
-            rule = rule_cls()
-            rule.protocol = "tcp"
-            target = rule.create_target("TPROXY")
-            target.on_port = "1"
-            target.tproxy_mark = "0x1/0x1"
-            return rule
-        real = s._redirect_rule
-        s._redirect_rule = lambda spec: s._Rule(real(spec).body, refused)
+        real = rule_plan._redirect_rule
+        tproxy = ext("TPROXY", on_port="1", tproxy_mark="0x1/0x1")
+        rule_plan._redirect_rule = lambda *a: dataclasses.replace(real(*a), target=tproxy)
         try:
             s._install_family({SPEC}, 4)  # in this process, where the patch applies
         except RulesError as e:
