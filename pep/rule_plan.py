@@ -67,17 +67,18 @@ FULL_MASK = 0xFFFFFFFF  # a 32-bit skb mark; iptables-save prints a mark with it
 # include/uapi/linux/netfilter/x_tables.h); the longest suffix is "_REDIRECT" (9), which
 # leaves 19 for the prefix.
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,18}$")
-# IFNAMSIZ is 16 with the NUL; '+' is iptables' wildcard suffix and is allowed.
-_IFNAME = re.compile(r"^[^\s/:!]{1,15}$")
 
 
 @dataclass(frozen=True, slots=True)
 class RuleSpec:
-    """What to install; validated on construction so a bad config fails before the kernel does.
+    """What to install, from a validated :class:`pep.config.Config` (see pep.daemon.rule_spec).
 
-    ``queues`` is ``(first, last)``: equal numbers give ``--queue-num first``, a range gives
-    ``--queue-balance first:last``. ``split_mark`` must lie within ``mark_mask`` because the nat
-    rule matches ``--mark split_mark/mark_mask``.
+    The values are not checked again here: pep.config validates every one of them (interface
+    names, queue range, port, marks and their overlap, mode, families). Only ``chain_prefix``
+    is checked, as no configuration key sets it and it is the API's own argument (it bounds the
+    chain names' length). ``queues`` is ``(first, last)``: equal numbers give ``--queue-num
+    first``, a range gives ``--queue-balance first:last``. The nat rule matches
+    ``--mark split_mark/mark_mask``.
     """
 
     interfaces: tuple[str, ...]
@@ -85,75 +86,24 @@ class RuleSpec:
     listen_port: int
     split_mark: int
     mark_mask: int
-    chain_prefix: str = "PEP"
+    chain_prefix: str = "PEP"  # the daemon's; a second instance (or a test) picks its own
+    # The daemon passes every field below from its Config; these defaults are Config's, but for
+    # families, where a bare RuleSpec (tests) manages IPv4 only.
     mode: str = "redirect"  # or "tproxy"
     families: tuple[int, ...] = (4,)  # 4 -> iptables, 6 -> ip6tables
     tproxy_mark: int = 0x10000  # TPROXY mode: mark routed to the local socket
 
     def __post_init__(self) -> None:
+        # Frozen and hashable: a list given by a caller becomes the declared tuple. A string
+        # would silently become its letters, one interface each.
         if isinstance(self.interfaces, str):
             raise ValueError(
                 f"RuleSpec.interfaces must be a sequence of names, not the string "
                 f"{self.interfaces!r}"
             )
-        interfaces = tuple(self.interfaces)
-        if not interfaces:
-            raise ValueError(
-                "RuleSpec.interfaces is empty: at least one ingress interface is required "
-                "(an unscoped REDIRECT would also catch connections to the gateway itself)"
-            )
-        for name in interfaces:
-            if not isinstance(name, str) or not _IFNAME.match(name):
-                raise ValueError(
-                    f"RuleSpec.interfaces: {name!r} is not a valid interface name "
-                    "(1-15 characters, no whitespace, '/', ':' or '!')"
-                )
-        if len(set(interfaces)) != len(interfaces):
-            raise ValueError(f"RuleSpec.interfaces lists an interface twice: {interfaces!r}")
-        # Frozen dataclass: normalise a list given by a caller to the declared tuple type.
-        object.__setattr__(self, "interfaces", interfaces)
-
-        queues = tuple(self.queues)
-        if (
-            len(queues) != 2
-            or not all(isinstance(q, int) and 0 <= q <= 0xFFFF for q in queues)
-            or queues[0] > queues[1]
-        ):
-            raise ValueError(
-                f"RuleSpec.queues must be (first, last) with 0 <= first <= last <= 65535, "
-                f"got {self.queues!r}"
-            )
-        object.__setattr__(self, "queues", queues)
-
-        if not 1 <= self.listen_port <= 0xFFFF:
-            raise ValueError(f"RuleSpec.listen_port must be 1..65535, got {self.listen_port!r}")
-        if not 1 <= self.mark_mask <= 0xFFFFFFFF:
-            raise ValueError(f"RuleSpec.mark_mask must be 1..0xffffffff, got {self.mark_mask!r}")
-        if not 1 <= self.split_mark <= 0xFFFFFFFF or self.split_mark & ~self.mark_mask:
-            raise ValueError(
-                f"RuleSpec.split_mark {self.split_mark!r} must be non-zero and lie within "
-                f"mark_mask {self.mark_mask:#x}"
-            )
+        for name in ("interfaces", "queues", "families"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         check_prefix(self.chain_prefix)
-        if self.mode not in ("redirect", "tproxy"):
-            raise ValueError(f"RuleSpec.mode must be 'redirect' or 'tproxy', got {self.mode!r}")
-        families = tuple(self.families)
-        if (
-            not families
-            or any(f not in (4, 6) for f in families)
-            or len(set(families)) != len(families)
-        ):
-            raise ValueError(
-                f"RuleSpec.families must be a non-empty subset of (4, 6), got {families!r}"
-            )
-        object.__setattr__(self, "families", families)
-        if self.mode == "tproxy" and (
-            not 1 <= self.tproxy_mark <= 0xFFFFFFFF or self.tproxy_mark & self.mark_mask
-        ):
-            raise ValueError(
-                f"RuleSpec.tproxy_mark {self.tproxy_mark:#x} must be non-zero and outside "
-                f"mark_mask {self.mark_mask:#x}"
-            )
 
 
 def check_prefix(prefix: str) -> None:

@@ -1,4 +1,5 @@
-"""pep/iptables_setup.py: RuleSpec validation here, and the real rules in throwaway namespaces.
+"""pep/iptables_setup.py: what RuleSpec checks (and leaves to the config), and the real rules in
+throwaway namespaces.
 
 python-iptables acts on the network namespace of the calling process, so the code under test
 runs in a subprocess started with ``ip netns exec``; the checks read the kernel's view back with
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from pep import config
+from pep.config import ConfigError
 from pep.iptables_setup import RuleSpec, expected_rules
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,30 +113,18 @@ def netns() -> Iterator[str]:
 # RuleSpec (no privileges needed)
 
 
-def test_rulespec_empty_interfaces_is_a_clear_valueerror() -> None:
-    with pytest.raises(ValueError, match=r"interfaces is empty.*at least one ingress interface"):
-        RuleSpec((), (0, 0), 8888, 0x5E9, 0xFFFF)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"interfaces": "eth1"}, "not the string"),
-        ({"interfaces": ("eth1", "eth1")}, "twice"),
-        ({"interfaces": ("a-name-too-long-for-linux",)}, "not a valid interface name"),
-        ({"interfaces": ("eth 1",)}, "not a valid interface name"),
-        ({"queues": (3, 0)}, "first <= last"),
-        ({"queues": (0, 70000)}, "first <= last <= 65535"),
-        ({"listen_port": 0}, "listen_port"),
-        ({"split_mark": 0x10000}, "within mark_mask"),
-        ({"split_mark": 0}, "non-zero"),
-        ({"mark_mask": 0}, "mark_mask"),
         ({"chain_prefix": ""}, "chain_prefix"),
         ({"chain_prefix": "P" * 20}, "chain_prefix"),
         ({"chain_prefix": "PEP X"}, "chain_prefix"),
     ],
 )
 def test_rulespec_rejects_bad_values(kwargs: dict[str, object], match: str) -> None:
+    """What only RuleSpec sees: its own chain_prefix argument, and a string where its
+    normalisation to a tuple would split the name into letters."""
     args: dict[str, object] = {
         "interfaces": ("eth1",),
         "queues": (0, 0),
@@ -144,6 +135,32 @@ def test_rulespec_rejects_bad_values(kwargs: dict[str, object], match: str) -> N
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         RuleSpec(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"interfaces": []}, "interfaces"),
+        ({"interfaces": ["eth1", "eth1"]}, "interfaces"),
+        ({"interfaces": ["a-name-too-long-for-linux"]}, "interfaces"),
+        ({"interfaces": ["eth 1"]}, "interfaces"),
+        ({"queues": "3-0"}, "queues"),
+        ({"queues": "0-70000"}, "queues"),
+        ({"listen_port": 0}, "listen_port"),
+        ({"split_mark": 0x10000}, "split_mark"),
+        ({"split_mark": 0}, "split_mark"),
+        ({"mark_mask": 0}, "mark_mask"),
+        ({"mode": "tproxy", "tproxy_mark": 0x1}, "tproxy_mark"),
+    ],
+)
+def test_config_refuses_the_values_rulespec_no_longer_checks(
+    settings: dict[str, object], key: str
+) -> None:
+    """RuleSpec is built from a validated Config (pep.daemon.rule_spec) and does not check
+    these again: each one stops at the config, before any rule is planned."""
+    with pytest.raises(ConfigError) as exc:
+        config.load(None, {"interfaces": ["eth1"], **settings})
+    assert exc.value.key == key
 
 
 def test_rulespec_normalises_lists_to_tuples() -> None:
