@@ -444,3 +444,29 @@ def test_one_process_sees_changes_made_behind_its_back(netns: str) -> None:
     )
     assert result == [4, "-t mangle -A PREROUTING -i eth7 -j PEP_SYN", 5, []]
     assert pep_free(netns)
+
+
+@pytest.mark.netns
+def test_rules_remove_takes_the_routes_even_when_the_rules_fail(netns: str) -> None:
+    """`pep rules remove` (the daemon's remove_rules): a refused netfilter removal leaves
+    its table as it was but no longer keeps the policy routes in place; both are reported."""
+    _run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"])
+    in_ns(
+        netns,
+        """
+        from pep import routing
+        routing.install(0x10000, 1513, (4, 6))
+        s.install(RuleSpec(('eth1',), (0, 0), 8888, 0x5E9, 0xFFFF, mode='tproxy'))
+        """,
+    )
+    ipt(netns, "-t", "mangle", "-N", "USERCHAIN")
+    ipt(netns, "-t", "mangle", "-A", "USERCHAIN", "-j", "PEP_SYN")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pep.cli", "rules", "remove"]
+    proc = _run(["ip", "netns", "exec", netns, *cmd], env=env)
+    assert proc.returncode == 1
+    assert in_ns(netns, "from pep import routing\nresult = routing.show()") == []
+    assert "netfilter rules: removing pep's rules failed" in proc.stderr
+    assert "still jumps to PEP_SYN" in proc.stderr
+    assert any("PEP_SYN" in line for line in rules(netns, "mangle"))  # refused: left whole
