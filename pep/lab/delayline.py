@@ -262,10 +262,14 @@ class LinkRules:
             table.commit()
 
 
+# xt_statistic keeps a random probability as a fraction of 2**31 (libxt_statistic.c parses it
+# with lround(p * 0x80000000) and saves it with "%.11f").
+STATISTIC_SCALE = 0x80000000
+
+
 def _probability(loss: float) -> str:
-    """``--probability`` as iptables-save prints it: libxt_statistic keeps ``lround(p * 2**31)``
-    and saves that fixed-point value with ``%.11f`` (0.005 is saved as 0.00499999989)."""
-    return f"{math.floor(loss * 0x80000000 + 0.5) / 0x80000000:.11f}"
+    """``--probability`` as iptables-save prints it (0.005 is saved as 0.00499999989)."""
+    return f"{math.floor(loss * STATISTIC_SCALE + 0.5) / STATISTIC_SCALE:.11f}"
 
 
 def _drop_jumps(forward: Any) -> None:
