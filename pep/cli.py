@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command == "rules" and args.action in ("remove", "show"):
         # Imported after parsing: --help works even where python-iptables cannot load.
-        from pep import iptables_setup, routing
+        from pep import iptables_setup, kernel_state, routing
 
         try:
             if args.action == "remove":
@@ -175,7 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("# policy routing (TPROXY mode)")
                 for line in routing.show():
                     print(line)
-        except (iptables_setup.RulesError, routing.RoutingError) as e:
+        except (
+            iptables_setup.RulesError,
+            routing.RoutingError,
+            kernel_state.KernelStateError,  # remove_rules: names each kind that failed
+        ) as e:
             print(f"pep: {e}", file=sys.stderr)
             return 1
         return 0
@@ -203,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import trio
 
-    from pep import systemd, workers
+    from pep import kernel_state, systemd, workers
     from pep.daemon import serve
     from pep.nfq_socket import QueueError
     from pep.status import StatusError
@@ -224,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         iptables_setup.RulesError,
         routing.RoutingError,
+        kernel_state.KernelStateError,  # remove_rules on the way out
         QueueError,
         StatusError,
         workers.WorkerError,

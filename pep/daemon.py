@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from pep import iptables_setup, routing, systemd
+from pep import iptables_setup, kernel_state, routing, systemd
 from pep.config import Config
 from pep.control import Runtime
 from pep.flows import FlowTable
@@ -61,6 +61,10 @@ def install_rules(cfg: Config) -> None:
     An interface that does not exist is a warning, not an error: the rules match it by name,
     so one that comes up later (ppp0 on dial-up) is split from then on; the warning is what
     gives a typo away.
+
+    All or nothing: when the rules fail, the routes just installed are removed again
+    (iptables_setup.install leaves its own tables clean), as the caller never removes what it
+    was not told is installed.
     """
     for name in missing_interfaces(cfg.interfaces):
         log.warning(
@@ -70,12 +74,22 @@ def install_rules(cfg: Config) -> None:
         routing.install(cfg.tproxy_mark, cfg.route_table, cfg.families)
     else:
         routing.remove()  # a previous TPROXY run's, if any
-    iptables_setup.install(rule_spec(cfg))
+    try:
+        iptables_setup.install(rule_spec(cfg))
+    except iptables_setup.RulesError as e:
+        if cfg.mode == "tproxy":
+            try:
+                routing.remove()
+            except routing.RoutingError as rollback:
+                e.add_note(f"removing the policy routes again also failed: {rollback}")
+        raise
 
 
 def remove_rules() -> int:
-    """Every rule and route pep installed, whatever mode installed it."""
-    return iptables_setup.remove() + routing.remove()
+    """Every rule and route pep installed, whatever mode installed it: each kind of kernel
+    state is tried even when another fails (pep.kernel_state); KernelStateError names every
+    failure once all were tried."""
+    return kernel_state.remove()
 
 
 def stop_new_flows() -> int:

@@ -147,7 +147,7 @@ class Decider:
         self.policy = Policy(cfg.policy, cfg.default_action)
         # TPROXY lives in the same mangle chain as the queue rule, and ACCEPT would leave that
         # chain: a split SYN is REPEATed instead, re-entering the chain where the TPROXY rule
-        # (first in pep's chain) now sees its mark. See iptables_setup._plan.
+        # (first in pep's chain) now sees its mark. See pep.rule_plan.plan.
         self.split_verdict = nfq.NF_REPEAT if cfg.mode == "tproxy" else nfq.NF_ACCEPT
         self.strict = cfg.syn_verdict == "after-upstream"
 

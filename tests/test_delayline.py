@@ -1,4 +1,5 @@
-"""The delay line's pure scheduling core: which batch verdicts to send when (no root needed)."""
+"""The delay line's pure scheduling core: which batch verdicts to send when (no root needed);
+and the link's rules as python-iptables really installs them (in a namespace)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pep.lab.delayline import DelayLine, LinkRules, queue_sizing, simulate
+from tests.test_iptables_setup import in_ns, ipt, netns  # noqa: F401 (netns: a fixture)
 
 
 def test_nothing_held_means_no_deadline() -> None:
@@ -108,12 +110,39 @@ def test_link_rules_drop_before_queue_per_direction() -> None:
     lines = rules.lines()
     assert lines[0] == "-A FORWARD -m comment --comment pep-lab -j LAB_LINK"
     assert lines[1:] == [
-        "-A LAB_LINK -i cl0 -m statistic --mode random --probability 0.005000 -j DROP",
+        # 0.005 as libxt_statistic keeps it (a 2**-31 fixed point) and iptables-save prints it
+        "-A LAB_LINK -i cl0 -m statistic --mode random --probability 0.00499999989 -j DROP",
         "-A LAB_LINK -i cl0 -j NFQUEUE --queue-num 1",
-        "-A LAB_LINK -i sv0 -m statistic --mode random --probability 0.005000 -j DROP",
+        "-A LAB_LINK -i sv0 -m statistic --mode random --probability 0.00499999989 -j DROP",
         "-A LAB_LINK -i sv0 -j NFQUEUE --queue-num 2",
     ]
     assert LinkRules((("cl0", 1, False), ("sv0", 2, False)), loss=0.0).lines() == [lines[0]]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    "rules",
+    [
+        LinkRules((("cl0", 1, True), ("sv0", 2, True)), loss=0.005),
+        LinkRules((("cl0", 1, False), ("sv0", 2, True)), loss=0.25),
+    ],
+    ids=["delay-and-loss", "one-way-delay"],
+)
+def test_link_rules_install_builds_what_lines_say_and_remove_leaves_nothing(
+    netns: str,  # noqa: F811 (the fixture imported above)
+    rules: LinkRules,
+) -> None:
+    """install() builds its python-iptables rules from the same description lines() renders:
+    what the kernel then holds, read by iptables-legacy, is exactly those lines."""
+    ipt(netns, "-A", "FORWARD", "-p", "udp", "-j", "ACCEPT")  # not the link's: stays
+    user = ["-A FORWARD -p udp -j ACCEPT"]
+    install = f"from pep.lab.delayline import LinkRules\n{rules!r}.install()"
+    in_ns(netns, install)
+    in_ns(netns, install)  # again: replaced, not doubled
+    saved = [line for line in ipt(netns, "-S") if not line.startswith("-P ")]
+    assert saved == ["-N LAB_LINK", rules.lines()[0], *user, *rules.lines()[1:]]
+    in_ns(netns, "from pep.lab.delayline import LinkRules\nLinkRules.remove()")
+    assert [line for line in ipt(netns, "-S") if not line.startswith("-P ")] == user
 
 
 def test_learns_how_late_its_timer_fires_and_aims_that_early() -> None:

@@ -1,4 +1,5 @@
-"""pep/iptables_setup.py: RuleSpec validation here, and the real rules in throwaway namespaces.
+"""pep/iptables_setup.py: what RuleSpec checks (and leaves to the config), and the real rules in
+throwaway namespaces.
 
 python-iptables acts on the network namespace of the calling process, so the code under test
 runs in a subprocess started with ``ip netns exec``; the checks read the kernel's view back with
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from pep import config
+from pep.config import ConfigError
 from pep.iptables_setup import RuleSpec, expected_rules
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,30 +113,18 @@ def netns() -> Iterator[str]:
 # RuleSpec (no privileges needed)
 
 
-def test_rulespec_empty_interfaces_is_a_clear_valueerror() -> None:
-    with pytest.raises(ValueError, match=r"interfaces is empty.*at least one ingress interface"):
-        RuleSpec((), (0, 0), 8888, 0x5E9, 0xFFFF)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"interfaces": "eth1"}, "not the string"),
-        ({"interfaces": ("eth1", "eth1")}, "twice"),
-        ({"interfaces": ("a-name-too-long-for-linux",)}, "not a valid interface name"),
-        ({"interfaces": ("eth 1",)}, "not a valid interface name"),
-        ({"queues": (3, 0)}, "first <= last"),
-        ({"queues": (0, 70000)}, "first <= last <= 65535"),
-        ({"listen_port": 0}, "listen_port"),
-        ({"split_mark": 0x10000}, "within mark_mask"),
-        ({"split_mark": 0}, "non-zero"),
-        ({"mark_mask": 0}, "mark_mask"),
         ({"chain_prefix": ""}, "chain_prefix"),
         ({"chain_prefix": "P" * 20}, "chain_prefix"),
         ({"chain_prefix": "PEP X"}, "chain_prefix"),
     ],
 )
 def test_rulespec_rejects_bad_values(kwargs: dict[str, object], match: str) -> None:
+    """What only RuleSpec sees: its own chain_prefix argument, and a string where its
+    normalisation to a tuple would split the name into letters."""
     args: dict[str, object] = {
         "interfaces": ("eth1",),
         "queues": (0, 0),
@@ -144,6 +135,32 @@ def test_rulespec_rejects_bad_values(kwargs: dict[str, object], match: str) -> N
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         RuleSpec(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"interfaces": []}, "interfaces"),
+        ({"interfaces": ["eth1", "eth1"]}, "interfaces"),
+        ({"interfaces": ["a-name-too-long-for-linux"]}, "interfaces"),
+        ({"interfaces": ["eth 1"]}, "interfaces"),
+        ({"queues": "3-0"}, "queues"),
+        ({"queues": "0-70000"}, "queues"),
+        ({"listen_port": 0}, "listen_port"),
+        ({"split_mark": 0x10000}, "split_mark"),
+        ({"split_mark": 0}, "split_mark"),
+        ({"mark_mask": 0}, "mark_mask"),
+        ({"mode": "tproxy", "tproxy_mark": 0x1}, "tproxy_mark"),
+    ],
+)
+def test_config_refuses_the_values_rulespec_no_longer_checks(
+    settings: dict[str, object], key: str
+) -> None:
+    """RuleSpec is built from a validated Config (pep.daemon.rule_spec) and does not check
+    these again: each one stops at the config, before any rule is planned."""
+    with pytest.raises(ConfigError) as exc:
+        config.load(None, {"interfaces": ["eth1"], **settings})
+    assert exc.value.key == key
 
 
 def test_rulespec_normalises_lists_to_tuples() -> None:
@@ -317,17 +334,13 @@ def test_kernel_refusal_names_the_rule_and_rolls_back(netns: str) -> None:
     message = in_ns(
         netns,
         f"""
-        import iptc
+        import dataclasses
+        from pep import rule_plan
+        from pep.nfrule import ext
         s.install({SPEC})  # a previous good state: replaced, then rolled back to nothing
-        def refused(rule_cls):
-            rule = rule_cls()
-            rule.protocol = "tcp"
-            target = rule.create_target("TPROXY")
-            target.on_port = "1"
-            target.tproxy_mark = "0x1/0x1"
-            return rule
-        real = s._redirect_rule
-        s._redirect_rule = lambda spec: s._Rule(real(spec).body, refused)
+        real = rule_plan._redirect_rule
+        tproxy = ext("TPROXY", on_port="1", tproxy_mark="0x1/0x1")
+        rule_plan._redirect_rule = lambda *a: dataclasses.replace(real(*a), target=tproxy)
         try:
             s._install_family({SPEC}, 4)  # in this process, where the patch applies
         except RulesError as e:
@@ -431,3 +444,29 @@ def test_one_process_sees_changes_made_behind_its_back(netns: str) -> None:
     )
     assert result == [4, "-t mangle -A PREROUTING -i eth7 -j PEP_SYN", 5, []]
     assert pep_free(netns)
+
+
+@pytest.mark.netns
+def test_rules_remove_takes_the_routes_even_when_the_rules_fail(netns: str) -> None:
+    """`pep rules remove` (the daemon's remove_rules): a refused netfilter removal leaves
+    its table as it was but no longer keeps the policy routes in place; both are reported."""
+    _run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"])
+    in_ns(
+        netns,
+        """
+        from pep import routing
+        routing.install(0x10000, 1513, (4, 6))
+        s.install(RuleSpec(('eth1',), (0, 0), 8888, 0x5E9, 0xFFFF, mode='tproxy'))
+        """,
+    )
+    ipt(netns, "-t", "mangle", "-N", "USERCHAIN")
+    ipt(netns, "-t", "mangle", "-A", "USERCHAIN", "-j", "PEP_SYN")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pep.cli", "rules", "remove"]
+    proc = _run(["ip", "netns", "exec", netns, *cmd], env=env)
+    assert proc.returncode == 1
+    assert in_ns(netns, "from pep import routing\nresult = routing.show()") == []
+    assert "netfilter rules: removing pep's rules failed" in proc.stderr
+    assert "still jumps to PEP_SYN" in proc.stderr
+    assert any("PEP_SYN" in line for line in rules(netns, "mangle"))  # refused: left whole

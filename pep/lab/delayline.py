@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +40,8 @@ import trio
 
 from pep import nfq_codec as nfq
 from pep.nfq_socket import QueueError, QueueSocket
+from pep.nfrule import NfRule, comment, ext
+from pep.rule_show import fresh_table
 
 __all__ = [
     "DelayLine",
@@ -52,6 +54,7 @@ __all__ = [
 
 log = logging.getLogger("pep.lab.delayline")
 
+FILTER = "filter"
 CHAIN = "LAB_LINK"
 COMMENT = "pep-lab"
 # Per queued packet, the netlink message (META copy: headers and attributes, ~100 bytes) is
@@ -209,83 +212,69 @@ class LinkRules:
 
     Dropping before queueing keeps lost packets out of the delay line. Only this process
     writes the link namespace's rules, so the chain is ours; still, removal touches only it.
+    The rules are described once (:meth:`rules`); the log's lines and the python-iptables
+    objects are both rendered from that.
     """
 
     directions: tuple[tuple[str, int, bool], ...]  # (ingress interface, queue, delayed?)
     loss: float
 
-    def lines(self) -> list[str]:
-        """The rules in iptables-save syntax (for the log and the tests)."""
-        out = [f"-A FORWARD -m comment --comment {COMMENT} -j {CHAIN}"]
+    def rules(self) -> list[NfRule]:
+        """The jump from FORWARD, then LAB_LINK's content in order."""
+        out = [NfRule(FILTER, "FORWARD", ext(CHAIN), (comment(COMMENT),))]
         for ifname, queue, delayed in self.directions:
             if self.loss > 0:
-                out.append(
-                    f"-A {CHAIN} -i {ifname} -m statistic --mode random "
-                    f"--probability {self.loss:.6f} -j DROP"
-                )
+                random = ext("statistic", mode="random", probability=_probability(self.loss))
+                out.append(NfRule(FILTER, CHAIN, ext("DROP"), (random,), in_interface=ifname))
             if delayed:
-                out.append(f"-A {CHAIN} -i {ifname} -j NFQUEUE --queue-num {queue}")
+                queued = ext("NFQUEUE", queue_num=str(queue))
+                out.append(NfRule(FILTER, CHAIN, queued, in_interface=ifname))
         return out
+
+    def lines(self) -> list[str]:
+        """The rules as ``iptables-legacy -S`` prints them once installed (for the log)."""
+        return [rule.save_line() for rule in self.rules()]
 
     def install(self) -> None:
         import iptc
 
-        with _filter_table() as table:
+        jump, *content = self.rules()
+        with fresh_table(FILTER) as table:
             if not table.is_chain(CHAIN):
                 table.create_chain(CHAIN)
             table.flush_entries(CHAIN)
             chain = iptc.Chain(table, CHAIN)
-            for ifname, queue, delayed in self.directions:
-                if self.loss > 0:
-                    rule = iptc.Rule()
-                    rule.in_interface = ifname
-                    m = rule.create_match("statistic")
-                    m.mode = "random"
-                    m.probability = f"{self.loss:.6f}"
-                    rule.create_target("DROP")
-                    chain.append_rule(rule)
-                if delayed:
-                    rule = iptc.Rule()
-                    rule.in_interface = ifname
-                    t = rule.create_target("NFQUEUE")
-                    t.queue_num = str(queue)
-                    chain.append_rule(rule)
-            forward = iptc.Chain(table, "FORWARD")
-            for rule in [r for r in forward.rules if r.target and r.target.name == CHAIN]:
-                forward.delete_rule(rule)
-            jump = iptc.Rule()
-            jump.create_match("comment").comment = COMMENT
-            jump.create_target(CHAIN)
-            forward.insert_rule(jump)
+            for rule in content:
+                chain.append_rule(rule.build(iptc))
+            _drop_jumps(iptc.Chain(table, "FORWARD"))
+            iptc.Chain(table, "FORWARD").insert_rule(jump.build(iptc))  # CHAIN exists by now
             table.commit()
 
     @staticmethod
     def remove() -> None:
         import iptc
 
-        with _filter_table() as table:
-            forward = iptc.Chain(table, "FORWARD")
-            for rule in [r for r in forward.rules if r.target and r.target.name == CHAIN]:
-                forward.delete_rule(rule)
+        with fresh_table(FILTER) as table:
+            _drop_jumps(iptc.Chain(table, "FORWARD"))
             if table.is_chain(CHAIN):
                 table.flush_entries(CHAIN)
                 table.delete_chain(CHAIN)
             table.commit()
 
 
-@contextlib.contextmanager
-def _filter_table() -> Iterator[Any]:
-    """The filter table with autocommit off, re-read from the kernel (python-iptables caches
-    one handle per process; without the refresh it would commit a stale copy)."""
-    import iptc
+# xt_statistic keeps a random probability as a fraction of 2**31 (libxt_statistic.c parses it
+# with lround(p * 0x80000000) and saves it with "%.11f").
+STATISTIC_SCALE = 0x80000000
 
-    table = iptc.Table(iptc.Table.FILTER)
-    table.autocommit = False
-    table.refresh()
-    try:
-        yield table
-    finally:
-        table.refresh()
+
+def _probability(loss: float) -> str:
+    """``--probability`` as iptables-save prints it (0.005 is saved as 0.00499999989)."""
+    return f"{math.floor(loss * STATISTIC_SCALE + 0.5) / STATISTIC_SCALE:.11f}"
+
+
+def _drop_jumps(forward: Any) -> None:
+    for rule in [r for r in forward.rules if r.target and r.target.name == CHAIN]:
+        forward.delete_rule(rule)
 
 
 # --------------------------------------------------------------------------------------------
