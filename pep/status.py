@@ -23,12 +23,12 @@ from typing import Any
 
 import trio
 
+from pep import nfq_proc
 from pep.config import Config
 from pep.connections import ConnectionTable
 from pep.flows import FlowTable
 
 __all__ = [
-    "NFQUEUE_PROC",
     "StatusError",
     "afetch",
     "decode",
@@ -37,7 +37,6 @@ __all__ = [
     "fetch",
     "fill_kernel_queues",
     "merge",
-    "parse_nfqueue",
     "read_kernel_queues",
     "render",
     "serve_status",
@@ -48,18 +47,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VERSION = 1
-NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
-# Columns of NFQUEUE_PROC (net/netfilter/nfnetlink_queue.c, seq_show); the last is always 1.
-_NFQUEUE_COLUMNS = (
-    "queue",
-    "portid",
-    "waiting",
-    "copy_mode",
-    "copy_range",
-    "queue_dropped",
-    "user_dropped",
-    "last_id",
-)
 Doc = dict[str, Any]
 
 
@@ -78,19 +65,6 @@ class NotRunning(StatusError):
 def hostport(addr: Sequence[Any]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def parse_nfqueue(text: str, queues: tuple[int, int] | None = None) -> list[dict[str, int]]:
-    """Rows of /proc/net/netfilter/nfnetlink_queue, optionally only queues first..last."""
-    rows = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < len(_NFQUEUE_COLUMNS) or not all(f.isdigit() for f in fields):
-            continue
-        row = dict(zip(_NFQUEUE_COLUMNS, map(int, fields), strict=False))
-        if queues is None or queues[0] <= row["queue"] <= queues[1]:
-            rows.append(row)
-    return rows
 
 
 def _counters(obj: object) -> dict[str, int]:
@@ -112,7 +86,7 @@ def document(
     syn: object | None,
     flows: FlowTable,
     queues: tuple[int, int],
-    kernel_queues: list[dict[str, int]] | None,
+    kernel_queues: list[nfq_proc.Row] | None,
     kernel_queues_error: str | None = None,
     queue_portids: Sequence[int] = (),
     state: str = "running",
@@ -332,8 +306,8 @@ def render(doc: Doc, limit: int = 200) -> str:
 
 
 def read_kernel_queues(
-    queues: tuple[int, int], path: str = NFQUEUE_PROC
-) -> tuple[list[dict[str, int]] | None, str | None]:
+    queues: tuple[int, int], path: str = nfq_proc.NFQUEUE_PROC
+) -> tuple[list[nfq_proc.Row] | None, str | None]:
     """Our queues' kernel counters, or (None, why not).
 
     The file is 0440 root:root, so a daemon running as a non-root user with only
@@ -341,13 +315,12 @@ def read_kernel_queues(
     itself (it is per network namespace, like the daemon's queues).
     """
     try:
-        with open(path) as f:
-            return parse_nfqueue(f.read(), queues), None
+        return nfq_proc.read(queues, path), None
     except OSError as e:
         return None, f"{path}: {e.strerror}"
 
 
-def fill_kernel_queues(doc: Doc, path: str = NFQUEUE_PROC) -> None:
+def fill_kernel_queues(doc: Doc, path: str = nfq_proc.NFQUEUE_PROC) -> None:
     """Fill in the kernel queue counters the daemon could not read, if we can read them.
 
     Only rows bound by the daemon's own netlink sockets count, so a ``pep status`` run in

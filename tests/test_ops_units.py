@@ -16,7 +16,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from pep import metrics, status, systemd
+from pep import metrics, nfq_proc, status, systemd
 from pep.config import Config, ConfigError, LegTuning, build, load
 from pep.connections import ConnectionTable, LatencyHistogram
 from pep.control import RELOADABLE, plan_reload
@@ -24,12 +24,7 @@ from pep.flows import FlowTable
 from pep.listener import ListenerCounters
 from pep.relay import RelayStats
 from pep.syn_queue import SynCounters
-
-PROC_TEXT = """\
-    0  31415     2 2   256     0     0       10  1
-    1  27182     0 2   256     5     7       99  1
-    7      0     0 2   256     0     0        0  1
-"""
+from tests.test_nfq_proc import PROC_TEXT
 
 
 class Clock:
@@ -63,7 +58,7 @@ def sample_doc(worker: int | None = None) -> status.Doc:
         syn=SynCounters(queued=5, split=4, unparsable=1),
         flows=FlowTable(16, 30.0),
         queues=(0, 0),
-        kernel_queues=status.parse_nfqueue(PROC_TEXT, (0, 0)),
+        kernel_queues=nfq_proc.parse(PROC_TEXT, (0, 0)),
         queue_portids=[31415],
         started=50.0,
         now=clock.now,
@@ -114,22 +109,6 @@ def test_histogram_buckets_are_upper_bounds() -> None:
     for v in (0.05, 0.1, 0.5, 1.0, 7.0):
         h.observe(v)
     assert h.counts == [2, 2, 1] and h.count == 5
-
-
-def test_parse_nfqueue_filters_queue_range() -> None:
-    rows = status.parse_nfqueue(PROC_TEXT, (1, 7))
-    assert [r["queue"] for r in rows] == [1, 7]
-    assert rows[0] == {
-        "queue": 1,
-        "portid": 27182,
-        "waiting": 0,
-        "copy_mode": 2,
-        "copy_range": 256,
-        "queue_dropped": 5,
-        "user_dropped": 7,
-        "last_id": 99,
-    }
-    assert status.parse_nfqueue("garbage\n\n") == []
 
 
 def test_fill_kernel_queues_only_with_our_portids(tmp_path: Path) -> None:
