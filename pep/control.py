@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from pep import metrics, status, systemd
+from pep import metrics, status, status_socket, systemd
 from pep.config import Config, ConfigError, LegTuning, log_level_number
 from pep.flows import FlowTable
 from pep.tuning import apply_tuning
@@ -165,21 +165,21 @@ class Services:
 
     async def open(self) -> None:
         if self.status_path:
-            sock = status.bind_unix(self.status_path)
+            sock = status_socket.bind_unix(self.status_path)
             self._status = (sock, os.stat(self.status_path).st_ino)
         if self.metrics_listen:
             self._metrics = await metrics.open_listeners(self.metrics_listen)
 
     def start(self, nursery: trio.Nursery) -> None:
         if self._status is not None:
-            nursery.start_soon(status.serve_status, self._status[0], self.get_doc)
+            nursery.start_soon(status_socket.serve_status, self._status[0], self.get_doc)
         if self._metrics:
             nursery.start_soon(metrics.serve_metrics, self._metrics, self.get_doc)
             log.info("metrics on http://%s/metrics", self.metrics_listen)
 
     def close(self) -> None:
         if self._status is not None:
-            status.unlink_socket(self._status[0], self.status_path, self._status[1])
+            status_socket.unlink_socket(self._status[0], self.status_path, self._status[1])
             self._status = None
         for listener in self._metrics:
             listener.socket.close()
@@ -214,7 +214,7 @@ class Runtime:
         self.force = trio.Event()
         path = cfg.status_socket
         if path and worker is not None:
-            path = status.worker_socket(path, worker)
+            path = status_socket.worker_socket(path, worker)
         # A worker serves no metrics: its master serves the sum over all workers.
         listen = cfg.metrics_listen if worker is None else ""
         self.services = Services(path, listen, self.get_document)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from pep import metrics, nfq_proc, status, systemd
+from pep import metrics, nfq_proc, status, status_socket, systemd
 from pep.config import Config, ConfigError, LegTuning, build, load
 from pep.connections import ConnectionTable, LatencyHistogram
 from pep.control import RELOADABLE, plan_reload
@@ -279,21 +280,43 @@ async def test_status_socket_roundtrip_permissions_and_stale_file(tmp_path: Path
     async def get() -> status.Doc:
         return doc
 
-    sock = status.bind_unix(path)
+    sock = status_socket.bind_unix(path)
     assert oct(os.stat(path).st_mode & 0o777) == "0o660"
     async with trio.open_nursery() as n:
-        n.start_soon(status.serve_status, sock, get)
-        got = await status.afetch(path)
-        got_blocking = await trio.to_thread.run_sync(status.fetch, path)
+        n.start_soon(status_socket.serve_status, sock, get)
+        got = await status_socket.afetch(path)
+        got_blocking = await trio.to_thread.run_sync(status_socket.fetch, path)
         with pytest.raises(status.StatusError, match="in use"):
-            status.bind_unix(path)
+            status_socket.bind_unix(path)
         n.cancel_scope.cancel()
     assert got == got_blocking == json.loads(json.dumps(doc))
     # The daemon was killed: the file stays, nothing answers; a new daemon takes it over.
     assert os.path.exists(path)
-    with pytest.raises(status.NotRunning):
-        status.fetch(path)
-    status.bind_unix(path).close()
+    with pytest.raises(status_socket.NotRunning):
+        status_socket.fetch(path)
+    status_socket.bind_unix(path).close()
+
+
+async def test_fetch_deadline_covers_the_whole_read(tmp_path: Path) -> None:
+    """A daemon that trickles its answer is given up on after ``timeout`` in all. The
+    blocking client used to apply it per recv, so a byte every 0.2 s kept `pep status`
+    waiting for as long as the daemon kept trickling."""
+    path = str(tmp_path / "slow.sock")
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(status_socket.bind_unix(path)))
+
+    async def trickle(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            while True:
+                await stream.send_all(b" ")
+                await trio.sleep(0.2)
+
+    async with trio.open_nursery() as n:
+        await n.start(trio.serve_listeners, trickle, [listener])
+        t0 = trio.current_time()
+        with trio.fail_after(3), pytest.raises(status.StatusError, match=r"within 0\.6 s"):
+            await trio.to_thread.run_sync(status_socket.fetch, path, 0.6, abandon_on_cancel=True)
+        assert trio.current_time() - t0 < 1.5
+        n.cancel_scope.cancel()
 
 
 def test_cli_status_without_daemon_exits_3(tmp_path: Path) -> None:
