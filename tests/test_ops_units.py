@@ -22,8 +22,8 @@ from pep.config import Config, ConfigError, LegTuning, build, load
 from pep.connections import ConnectionTable, LatencyHistogram
 from pep.control import RELOADABLE, plan_reload
 from pep.flows import FlowTable
-from pep.listener import ListenerCounters
 from pep.relay import RelayStats
+from pep.session import ListenerCounters
 from pep.syn_queue import SynCounters
 from tests.test_nfq_proc import PROC_TEXT
 
