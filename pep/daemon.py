@@ -19,6 +19,7 @@ from pep.control import Runtime
 from pep.fdbudget import FdBudget
 from pep.flows import FlowTable
 from pep.listener import Listener
+from pep.preconnect import PreConnector
 from pep.session import Sessions
 from pep.syn_queue import SynQueue
 
@@ -69,7 +70,8 @@ async def serve(
     is worker N of a ``workers`` daemon (pep.workers): it reads queue ``queue + N``, shares the
     port, and leaves the rules to the master.
     """
-    flows = FlowTable(cfg.flow_table_size, cfg.flow_ttl)
+    preconnect = PreConnector()  # strict mode's upstreams: it closes those left unclaimed
+    flows = FlowTable(cfg.flow_table_size, cfg.flow_ttl, on_drop=preconnect.discard)
     sessions = Sessions(cfg, flows)
     listener = Listener(cfg, sessions)
     mine = cfg.worker_queues(worker)
@@ -79,6 +81,7 @@ async def serve(
         flows,
         load=lambda: sessions.counters.active,
         room=FdBudget().room,  # out of descriptors: bypass
+        preconnect=preconnect,
     )
     installed = False
     rt = Runtime(
@@ -133,6 +136,7 @@ async def serve(
             remove_rules()
         queue.close()
         listener.close()
+        flows.clear()  # closes strict mode's unclaimed upstreams (PreConnector.discard)
         rt.services.close()
         q, lc = queue.counters, listener.counters
         log.info(

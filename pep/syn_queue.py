@@ -33,8 +33,9 @@ from pep.config import Config
 from pep.flows import FlowTable
 from pep.nfq_socket import QueueSocket
 from pep.policy import Policy
+from pep.preconnect import PreConnector
 from pep.syn import SynInfo, parse_syn
-from pep.upstream import UpstreamError, open_for
+from pep.upstream import UpstreamError
 
 __all__ = ["Decider", "Hold", "SynCounters", "SynQueue", "Verdict", "encode"]
 
@@ -207,7 +208,8 @@ class Decider:
 class SynQueue:
     """One reader task per queue number, sharing one Decider, flow table and counters.
 
-    ``load`` and ``room`` are the Decider's (admission control, the descriptor budget).
+    ``load`` and ``room`` are the Decider's (admission control, the descriptor budget);
+    ``preconnect`` opens strict mode's upstream connections (pep.preconnect).
     """
 
     def __init__(
@@ -218,9 +220,11 @@ class SynQueue:
         *,
         load: Callable[[], int],
         room: Callable[[], bool],
+        preconnect: PreConnector,
     ) -> None:
         self.queues = [queue] if isinstance(queue, int) else list(queue)
         self.flows = flows
+        self.preconnect = preconnect
         self.counters = SynCounters()
         self._ifnames: dict[int, str | None] = {}
         self.decider = Decider(cfg, flows, self.counters, load=load, ifname=self._ifname, room=room)
@@ -337,9 +341,7 @@ class SynQueue:
         upstream = None
         with trio.move_on_after(cfg.syn_hold_timeout) as scope:
             try:
-                upstream = await open_for(
-                    cfg, (syn.dst, syn.dport), hold.key, syn, timeout=cfg.syn_hold_timeout
-                )
+                upstream = await self.preconnect.connect(cfg, syn)
             except UpstreamError as e:
                 self.counters.strict_upstream_failed += 1
                 log.info(
