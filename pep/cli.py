@@ -120,7 +120,7 @@ def _setup_logging(level: str, tag: str = "") -> None:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from pep import status
+    from pep import status, status_socket
 
     path = args.socket
     if path is None:
@@ -134,8 +134,8 @@ def _status(args: argparse.Namespace) -> int:
             print(f"pep: status_socket is disabled in {args.config}", file=sys.stderr)
             return 2
     try:
-        doc = status.fetch(path)
-    except status.NotRunning as e:
+        doc = status_socket.fetch(path)
+    except status_socket.NotRunning as e:
         print(f"pep: {e}", file=sys.stderr)
         return 3
     except status.StatusError as e:

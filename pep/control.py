@@ -21,15 +21,20 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pep import metrics, status, systemd
+from pep import metrics, status, status_socket, systemd
 from pep.checks import reloadable
 from pep.config import Config, ConfigError, LegTuning, log_level_number
 from pep.flows import FlowTable
 from pep.tuning import apply_tuning
+
+if TYPE_CHECKING:  # the data path's parts; the workers' master imports this module without them
+    from pep.listener import Listener
+    from pep.session import Sessions
+    from pep.syn_queue import SynQueue
 
 __all__ = ["RELOADABLE", "ReloadPlan", "Runtime", "Services", "plan_reload", "watch_signals"]
 
@@ -77,14 +82,11 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
     return ReloadPlan(dataclasses.replace(running, **changes), tuple(changed), tuple(kept))
 
 
-def _portids(queue: Any) -> list[int]:
+def _portids(queue: SynQueue) -> list[int]:
     """The netlink port ids of the SYN reader's queue sockets (the proc file's portid)."""
-    if queue is None:
-        return []
-    sockets = getattr(queue, "sockets", None) or [getattr(queue, "nfq", None)]
     out = []
-    for s in sockets:
-        with contextlib.suppress(AttributeError, OSError):
+    for s in queue.sockets:
+        with contextlib.suppress(OSError):  # closed: the daemon is stopping
             out.append(s.sock.getsockname()[0])
     return out
 
@@ -143,21 +145,21 @@ class Services:
 
     async def open(self) -> None:
         if self.status_path:
-            sock = status.bind_unix(self.status_path)
+            sock = status_socket.bind_unix(self.status_path)
             self._status = (sock, os.stat(self.status_path).st_ino)
         if self.metrics_listen:
             self._metrics = await metrics.open_listeners(self.metrics_listen)
 
     def start(self, nursery: trio.Nursery) -> None:
         if self._status is not None:
-            nursery.start_soon(status.serve_status, self._status[0], self.get_doc)
+            nursery.start_soon(status_socket.serve_status, self._status[0], self.get_doc)
         if self._metrics:
             nursery.start_soon(metrics.serve_metrics, self._metrics, self.get_doc)
             log.info("metrics on http://%s/metrics", self.metrics_listen)
 
     def close(self) -> None:
         if self._status is not None:
-            status.unlink_socket(self._status[0], self.status_path, self._status[1])
+            status_socket.unlink_socket(self._status[0], self.status_path, self._status[1])
             self._status = None
         for listener in self._metrics:
             listener.socket.close()
@@ -171,17 +173,20 @@ class Runtime:
     def __init__(
         self,
         cfg: Config,
-        listener: Any,
-        flows: FlowTable,
         *,
+        listener: Listener,
+        sessions: Sessions,
+        queue: SynQueue,
+        flows: FlowTable,
         queues: tuple[int, int],
         worker: int | None = None,
         reload: Callable[[], Config] | None = None,
     ) -> None:
         self.cfg = cfg
         self.listener = listener
+        self.sessions = sessions
+        self.queue = queue
         self.flows = flows
-        self.queue: Any = None  # the SynQueue, once open
         self.queues = queues
         self.worker = worker
         self._reload = reload
@@ -192,7 +197,7 @@ class Runtime:
         self.force = trio.Event()
         path = cfg.status_socket
         if path and worker is not None:
-            path = status.worker_socket(path, worker)
+            path = status_socket.worker_socket(path, worker)
         # A worker serves no metrics: its master serves the sum over all workers.
         listen = cfg.metrics_listen if worker is None else ""
         self.services = Services(path, listen, self.get_document)
@@ -203,9 +208,9 @@ class Runtime:
         kernel, error = status.read_kernel_queues(self.queues)
         return status.document(
             cfg=self.cfg,
-            table=self.listener.table,
-            listener=self.listener.counters,
-            syn=None if self.queue is None else self.queue.counters,
+            table=self.sessions.table,
+            listener=self.sessions.counters,
+            syn=self.queue.counters,
             flows=self.flows,
             queues=self.queues,
             kernel_queues=kernel,
@@ -265,9 +270,8 @@ class Runtime:
     def apply(self, cfg: Config) -> None:
         """Make ``cfg`` the running config (it differs from the old one in RELOADABLE keys)."""
         self.cfg = cfg
-        self.listener.cfg = cfg  # read per connection: timeouts, pipe size, upstream leg
-        if self.queue is not None:
-            self.queue.cfg = cfg
+        self.sessions.cfg = cfg  # read per connection: timeouts, pipe size, upstream leg
+        self.queue.cfg = cfg
         self.flows.ttl = cfg.flow_ttl
         self.flows.max_size = cfg.flow_table_size
         for sock in self.listener.socks:
@@ -279,7 +283,7 @@ class Runtime:
     def idle(self) -> bool:
         """No live connection and no handshake in progress: nothing a full rule removal
         (conntrack hooks included) could break."""
-        return not len(self.listener.table) and not pending_handshakes(self.cfg.listen_port)
+        return not len(self.sessions.table) and not pending_handshakes(self.cfg.listen_port)
 
     async def accept_grace(self) -> None:
         """After the rules are removed, keep accepting while handshakes redirected just
@@ -294,7 +298,7 @@ class Runtime:
         """Wait for live connections to finish, up to drain_timeout (or a second SIGINT),
         then cancel the rest: the relay resets both sides of each."""
         self.state = "draining"
-        table = self.listener.table
+        table = self.sessions.table
         if len(table):
             log.info("draining %d live connection(s)", len(table))
         with trio.move_on_after(self.cfg.drain_timeout):

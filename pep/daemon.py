@@ -17,8 +17,11 @@ import trio
 from pep import iptables_setup, kernel_state, routing, systemd
 from pep.config import Config
 from pep.control import Runtime
+from pep.fdbudget import FdBudget
 from pep.flows import FlowTable
 from pep.listener import Listener
+from pep.preconnect import PreConnector
+from pep.session import Sessions
 from pep.syn_queue import SynQueue
 
 __all__ = ["install_rules", "remove_rules", "rule_spec", "serve", "stop_new_flows"]
@@ -107,18 +110,33 @@ async def serve(
     is worker N of a ``workers`` daemon (pep.workers): it reads queue ``queue + N``, shares the
     port, and leaves the rules to the master.
     """
-    flows = FlowTable(cfg.flow_table_size, cfg.flow_ttl)
-    listener = Listener(cfg, flows)
-    queue: SynQueue | None = None
-    installed = False
+    preconnect = PreConnector()  # strict mode's upstreams: it closes those left unclaimed
+    flows = FlowTable(cfg.flow_table_size, cfg.flow_ttl, on_drop=preconnect.discard)
+    sessions = Sessions(cfg, flows)
+    listener = Listener(cfg, sessions)
     mine = cfg.worker_queues(worker)
-    rt = Runtime(cfg, listener, flows, queues=(mine[0], mine[-1]), worker=worker, reload=reload)
+    queue = SynQueue(
+        cfg,
+        mine,
+        flows,
+        load=lambda: sessions.counters.active,
+        room=FdBudget().room,  # out of descriptors: bypass
+        preconnect=preconnect,
+    )
+    installed = False
+    rt = Runtime(
+        cfg,
+        listener=listener,
+        sessions=sessions,
+        queue=queue,
+        flows=flows,
+        queues=(mine[0], mine[-1]),
+        worker=worker,
+        reload=reload,
+    )
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             listener.bind()
-            queue = rt.queue = SynQueue(cfg, mine, flows)
-            queue.set_load(lambda: listener.counters.active)
-            queue.decider.room = listener.fds.room  # out of descriptors: bypass
             queue.open()
             await rt.services.open()
             if worker is None:
@@ -156,28 +174,27 @@ async def serve(
     finally:
         if installed:
             remove_rules()
-        if queue is not None:
-            queue.close()
+        queue.close()
         listener.close()
+        flows.clear()  # closes strict mode's unclaimed upstreams (PreConnector.discard)
         rt.services.close()
-        if queue is not None:
-            q, lc = queue.counters, listener.counters
-            log.info(
-                "stopped: syn queued=%d split=%d bypassed=%d admission_bypassed=%d "
-                "fd_bypassed=%d unparsable=%d malformed=%d enobufs=%d; connections accepted=%d "
-                "split=%d refused=%d refused_no_fd=%d upstream_failed=%d; policy decisions: %s",
-                q.queued,
-                q.split,
-                q.bypassed,
-                q.admission_bypassed,
-                q.fd_bypassed,
-                q.unparsable,
-                q.malformed,
-                q.enobufs,
-                lc.accepted,
-                lc.split,
-                lc.not_redirected,
-                lc.refused_no_fd,
-                lc.upstream_failed,
-                " ".join(f"{k}={v}" for k, v in queue.decider.policy.hits.items()) or "none",
-            )
+        q, lc = queue.counters, listener.counters
+        log.info(
+            "stopped: syn queued=%d split=%d bypassed=%d admission_bypassed=%d "
+            "fd_bypassed=%d unparsable=%d malformed=%d enobufs=%d; connections accepted=%d "
+            "split=%d refused=%d refused_no_fd=%d upstream_failed=%d; policy decisions: %s",
+            q.queued,
+            q.split,
+            q.bypassed,
+            q.admission_bypassed,
+            q.fd_bypassed,
+            q.unparsable,
+            q.malformed,
+            q.enobufs,
+            lc.accepted,
+            lc.split,
+            lc.not_redirected,
+            lc.refused_no_fd,
+            lc.upstream_failed,
+            " ".join(f"{k}={v}" for k, v in queue.decider.policy.hits.items()) or "none",
+        )

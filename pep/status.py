@@ -1,74 +1,42 @@
-"""``pep status``: the daemon's state as one JSON document, served on a unix socket.
+"""``pep status``: the daemon's state as one JSON document.
 
 The document is built by pure functions (``document``, ``merge``, ``render``), so what an
 operator sees, what ``--json`` prints and what the Prometheus endpoint exports (pep.metrics
 reads the same document) cannot drift apart, and all of it is unit-tested without a daemon.
-
-Protocol: connect, read until EOF, one UTF-8 JSON object. No request: there is one thing to
-ask for, and a reader that just connects is trivial to write in any language (``socat - UNIX:``).
-The socket is 0660 (owner and group), never world-writable: it tells who talks to whom.
+pep.status_socket serves it on a unix socket and reads it back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import os
-import socket
-import stat
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import trio
-
+from pep import nfq_proc
 from pep.config import Config
 from pep.connections import ConnectionTable
 from pep.flows import FlowTable
 
 __all__ = [
-    "NFQUEUE_PROC",
+    "Doc",
     "StatusError",
-    "afetch",
     "decode",
     "document",
     "encode",
-    "fetch",
     "fill_kernel_queues",
     "merge",
-    "parse_nfqueue",
     "read_kernel_queues",
     "render",
-    "serve_status",
-    "unlink_socket",
-    "worker_socket",
 ]
 
-log = logging.getLogger(__name__)
-
 VERSION = 1
-NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
-# Columns of NFQUEUE_PROC (net/netfilter/nfnetlink_queue.c, seq_show); the last is always 1.
-_NFQUEUE_COLUMNS = (
-    "queue",
-    "portid",
-    "waiting",
-    "copy_mode",
-    "copy_range",
-    "queue_dropped",
-    "user_dropped",
-    "last_id",
-)
 Doc = dict[str, Any]
 
 
 class StatusError(RuntimeError):
     """The status socket could not be served or read; the message says what to do."""
-
-
-class NotRunning(StatusError):
-    """Nothing answers on the socket: no daemon runs with this status_socket."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,19 +46,6 @@ class NotRunning(StatusError):
 def hostport(addr: Sequence[Any]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def parse_nfqueue(text: str, queues: tuple[int, int] | None = None) -> list[dict[str, int]]:
-    """Rows of /proc/net/netfilter/nfnetlink_queue, optionally only queues first..last."""
-    rows = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < len(_NFQUEUE_COLUMNS) or not all(f.isdigit() for f in fields):
-            continue
-        row = dict(zip(_NFQUEUE_COLUMNS, map(int, fields), strict=False))
-        if queues is None or queues[0] <= row["queue"] <= queues[1]:
-            rows.append(row)
-    return rows
 
 
 def _counters(obj: object) -> dict[str, int]:
@@ -112,7 +67,7 @@ def document(
     syn: object | None,
     flows: FlowTable,
     queues: tuple[int, int],
-    kernel_queues: list[dict[str, int]] | None,
+    kernel_queues: list[nfq_proc.Row] | None,
     kernel_queues_error: str | None = None,
     queue_portids: Sequence[int] = (),
     state: str = "running",
@@ -328,12 +283,12 @@ def render(doc: Doc, limit: int = 200) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# IO: the kernel's queue counters, the socket server and its clients
+# IO: the kernel's queue counters (pep.nfq_proc)
 
 
 def read_kernel_queues(
-    queues: tuple[int, int], path: str = NFQUEUE_PROC
-) -> tuple[list[dict[str, int]] | None, str | None]:
+    queues: tuple[int, int], path: str = nfq_proc.NFQUEUE_PROC
+) -> tuple[list[nfq_proc.Row] | None, str | None]:
     """Our queues' kernel counters, or (None, why not).
 
     The file is 0440 root:root, so a daemon running as a non-root user with only
@@ -341,13 +296,12 @@ def read_kernel_queues(
     itself (it is per network namespace, like the daemon's queues).
     """
     try:
-        with open(path) as f:
-            return parse_nfqueue(f.read(), queues), None
+        return nfq_proc.read(queues, path), None
     except OSError as e:
         return None, f"{path}: {e.strerror}"
 
 
-def fill_kernel_queues(doc: Doc, path: str = NFQUEUE_PROC) -> None:
+def fill_kernel_queues(doc: Doc, path: str = nfq_proc.NFQUEUE_PROC) -> None:
     """Fill in the kernel queue counters the daemon could not read, if we can read them.
 
     Only rows bound by the daemon's own netlink sockets count, so a ``pep status`` run in
@@ -361,139 +315,3 @@ def fill_kernel_queues(doc: Doc, path: str = NFQUEUE_PROC) -> None:
     ours = [r for r in rows if r["portid"] in doc["queue_portids"]]
     if ours:
         doc["kernel_queues"], doc["kernel_queues_error"] = ours, None
-
-
-def _probe(path: str) -> bool:
-    """Whether a daemon answers on ``path`` (False for a stale socket file)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(1)
-        try:
-            s.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError:
-            return True  # e.g. EACCES: it exists and we cannot tell; do not remove it
-    return True
-
-
-def bind_unix(path: str) -> socket.socket:
-    """A listening unix socket at ``path``, mode 0660; replaces a stale file from a crash.
-
-    Refuses when another daemon answers there: two peps must not share a status socket.
-    """
-    directory = os.path.dirname(path)
-    try:
-        os.makedirs(directory, mode=0o750, exist_ok=True)
-    except OSError as e:
-        raise StatusError(
-            f"status_socket {path}: cannot create {directory}: {e.strerror}"
-        ) from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StatusError(f"status_socket {path} exists and is not a socket; remove it")
-        if _probe(path):
-            raise StatusError(
-                f"status_socket {path} is in use: another pep is running (stop it, or give this "
-                "one its own status_socket)"
-            )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # stale: left behind by a daemon that was killed
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    # umask is per process: the socket file is born 0660, never briefly wider.
-    old = os.umask(0o117)
-    try:
-        sock.bind(path)
-    except OSError as e:
-        sock.close()
-        raise StatusError(f"status_socket {path}: cannot bind: {e.strerror}") from None
-    finally:
-        os.umask(old)
-    sock.listen(64)
-    return sock
-
-
-async def serve_status(
-    sock: socket.socket,
-    get_doc: Callable[[], Awaitable[Doc]],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the document on a socket from ``bind_unix`` until cancelled."""
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            data = encode(await get_doc())
-        except Exception:  # a bug here must cost one `pep status`, not the daemon
-            log.exception("status: building the document failed")
-            data = b""
-        with trio.move_on_after(5):  # a reader that does not read must not pin a task
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(data)
-        await trio.aclose_forcefully(stream)
-
-    async with listener:
-        await trio.serve_listeners(handle, [listener], task_status=task_status)
-
-
-def unlink_socket(sock: socket.socket, path: str, inode: int) -> None:
-    """Close ``sock`` and remove its file (``inode`` as bound), unless a successor has
-    already replaced it."""
-    sock.close()
-    with contextlib.suppress(OSError):
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
-
-
-def _connect_error(path: str, e: OSError) -> StatusError:
-    if isinstance(e, FileNotFoundError | ConnectionRefusedError):
-        return NotRunning(f"no pep daemon is running (nothing answers on {path})")
-    if isinstance(e, PermissionError):
-        return StatusError(
-            f"cannot connect to {path}: permission denied (run as root, or as a member of "
-            "the socket's group)"
-        )
-    return StatusError(f"cannot read {path}: {e.strerror or e}")
-
-
-def fetch(path: str, timeout: float = 5.0) -> Doc:
-    """Blocking client, for the CLI."""
-    chunks = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-            while chunk := s.recv(1 << 16):
-                chunks.append(chunk)
-        except TimeoutError:
-            raise StatusError(f"the daemon on {path} did not answer within {timeout} s") from None
-        except OSError as e:
-            raise _connect_error(path, e) from None
-    return decode(b"".join(chunks))
-
-
-async def afetch(path: str, timeout: float = 5.0) -> Doc:
-    """Async client, for the ``workers = N`` master asking its workers."""
-    chunks = []
-    with trio.move_on_after(timeout):
-        try:
-            stream = await trio.open_unix_socket(path)
-        except OSError as e:
-            raise _connect_error(path, e) from None
-        async with stream:
-            try:
-                while chunk := await stream.receive_some(1 << 16):
-                    chunks.append(chunk)
-            except trio.BrokenResourceError as e:
-                raise StatusError(f"{path}: {e}") from None
-        return decode(b"".join(chunks))
-    raise StatusError(f"the daemon on {path} did not answer within {timeout} s")
-
-
-def worker_socket(path: str, index: int) -> str:
-    """Where worker ``index`` of a ``workers = N`` daemon serves its own status."""
-    return f"{path}.{index}"

@@ -33,8 +33,9 @@ from pep.config import Config
 from pep.flows import FlowTable
 from pep.nfq_socket import QueueSocket
 from pep.policy import Policy
+from pep.preconnect import PreConnector
 from pep.syn import SynInfo, parse_syn
-from pep.upstream import UpstreamError, open_for
+from pep.upstream import UpstreamError
 
 __all__ = ["Decider", "Hold", "SynCounters", "SynQueue", "Verdict", "encode"]
 
@@ -135,7 +136,7 @@ class Decider:
         self.counters = counters
         self.load = load
         # False when another split connection would not fit in pep's file descriptors
-        # (listener.FdBudget): the flow is let through unsplit rather than left to hang.
+        # (pep.fdbudget): the flow is let through unsplit rather than left to hang.
         self.room = room
         self.ifname = ifname
         self.held = 0  # maintained by the shell: SYNs currently held
@@ -205,16 +206,29 @@ class Decider:
 
 
 class SynQueue:
-    """One reader task per queue number, sharing one Decider, flow table and counters."""
+    """One reader task per queue number, sharing one Decider, flow table and counters.
 
-    def __init__(self, cfg: Config, queue: int | Sequence[int], flows: FlowTable) -> None:
+    ``load`` and ``room`` are the Decider's (admission control, the descriptor budget);
+    ``preconnect`` opens strict mode's upstream connections (pep.preconnect).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        queue: int | Sequence[int],
+        flows: FlowTable,
+        *,
+        load: Callable[[], int],
+        room: Callable[[], bool],
+        preconnect: PreConnector,
+    ) -> None:
         self.queues = [queue] if isinstance(queue, int) else list(queue)
-        self.queue = self.queues[0]
         self.flows = flows
+        self.preconnect = preconnect
         self.counters = SynCounters()
         self._ifnames: dict[int, str | None] = {}
-        self.decider = Decider(cfg, flows, self.counters, ifname=self._ifname)
-        self.sockets = [QueueSocket(q, cfg.queue_rcvbuf) for q in self.queues]
+        self.decider = Decider(cfg, flows, self.counters, load=load, ifname=self._ifname, room=room)
+        self.sockets: list[QueueSocket] = []  # by open(): constructing binds nothing
         self._held: dict[tuple[str, int], list[Verdict]] = {}
         self._logged_admission = 0.0
 
@@ -227,9 +241,6 @@ class SynQueue:
         """SIGHUP reload: new policy and limits apply to the next SYN."""
         self.decider.configure(cfg)
 
-    def set_load(self, load: Callable[[], int]) -> None:
-        self.decider.load = load
-
     def _ifname(self, index: int | None) -> str | None:
         if index is None:
             return None
@@ -241,7 +252,9 @@ class SynQueue:
         return self._ifnames[index]
 
     def open(self) -> None:
-        for s in self.sockets:
+        for q in self.queues:
+            s = QueueSocket(q, self.cfg.queue_rcvbuf)
+            self.sockets.append(s)  # close() closes it, whatever happens next
             s.open(
                 copy_mode=nfq.NFQNL_COPY_PACKET,
                 copy_range=COPY_RANGE,
@@ -328,9 +341,7 @@ class SynQueue:
         upstream = None
         with trio.move_on_after(cfg.syn_hold_timeout) as scope:
             try:
-                upstream = await open_for(
-                    cfg, (syn.dst, syn.dport), hold.key, syn, timeout=cfg.syn_hold_timeout
-                )
+                upstream = await self.preconnect.connect(cfg, syn)
             except UpstreamError as e:
                 self.counters.strict_upstream_failed += 1
                 log.info(

@@ -41,7 +41,7 @@ from typing import Any
 
 import trio
 
-from pep import status, systemd
+from pep import status, status_socket, systemd
 from pep.config import Config, ConfigError, log_level_number
 from pep.connections import ConnectionTable
 from pep.control import Services, plan_reload, watch_signals
@@ -142,7 +142,7 @@ class Master:
                             f"worker {i} exited with status {proc.returncode} while starting"
                         )
                     try:
-                        await status.afetch(self.worker_path(i), timeout=1)
+                        await status_socket.afetch(self.worker_path(i), timeout=1)
                         break
                     except status.StatusError:
                         await trio.sleep(0.05)
@@ -187,7 +187,7 @@ class Master:
                 proc.kill()
 
     def worker_path(self, i: int) -> str:
-        return status.worker_socket(self.cfg.status_socket, i)
+        return status_socket.worker_socket(self.cfg.status_socket, i)
 
     # --- status
 
@@ -196,7 +196,7 @@ class Master:
 
         async def ask(i: int) -> None:
             try:
-                docs[i] = await status.afetch(self.worker_path(i), timeout=2)
+                docs[i] = await status_socket.afetch(self.worker_path(i), timeout=2)
             except status.StatusError as e:
                 docs[i] = str(e)
 

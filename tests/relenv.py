@@ -8,6 +8,8 @@ creates.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import ipaddress
 import random
@@ -20,6 +22,7 @@ from typing import ClassVar
 
 import trio
 
+from pep import nfq_proc
 from pep.topology import Topology, in_netns
 from tests.netenv import INGRESS, PepProcess, connect, recv_to_eof, send_all
 
@@ -56,12 +59,11 @@ class KernelQueue:
 
 def kernel_queue(topo: Topology, node: str = "gw", queue: int = 0) -> KernelQueue | None:
     """Row ``queue`` of the node's nfnetlink_queue table, or None when nothing is bound."""
-    text = topo.run(node, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
-    for line in text.splitlines():
-        f = line.split()
-        if len(f) >= 8 and int(f[0]) == queue:
-            return KernelQueue(int(f[0]), int(f[1]), int(f[2]), int(f[5]), int(f[6]), int(f[7]))
-    return None
+    text = topo.run(node, ["cat", nfq_proc.NFQUEUE_PROC]).stdout
+    rows = nfq_proc.parse(text, (queue, queue))
+    if not rows:
+        return None
+    return KernelQueue(**{f.name: rows[0][f.name] for f in dataclasses.fields(KernelQueue)})
 
 
 # --- starting the daemon with a config --------------------------------------------------------
@@ -192,7 +194,7 @@ def send_packets(sock: socket.socket, packets: Iterator[bytes] | list[bytes], ds
             except BlockingIOError:  # pragma: no cover - blocking socket
                 continue
             except OSError as e:
-                if e.errno != 105:  # ENOBUFS: the qdisc is full for a moment
+                if e.errno != errno.ENOBUFS:  # the qdisc is full for a moment
                     raise
         n += 1
     return n

@@ -1,11 +1,14 @@
-"""The listener's loop-guard memory (pep.listener.LocalAddresses): pure apart from bind()."""
+"""Where an accepted client was going (pep.origdst): the loop guard's memory, the original
+destination by mode. Pure apart from bind() and one getsockopt."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from pep import listener
-from pep.listener import LocalAddresses
+from pep import origdst
+from pep.origdst import LocalAddresses, OriginalDst
 
 
 class Clock:
@@ -20,13 +23,13 @@ class Clock:
 def asked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Each address the guard really probed (bind), in order."""
     calls: list[str] = []
-    real = listener.is_local_address
+    real = origdst.is_local_address
 
     def probe(host: str) -> bool:
         calls.append(host)
         return real(host)
 
-    monkeypatch.setattr(listener, "is_local_address", probe)
+    monkeypatch.setattr(origdst, "is_local_address", probe)
     return calls
 
 
@@ -55,3 +58,18 @@ def test_memory_is_bounded(asked: list[str]) -> None:
     assert len(local._known) <= 2
     assert "203.0.113.3" not in local  # kept after the reset
     assert asked.count("203.0.113.3") == 1
+
+
+def test_tproxy_destination_is_the_socket_s_own_address_unless_it_is_the_listener() -> None:
+    od = OriginalDst("tproxy", 5000, LocalAddresses(clock=Clock()))
+    assert od.lookup(None, ("203.0.113.1", 80)) == ("203.0.113.1", 80)  # type: ignore[arg-type]
+    # Our port on one of our addresses: a direct connection to the listener.
+    assert od.lookup(None, ("127.0.0.1", 5000)) is None  # type: ignore[arg-type]
+    # One of our addresses on another port: TPROXY'd, refused later by the loop guard.
+    assert od.lookup(None, ("127.0.0.1", 80)) == ("127.0.0.1", 80)  # type: ignore[arg-type]
+
+
+def test_redirect_destination_needs_a_conntrack_entry() -> None:
+    od = OriginalDst("redirect", 5000, LocalAddresses(clock=Clock()))
+    with socket.socket() as untracked:
+        assert od.lookup(untracked, ("127.0.0.1", 5000)) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,20 +17,15 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from pep import metrics, status, systemd
+from pep import metrics, nfq_proc, status, status_socket, systemd
 from pep.config import Config, ConfigError, LegTuning, build, load
 from pep.connections import ConnectionTable, LatencyHistogram
 from pep.control import RELOADABLE, plan_reload
 from pep.flows import FlowTable
-from pep.listener import ListenerCounters
 from pep.relay import RelayStats
+from pep.session import ListenerCounters
 from pep.syn_queue import SynCounters
-
-PROC_TEXT = """\
-    0  31415     2 2   256     0     0       10  1
-    1  27182     0 2   256     5     7       99  1
-    7      0     0 2   256     0     0        0  1
-"""
+from tests.test_nfq_proc import PROC_TEXT
 
 
 class Clock:
@@ -63,7 +59,7 @@ def sample_doc(worker: int | None = None) -> status.Doc:
         syn=SynCounters(queued=5, split=4, unparsable=1),
         flows=FlowTable(16, 30.0),
         queues=(0, 0),
-        kernel_queues=status.parse_nfqueue(PROC_TEXT, (0, 0)),
+        kernel_queues=nfq_proc.parse(PROC_TEXT, (0, 0)),
         queue_portids=[31415],
         started=50.0,
         now=clock.now,
@@ -114,22 +110,6 @@ def test_histogram_buckets_are_upper_bounds() -> None:
     for v in (0.05, 0.1, 0.5, 1.0, 7.0):
         h.observe(v)
     assert h.counts == [2, 2, 1] and h.count == 5
-
-
-def test_parse_nfqueue_filters_queue_range() -> None:
-    rows = status.parse_nfqueue(PROC_TEXT, (1, 7))
-    assert [r["queue"] for r in rows] == [1, 7]
-    assert rows[0] == {
-        "queue": 1,
-        "portid": 27182,
-        "waiting": 0,
-        "copy_mode": 2,
-        "copy_range": 256,
-        "queue_dropped": 5,
-        "user_dropped": 7,
-        "last_id": 99,
-    }
-    assert status.parse_nfqueue("garbage\n\n") == []
 
 
 def test_fill_kernel_queues_only_with_our_portids(tmp_path: Path) -> None:
@@ -300,21 +280,43 @@ async def test_status_socket_roundtrip_permissions_and_stale_file(tmp_path: Path
     async def get() -> status.Doc:
         return doc
 
-    sock = status.bind_unix(path)
+    sock = status_socket.bind_unix(path)
     assert oct(os.stat(path).st_mode & 0o777) == "0o660"
     async with trio.open_nursery() as n:
-        n.start_soon(status.serve_status, sock, get)
-        got = await status.afetch(path)
-        got_blocking = await trio.to_thread.run_sync(status.fetch, path)
+        n.start_soon(status_socket.serve_status, sock, get)
+        got = await status_socket.afetch(path)
+        got_blocking = await trio.to_thread.run_sync(status_socket.fetch, path)
         with pytest.raises(status.StatusError, match="in use"):
-            status.bind_unix(path)
+            status_socket.bind_unix(path)
         n.cancel_scope.cancel()
     assert got == got_blocking == json.loads(json.dumps(doc))
     # The daemon was killed: the file stays, nothing answers; a new daemon takes it over.
     assert os.path.exists(path)
-    with pytest.raises(status.NotRunning):
-        status.fetch(path)
-    status.bind_unix(path).close()
+    with pytest.raises(status_socket.NotRunning):
+        status_socket.fetch(path)
+    status_socket.bind_unix(path).close()
+
+
+async def test_fetch_deadline_covers_the_whole_read(tmp_path: Path) -> None:
+    """A daemon that trickles its answer is given up on after ``timeout`` in all. The
+    blocking client used to apply it per recv, so a byte every 0.2 s kept `pep status`
+    waiting for as long as the daemon kept trickling."""
+    path = str(tmp_path / "slow.sock")
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(status_socket.bind_unix(path)))
+
+    async def trickle(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            while True:
+                await stream.send_all(b" ")
+                await trio.sleep(0.2)
+
+    async with trio.open_nursery() as n:
+        await n.start(trio.serve_listeners, trickle, [listener])
+        t0 = trio.current_time()
+        with trio.fail_after(3), pytest.raises(status.StatusError, match=r"within 0\.6 s"):
+            await trio.to_thread.run_sync(status_socket.fetch, path, 0.6, abandon_on_cancel=True)
+        assert trio.current_time() - t0 < 1.5
+        n.cancel_scope.cancel()
 
 
 def test_cli_status_without_daemon_exits_3(tmp_path: Path) -> None:

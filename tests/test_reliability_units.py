@@ -3,39 +3,40 @@ reader's verdicts (no root, no namespaces)."""
 
 from __future__ import annotations
 
+import os
+import resource
 import struct
 
 import pytest
 
-from pep import listener as listener_mod
 from pep import nfq_codec as nfq
 from pep.config import Config
+from pep.fdbudget import FdBudget, nofile_limit, open_fds
 from pep.flows import FlowTable
-from pep.listener import FdBudget
 from pep.syn_queue import Decider, SynCounters
 from tests.relenv import ipv4_packet, tcp_segment
 
 
 class Fake:
+    """The budget's clock, descriptor count and limit, as the test sets them."""
+
     def __init__(self, limit: int | None, used: int) -> None:
         self.limit, self.used, self.now, self.reads = limit, used, 0.0, 0
 
-    def listdir(self, path: str) -> list[str]:
-        assert path == "/proc/self/fd"
+    def count(self) -> int:
         self.reads += 1
-        return ["x"] * self.used
+        return self.used
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Fake:
-    f = Fake(100, 10)
-    monkeypatch.setattr(listener_mod, "_nofile", lambda: f.limit)
-    monkeypatch.setattr(listener_mod.os, "listdir", f.listdir)
-    return f
+def fake() -> Fake:
+    return Fake(100, 10)
 
 
 def budget(fake: Fake) -> FdBudget:
-    return FdBudget(interval=0.05, clock=lambda: fake.now)
+    return FdBudget(
+        interval=0.05, clock=lambda: fake.now, count=fake.count, limit=lambda: fake.limit
+    )
 
 
 def test_far_from_the_limit_no_descriptor_is_counted(fake: Fake) -> None:
@@ -76,6 +77,18 @@ def test_a_lowered_limit_is_noticed_within_a_second(fake: Fake) -> None:
 def test_unlimited_descriptors(fake: Fake) -> None:
     fake.limit = None
     assert all(budget(fake).room() for _ in range(100))
+
+
+def test_the_real_count_and_limit_are_this_process_s() -> None:
+    before = open_fds()
+    r, w = os.pipe()
+    try:
+        assert open_fds() == before + 2
+    finally:
+        os.close(r)
+        os.close(w)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert nofile_limit() == (None if soft == resource.RLIM_INFINITY else soft)
 
 
 def test_no_room_means_accepted_unsplit_and_counted() -> None:

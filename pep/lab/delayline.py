@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import trio
 
 from pep import nfq_codec as nfq
+from pep import nfq_proc
 from pep.nfq_socket import QueueError, QueueSocket
 from pep.nfrule import NfRule, comment, ext
 from pep.rule_show import fresh_table
@@ -324,27 +325,22 @@ class Timer:
         os.close(self.fd)
 
 
-def read_proc_queues() -> dict[int, dict[str, int]]:
-    """This namespace's /proc/net/netfilter/nfnetlink_queue, by queue number.
-
-    Columns (DESIGN.md): queue, peer portid, queue total, copy mode, copy range, queue dropped,
-    user dropped, last id, 1.
-    """
-    out: dict[int, dict[str, int]] = {}
+def read_proc_queues(path: str = nfq_proc.NFQUEUE_PROC) -> dict[int, dict[str, int]]:
+    """This namespace's nfnetlink_queue counters (pep.nfq_proc) by queue number, under the
+    names the stats file has always used; empty when the file cannot be read."""
     try:
-        text = Path("/proc/net/netfilter/nfnetlink_queue").read_text()
+        rows = nfq_proc.read(path=path)
     except OSError:
-        return out
-    for line in text.splitlines():
-        f = line.split()
-        if len(f) >= 8:
-            out[int(f[0])] = {
-                "queued_now": int(f[2]),
-                "queue_dropped": int(f[5]),
-                "user_dropped": int(f[6]),
-                "last_id": int(f[7]),
-            }
-    return out
+        return {}
+    return {
+        r["queue"]: {
+            "queued_now": r["waiting"],
+            "queue_dropped": r["queue_dropped"],
+            "user_dropped": r["user_dropped"],
+            "last_id": r["last_id"],
+        }
+        for r in rows
+    }
 
 
 class Direction:
