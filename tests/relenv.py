@@ -9,9 +9,7 @@ creates.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
-import ipaddress
 import random
 import socket
 import struct
@@ -23,8 +21,24 @@ from typing import ClassVar
 import trio
 
 from pep import nfq_proc
-from pep.topology import Topology, in_netns
+from pep.topology import Topology
 from tests.netenv import INGRESS, PepProcess, connect, recv_to_eof, send_all
+from tests.packets import (  # noqa: F401 (what the reliability tests import from here)
+    ACK,
+    CWR,
+    ECE,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    checksum,
+    ipv4_packet,
+    raw_sender,
+    raw_syns,
+    send_packets,
+    tcp_segment,
+)
 
 # --- the daemon under test (what it costs: bench.paths rss_kib, fd_count, cpu_seconds) -------
 
@@ -90,114 +104,7 @@ def start_pep(
     return p.start()
 
 
-# --- crafted packets --------------------------------------------------------------------------
-
-FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def tcp_segment(
-    src: str,
-    dst: str,
-    sport: int,
-    dport: int,
-    flags: int = SYN,
-    options: bytes = b"\x02\x04\x05\xb4",  # MSS 1460
-    doff: int | None = None,
-    seq: int = 0,
-    payload: bytes = b"",
-) -> bytes:
-    options += b"\0" * (-len(options) % 4)
-    if doff is None:
-        doff = (20 + len(options)) // 4
-    head = struct.pack("!HHIIHHHH", sport, dport, seq, 0, (doff << 12) | flags, 64240, 0, 0)
-    seg = head + options + payload
-    pseudo = struct.pack(
-        "!4s4sBBH",
-        ipaddress.IPv4Address(src).packed,
-        ipaddress.IPv4Address(dst).packed,
-        0,
-        socket.IPPROTO_TCP,
-        len(seg),
-    )
-    csum = checksum(pseudo + seg)
-    return seg[:16] + struct.pack("!H", csum) + seg[18:]
-
-
-def ipv4_packet(
-    src: str,
-    dst: str,
-    payload: bytes,
-    *,
-    proto: int = socket.IPPROTO_TCP,
-    ident: int = 1,
-    tos: int = 0,
-    ttl: int = 64,
-    frag: int = 0,  # flags (MF 0x2000) | offset in 8-byte units
-    options: bytes = b"",
-    total: int | None = None,
-) -> bytes:
-    options += b"\0" * (-len(options) % 4)
-    ihl = 5 + len(options) // 4
-    if total is None:
-        total = ihl * 4 + len(payload)
-    head = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x40 | ihl,
-        tos,
-        total,
-        ident,
-        frag,
-        ttl,
-        proto,
-        0,
-        ipaddress.IPv4Address(src).packed,
-        ipaddress.IPv4Address(dst).packed,
-    )
-    head += options
-    head = head[:10] + struct.pack("!H", checksum(head)) + head[12:]
-    return head + payload
-
-
-def raw_sender(topo: Topology, node: str = "client") -> socket.socket:
-    """A raw IPv4 socket in ``node`` that sends whole packets (IPPROTO_RAW implies HDRINCL)."""
-    with in_netns(topo.ns(node)):
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    return s
-
-
-def raw_syns(src: str, dst: str, dport: int, count: int, seed: int = 1) -> Iterator[bytes]:
-    """``count`` SYNs from distinct source ports (wrapping over 1024..65535)."""
-    rng = random.Random(seed)
-    for i in range(count):
-        sport = 1024 + (i * 7919 + seed) % 64511
-        seg = tcp_segment(src, dst, sport, dport, SYN, seq=rng.getrandbits(32))
-        yield ipv4_packet(src, dst, seg, ident=i & 0xFFFF)
-
-
-def send_packets(sock: socket.socket, packets: Iterator[bytes] | list[bytes], dst: str) -> int:
-    n = 0
-    for pkt in packets:
-        while True:
-            try:
-                sock.sendto(pkt, (dst, 0))
-                break
-            except BlockingIOError:  # pragma: no cover - blocking socket
-                continue
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:  # the qdisc is full for a moment
-                    raise
-        n += 1
-    return n
+# --- crafted packets: tests/packets.py (tcp_segment, ipv4_packet, raw_syns, ... used here) ---
 
 
 # --- byte-exact streams -----------------------------------------------------------------------

@@ -13,100 +13,24 @@ from hypothesis import strategies as st
 
 from pep import nfq_codec as nfq
 from pep.nfq_codec import Ack, Malformed, Packet, parse_messages
+from tests.packets import (
+    NF_INET_LOCAL_OUT,
+    RAW,
+    SYN_V4,
+    SYN_V6,
+    error_msg,
+    nla,
+    nlmsg,
+    packet_msg,
+)
 
 little_endian_only = pytest.mark.skipif(
     sys.byteorder != "little", reason="expected bytes are written for a little-endian host"
 )
 
-# Captured on kernel 6.18 (x86_64, so netlink headers are little-endian) in a throwaway network
-# namespace: queue 7 bound with this codec, mangle OUTPUT `-p tcp --syn -j MARK --set-mark 0x2a`
-# then `-j NFQUEUE --queue-num 7 --queue-bypass`, copy mode PACKET with copy range 256 (40 for
-# the truncated one), SYNs from connect() to 127.0.0.1:5001, [::1]:5002 and 127.0.0.1:5003.
-CAPTURED = {
-    "ack_bind": "240000000200000101000000de210000000000001c000000020305000100000000000000",
-    "ack_params": "240000000200000102000000de2100000000000020000000020305000200000000000000",
-    # PARAMS for queue 8, which nobody bound: -ENODEV, with our whole request echoed.
-    "err_params_unbound": (
-        "340000000200000003000000de210000edffffff2000000002030500030000000000000000000008"
-        "090002000000010002000000"
-    ),
-    "packet_v4": (
-        "70000000000300000000000000000000020000070b00010000000001080003000800060000000001"
-        "080003000000002a40000a004500003ca38b40004006992e7f0000017f000001b2161389c99c957e"
-        "00000000a002ffd7214d00000204ffd70402080af00a19ec000000000103030a"
-    ),
-    "packet_v6": (
-        "840000000003000000000000000000000a0000070b0001000000000286dd03000800060000000001"
-        "080003000000002a54000a0060009ae8002806400000000000000000000000000000000100000000"
-        "0000000000000000000000018480138add6242e300000000a002ffc46aa800000204ffc40402080a"
-        "0c081f25000000000103030a"
-    ),
-    # copy range 40: the payload stops inside the TCP header, CAP_LEN gives the real length.
-    "packet_v4_truncated": (
-        "64000000000300000000000000000000020000070b00010000000003080003000800060000000001"
-        "080003000000002a08000d000000003c2c000a004500003c23ec4000400618ce7f0000017f000001"
-        "9cd2138b148de90100000000a002ffd7981a0000"
-    ),
-    # VERDICT (NLM_F_ACK set by hand) for packet id 123456, which is not queued: -ENOENT.
-    "err_verdict_unknown_id": (
-        "340000000200000009000000de210000feffffff20000000010305000900000000000000000000070c"
-        "000200000000010001e240"
-    ),
-    "ack_unbind": "240000000200000105000000de210000000000001c000000020305000500000000000000",
-}
-RAW = {name: bytes.fromhex(h) for name, h in CAPTURED.items()}
-SYN_V4 = bytes.fromhex(
-    "4500003ca38b40004006992e7f0000017f000001b2161389c99c957e00000000a002ffd7214d00000204ffd7"
-    "0402080af00a19ec000000000103030a"
-)
-SYN_V6 = bytes.fromhex(
-    "60009ae80028064000000000000000000000000000000001000000000000000000000000000000018480138a"
-    "dd6242e300000000a002ffc46aa800000204ffc40402080a0c081f25000000000103030a"
-)
-NF_INET_LOCAL_OUT = 3
-
-
-# --- a test-only PACKET builder (the kernel's side of the protocol) -------------------------
-
-
-def nla(atype: int, payload: bytes) -> bytes:
-    pad = b"\0" * (-len(payload) % 4)
-    return struct.pack("=HH", 4 + len(payload), atype) + payload + pad
-
-
-def nlmsg(msg_type: int, body: bytes, seq: int = 0, flags: int = 0) -> bytes:
-    return struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body
-
-
-def packet_msg(
-    queue: int = 7,
-    packet_id: int = 1,
-    payload: bytes | None = b"",
-    *,
-    hw_protocol: int = 0x0800,
-    hook: int = 1,
-    mark: int | None = None,
-    indev: int | None = None,
-    outdev: int | None = None,
-    cap_len: int | None = None,
-    extra: bytes = b"",
-) -> bytes:
-    body = struct.pack("=BB", socket.AF_INET, 0) + struct.pack(">H", queue)
-    body += nla(1, struct.pack(">IHB", packet_id, hw_protocol, hook))
-    for atype, value in ((3, mark), (5, indev), (6, outdev), (13, cap_len)):
-        if value is not None:
-            body += nla(atype, struct.pack(">I", value))
-    body += extra
-    if payload is not None:
-        body += nla(10, payload)
-    return nlmsg(0x0300, body)
-
-
-def error_msg(seq: int, err: int) -> bytes:
-    return nlmsg(2, struct.pack("=i", err) + struct.pack("=IHHII", 16, 0x0302, 5, seq, 0), seq)
-
-
 # --- real kernel messages -------------------------------------------------------------------
+
+# RAW, SYN_V4 and SYN_V6 were captured from a real kernel; tests/packets.py says how.
 
 
 def test_captured_ipv4_syn_packet() -> None:

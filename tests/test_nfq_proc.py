@@ -8,13 +8,7 @@ import pytest
 
 from pep import nfq_proc
 from pep.lab.delayline import read_proc_queues
-
-# As the kernel prints it (seq_show: "%5u %6u %5u %1u %5u %5u %5u %8u %2d\n").
-PROC_TEXT = """\
-    0  31415     2 2   256     0     0       10  1
-    1  27182     0 2   256     5     7       99  1
-    7      0     0 2   256     0     0        0  1
-"""
+from tests.packets import PROC_TEXT
 
 
 def test_parse_nfqueue_filters_queue_range() -> None:

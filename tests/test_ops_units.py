@@ -25,7 +25,7 @@ from pep.flows import FlowTable
 from pep.relay import RelayStats
 from pep.session import ListenerCounters
 from pep.syn_queue import SynCounters
-from tests.test_nfq_proc import PROC_TEXT
+from tests.packets import PROC_TEXT
 
 
 class Clock:

@@ -14,7 +14,7 @@ from pep.config import Config
 from pep.fdbudget import FdBudget, nofile_limit, open_fds
 from pep.flows import FlowTable
 from pep.syn_queue import Decider, SynCounters
-from tests.relenv import ipv4_packet, tcp_segment
+from tests.packets import ipv4_packet, nla, packet_msg, tcp_segment
 
 
 class Fake:
@@ -107,13 +107,7 @@ def test_a_second_short_packet_hdr_keeps_the_first_id_for_the_verdict() -> None:
     """Found by tests/test_reliability_badinput_netns.py: a later PACKET_HDR, broken or not,
     must neither make the packet unverdictable nor re-name it (a packet without a verdict
     hangs its connection; a verdict for another id would release the wrong packet)."""
-
-    def nla(atype: int, payload: bytes) -> bytes:
-        return struct.pack("=HH", 4 + len(payload), atype) + payload + b"\0" * (-len(payload) % 4)
-
     for second in (b"", struct.pack(">IHB", 7, 0x800, 1)):
-        body = struct.pack("=BBH", 2, 0, 0) + nla(1, struct.pack(">IHB", 42, 0x800, 1))
-        body += nla(1, second)
-        msg = struct.pack("=IHHII", 16 + len(body), 0x0300, 0, 0, 0) + body
+        msg = packet_msg(queue=0, packet_id=42, payload=None, extra=nla(1, second))
         (m,) = nfq.parse_messages(msg)
         assert isinstance(m, nfq.Malformed) and m.packet_id == 42

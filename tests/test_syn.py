@@ -11,9 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pep.syn import NotSyn, SynInfo, parse_syn
-from tests.relenv import ipv4_packet
-
-SYN, ACK, RST, FIN = 0x02, 0x10, 0x04, 0x01
+from tests.packets import ACK, FIN, RST, SYN, SYN_V4, SYN_V6, ipv4_packet, tcp_segment
 
 # --- a test-only packet builder ---------------------------------------------------------------
 
@@ -45,11 +43,7 @@ def tcp(
     data: bytes = b"",
     doff: int | None = None,
 ) -> bytes:
-    options += b"\0" * (-len(options) % 4)  # pad with EOL
-    if doff is None:
-        doff = (20 + len(options)) // 4
-    head = struct.pack("!HHIIHHHH", sport, dport, 12345, 0, (doff << 12) | flags, 64240, 0, 0)
-    return head + options + data
+    return tcp_segment(None, None, sport, dport, flags, options, doff, seq=12345, payload=data)
 
 
 def ipv4(
@@ -102,16 +96,8 @@ def not_syn(result: SynInfo | NotSyn) -> str:
 
 # --- real captured SYNs -----------------------------------------------------------------------
 
-# NFQUEUE payloads captured on kernel 6.18 (also in tests/test_nfq_codec.py, inside the netlink
-# messages that carried them): connect() to 127.0.0.1:5001 and to [::1]:5002.
-SYN_V4 = bytes.fromhex(
-    "4500003ca38b40004006992e7f0000017f000001b2161389c99c957e00000000a002ffd7214d00000204ffd7"
-    "0402080af00a19ec000000000103030a"
-)
-SYN_V6 = bytes.fromhex(
-    "60009ae80028064000000000000000000000000000000001000000000000000000000000000000018480138a"
-    "dd6242e300000000a002ffc46aa800000204ffc40402080a0c081f25000000000103030a"
-)
+# SYN_V4 and SYN_V6 (tests/packets.py): NFQUEUE payloads captured on kernel 6.18, connect() to
+# 127.0.0.1:5001 and to [::1]:5002.
 
 
 def test_captured_ipv4_syn() -> None:

@@ -10,7 +10,7 @@ from pep import nfq_codec as nfq
 from pep.config import build
 from pep.flows import FlowTable
 from pep.syn_queue import Decider, SynCounters, Verdict, encode
-from tests.test_nfq_codec import RAW, SYN_V4, packet_msg
+from tests.packets import RAW, SYN_V4, packet_msg
 
 SPLIT, MASK = 0x5E9, 0xFFFF
 VERDICT, BATCH = (3 << 8) | nfq.NFQNL_MSG_VERDICT, (3 << 8) | nfq.NFQNL_MSG_VERDICT_BATCH
