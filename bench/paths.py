@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pep.topology import Topology, sysctl
-from tests.netenv import INGRESS, PepProcess, gateway_topology
+from tests.daemon import PepProcess
+from tests.netenv import INGRESS, gateway_topology
 
 PATHS = ("kernel", "haproxy", "pep")
 HAPROXY_PORT = 9000

@@ -31,8 +31,8 @@ from pathlib import Path
 import trio
 
 from bench.paths import bench_topology, cpu_seconds, fd_count, rss_kib
-from tests.netenv import INGRESS, SERVER_IP, PepProcess, connect, listen
-from tests.relenv import Pattern
+from tests.daemon import PepProcess
+from tests.netenv import INGRESS, SERVER_IP, Pattern, connect, listen
 
 PORT = 8080
 _HEAD = struct.Struct("!IQQ")  # seed, upload size, download size
@@ -181,7 +181,7 @@ async def soak(duration: float, out: Path | None) -> int:
 
             async def sample() -> None:
                 while True:
-                    from tests.opsenv import status_json
+                    from tests.daemon import status_json
 
                     doc = await status_json(pep)
                     samples.append(

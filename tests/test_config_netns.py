@@ -7,29 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from pep import paths
 from pep.topology import Topology
-from tests.netenv import INGRESS, PepProcess, gateway_topology, rules_in
+from tests.daemon import PepProcess, StartPep, pep_cli
+from tests.netenv import INGRESS, rules_in
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("cf") as t:
-        yield t
-
-
-async def pep_cli(topo: Topology, node: str, *args: str) -> trio.Process:
-    argv = ["ip", "netns", "exec", topo.ns(node), sys.executable, "-m", "pep.cli", *args]
-    return await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
 
 
 @pytest.mark.parametrize("where", ["file", "flag"])
@@ -61,7 +48,7 @@ def own_socket(topo: Topology, node: str) -> str:
 
 
 async def test_two_namespaces_default_status_sockets_and_missing_interface(
-    topo: Topology, peps: list[PepProcess]
+    topo: Topology, start_pep: StartPep, peps: list[PepProcess]
 ) -> None:
     """Two peps, two namespaces, no status_socket configured: both start (they collided on
     /run/pep/pep.sock) and `pep status` in each namespace finds its own daemon."""
@@ -69,14 +56,13 @@ async def test_two_namespaces_default_status_sockets_and_missing_interface(
     made_run_dir = not os.path.exists(paths.RUN_DIR)
     try:
         for node, interfaces in runs.items():
-            args = [a for i in interfaces for a in ("--interface", i)]
-            peps.append(PepProcess(topo, node, args, own_status_socket=False).start())
+            start_pep(node=node, interfaces=interfaces, own_status_socket=False)  # into peps
         for pep, (node, interfaces) in zip(peps, runs.items(), strict=True):
             assert os.path.exists(own_socket(topo, node))
             r = await pep_cli(topo, node, "status", "--json")
             assert r.returncode == 0, r.stderr
             doc = json.loads(r.stdout)
-            assert pep.proc is not None and doc["pid"] == pep.proc.pid
+            assert doc["pid"] == pep.pid
             assert doc["config"]["interfaces"] == interfaces
             assert doc["config"]["status_socket"] == own_socket(topo, node)
         assert own_socket(topo, "gw") != own_socket(topo, "server")
@@ -86,7 +72,7 @@ async def test_two_namespaces_default_status_sockets_and_missing_interface(
         assert gw_log.count("interface nonexist0 does not exist (yet)") == 1, gw_log
         assert "does not exist" not in peps[1].log()
     finally:
-        for p in peps:
+        for p in peps:  # every one start_pep began, even one that never got ready
             p.stop()
         # Only what this test made, and only if empty: another run may be using it.
         leftovers = [os.path.dirname(own_socket(topo, node)) for node in runs]

@@ -9,32 +9,31 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from collections.abc import Iterator
 
 import pytest
 import trio
 
 from pep.topology import Topology
+from tests.daemon import PepProcess, StartPep
 from tests.netenv import (
     ADDRS,
-    INGRESS,
+    PORT,
     Addrs,
-    PepProcess,
     connect,
     duplex,
-    gateway_topology,
-    listen,
+    exchange,
+    peer_of,
     recv_to_eof,
+    request,
     rules_in,
     send_all,
     sending,
-    serve,
+    serving,
     sha,
 )
 
 pytestmark = pytest.mark.netns
 
-PORT = 8080
 VARIANTS = [("redirect", 4), ("tproxy", 4), ("redirect", 6), ("tproxy", 6)]
 
 
@@ -50,22 +49,12 @@ def net(variant: tuple[str, int]) -> Addrs:
 
 @pytest.fixture
 def pep_args(variant: tuple[str, int]) -> list[str]:
-    return ["--interface", INGRESS, "--log-level", "debug", "--mode", variant[0]]
+    return ["--log-level", "debug", "--mode", variant[0]]
 
 
 @pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology() as t:
-        yield t
-
-
-@pytest.fixture
-def pep(topo: Topology, pep_args: list[str]) -> Iterator[PepProcess]:
-    p = PepProcess(topo, "gw", pep_args)
-    try:
-        yield p.start()
-    finally:
-        p.stop()
+def pep(start_pep: StartPep, pep_args: list[str]) -> PepProcess:
+    return start_pep(*pep_args)
 
 
 def hostport(host: str, port: int) -> str:
@@ -73,32 +62,13 @@ def hostport(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-async def echo_upper(conn: trio.socket.SocketType) -> None:
-    data = await recv_to_eof(conn)
-    await send_all(conn, data.upper())
-
-
-async def request(
-    topo: Topology, payload: bytes, server: str = ADDRS[4].server
-) -> tuple[bytes, tuple[str, int]]:
-    """One request/response from the client; returns the reply and the client's peer."""
-    sock = await connect(topo.ns("client"), (server, PORT))
-    with sock:
-        peer = sock.getpeername()[:2]
-        await send_all(sock, payload)
-        sock.shutdown(trio.socket.SHUT_WR)
-        return await recv_to_eof(sock), peer
-
-
 async def test_request_response_is_split(topo: Topology, pep: PepProcess, net: Addrs) -> None:
-    accepted: list[tuple[str, int]] = []
     with trio.fail_after(20):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), net.server, PORT), echo_upper, accepted
-            )
-            reply, peer = await request(topo, b"hello pep", net.server)
-            n.cancel_scope.cancel()
+        async with serving(topo, (net.server, PORT)) as accepted:
+            sock = await connect(topo.ns("client"), (net.server, PORT))
+            with sock:
+                peer = sock.getpeername()[:2]
+                reply = await exchange(sock, b"hello pep")
     assert reply == b"HELLO PEP"
     assert peer == (net.server, PORT)  # the client believes it talks to the server
     assert [a[0] for a in accepted] == [net.gw_server]  # the server sees the gateway: split
@@ -126,14 +96,8 @@ async def test_half_close_then_10mib_reply(topo: Topology, pep: PepProcess, net:
         await send_all(conn, reply)
 
     with trio.fail_after(30):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), net.server, PORT), server_side, [])
-            sock = await connect(topo.ns("client"), (net.server, PORT))
-            with sock:
-                await send_all(sock, b"GET /big")
-                sock.shutdown(trio.socket.SHUT_WR)
-                received = await recv_to_eof(sock)
-            n.cancel_scope.cancel()
+        async with serving(topo, (net.server, PORT), server_side):
+            received = await request(topo, (net.server, PORT), b"GET /big")
     assert got_request == [b"GET /big"]
     assert sha(received) == sha(reply) and len(received) == len(reply)
 
@@ -156,84 +120,58 @@ async def test_closed_upstream_port_resets_client_fast(
 
 async def test_200_concurrent_connections(topo: Topology, pep: PepProcess, net: Addrs) -> None:
     count = 200
-    accepted: list[tuple[str, int]] = []
     results: dict[int, bytes] = {}
 
     async def one(i: int) -> None:
         payload = f"conn-{i}:".encode() + os.urandom(2000 + i * 37)
-        reply, _ = await request(topo, payload, net.server)
+        reply = await request(topo, (net.server, PORT), payload)
         results[i] = reply
         assert reply == payload.upper(), f"connection {i} got wrong data"
 
     with trio.fail_after(60):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), net.server, PORT), echo_upper, accepted
-            )
-            async with trio.open_nursery() as clients:
-                for i in range(count):
-                    clients.start_soon(one, i)
-            n.cancel_scope.cancel()
+        async with serving(topo, (net.server, PORT)) as accepted, trio.open_nursery() as clients:
+            for i in range(count):
+                clients.start_soon(one, i)
     assert len(results) == count
     assert len(accepted) == count and {a[0] for a in accepted} == {net.gw_server}
     assert len(pep.closed_lines(expect=count)) == count
 
 
-async def server_peer(topo: Topology, net: Addrs) -> str:
-    """Make one connection and return the address the server saw it from."""
-    accepted: list[tuple[str, int]] = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), net.server, PORT), echo_upper, accepted
-            )
-            reply, _ = await request(topo, b"ping", net.server)
-            n.cancel_scope.cancel()
-    assert reply == b"PING"
-    return accepted[0][0]
-
-
 async def test_sigterm_removes_rules_and_traffic_flows_end_to_end(
     topo: Topology, pep: PepProcess, net: Addrs, variant: tuple[str, int]
 ) -> None:
+    dst = (net.server, PORT)
     before = rules_in(topo, "gw")
-    assert await server_peer(topo, net) == net.gw_server
+    assert await peer_of(topo, dst) == net.gw_server
     assert "PEP" in before
     assert ("proto 94" in before) == (variant[0] == "tproxy")  # policy routing: TPROXY only
     pep.signal(signal.SIGTERM)
     assert pep.wait(10) == 0
     after = rules_in(topo, "gw")
     assert "PEP" not in after and "proto 94" not in after
-    assert await server_peer(topo, net) == net.client  # routed end to end, unsplit
+    assert await peer_of(topo, dst) == net.client  # routed end to end, unsplit
 
 
 async def test_kill9_fails_open_and_restart_replaces_stale_rules(
-    topo: Topology, pep: PepProcess, net: Addrs, pep_args: list[str]
+    topo: Topology, pep: PepProcess, net: Addrs, pep_args: list[str], start_pep: StartPep
 ) -> None:
-    assert await server_peer(topo, net) == net.gw_server
+    dst = (net.server, PORT)
+    assert await peer_of(topo, dst) == net.gw_server
     before = rules_in(topo, "gw")
     pep.signal(signal.SIGKILL)
     pep.wait(10)
     assert rules_in(topo, "gw") == before  # stale rules stay behind...
-    assert await server_peer(topo, net) == net.client  # ...yet new connections go end to end
-    again = PepProcess(topo, "gw", pep_args)
-    try:
-        again.start()
-        assert rules_in(topo, "gw") == before  # exactly one set, not two
-        assert await server_peer(topo, net) == net.gw_server  # splitting again
-    finally:
-        again.stop()
+    assert await peer_of(topo, dst) == net.client  # ...yet new connections go end to end
+    start_pep(*pep_args)
+    assert rules_in(topo, "gw") == before  # exactly one set, not two
+    assert await peer_of(topo, dst) == net.gw_server  # splitting again
 
 
 async def test_direct_connection_to_listener_is_refused(
     topo: Topology, pep: PepProcess, net: Addrs
 ) -> None:
-    accepted: list[tuple[str, int]] = []
     with trio.fail_after(10):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), net.server, PORT), echo_upper, accepted
-            )
+        async with serving(topo, (net.server, PORT)) as accepted:
             try:
                 sock = await connect(topo.ns("client"), (net.gw_client, 5000))
             except (ConnectionRefusedError, ConnectionResetError):
@@ -248,6 +186,5 @@ async def test_direct_connection_to_listener_is_refused(
                     else:
                         assert data == b""
             await trio.sleep(0.2)
-            n.cancel_scope.cancel()
     assert accepted == []  # no upstream connection was made
     assert not pep.closed_lines()

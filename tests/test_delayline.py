@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pep.lab.delayline import DelayLine, LinkRules, queue_sizing, simulate
-from tests.test_iptables_setup import in_ns, ipt, netns  # noqa: F401 (netns: a fixture)
+from tests.netenv import in_ns, ipt
 
 
 def test_nothing_held_means_no_deadline() -> None:
@@ -129,7 +129,7 @@ def test_link_rules_drop_before_queue_per_direction() -> None:
     ids=["delay-and-loss", "one-way-delay"],
 )
 def test_link_rules_install_builds_what_lines_say_and_remove_leaves_nothing(
-    netns: str,  # noqa: F811 (the fixture imported above)
+    netns: str,
     rules: LinkRules,
 ) -> None:
     """install() builds its python-iptables rules from the same description lines() renders:

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
 
-from pep.topology import Topology, sysctl
+from pep.topology import Topology
+from tests.daemon import PepProcess, StartPep
 from tests.netenv import (
-    INGRESS,
+    PORT,
     SERVER_IP,
-    PepProcess,
+    Sysctls,
     connect,
-    gateway_topology,
+    echo_upper,
+    exchange,
     listen,
     recv_to_eof,
+    request,
     send_all,
     serve,
 )
-from tests.test_core_netns import PORT, echo_upper, request
 
 pytestmark = pytest.mark.netns
 
@@ -31,22 +31,13 @@ TFO_ALL_NO_COOKIE = 0x207
 
 
 @pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("f") as t:
-        sysctl(t.ns("gw"), "net.ipv4.tcp_fastopen", TFO_ALL_NO_COOKIE)
-        sysctl(t.ns("server"), "net.ipv4.tcp_fastopen", TFO_ALL_NO_COOKIE)
-        yield t
+def topo_sysctls() -> Sysctls:
+    return {node: {"net.ipv4.tcp_fastopen": TFO_ALL_NO_COOKIE} for node in ("gw", "server")}
 
 
 @pytest.fixture
-def pep(topo: Topology, tmp_path: Path) -> Iterator[PepProcess]:
-    conf = tmp_path / "pep.toml"
-    conf.write_text("tcp_fastopen = true\nfastopen_wait = 0.2\n")
-    p = PepProcess(topo, "gw", ["--config", str(conf), "--interface", INGRESS])
-    try:
-        yield p.start()
-    finally:
-        p.stop()
+def pep(start_pep: StartPep) -> PepProcess:
+    return start_pep(config="tcp_fastopen = true\nfastopen_wait = 0.2\n")
 
 
 def passive_fastopens(topo: Topology) -> int:
@@ -68,7 +59,7 @@ async def test_first_bytes_travel_in_the_syn(topo: Topology, pep: PepProcess) ->
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
             n.start_soon(serve, await fastopen_listen(topo), echo_upper, [])
-            reply, _ = await request(topo, payload)
+            reply = await request(topo, (SERVER_IP, PORT), payload)
             n.cancel_scope.cancel()
     assert reply == payload.upper()
     assert passive_fastopens(topo) == before + 1
@@ -88,9 +79,7 @@ async def test_server_speaks_first_still_works(topo: Topology, pep: PepProcess) 
             sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
             with sock:
                 banner = await sock.recv(100)  # sent nothing: pep connects without data
-                await send_all(sock, b"quit")
-                sock.shutdown(trio.socket.SHUT_WR)
-                rest = await recv_to_eof(sock)
+                rest = await exchange(sock, b"quit")
             n.cancel_scope.cancel()
     assert banner == b"220 hello\r\n" and rest == b"QUIT"
     assert passive_fastopens(topo) == before  # an ordinary handshake

@@ -2,29 +2,21 @@
 throwaway namespaces.
 
 python-iptables acts on the network namespace of the calling process, so the code under test
-runs in a subprocess started with ``ip netns exec``; the checks read the kernel's view back with
-``iptables-legacy -S`` (python-iptables writes the legacy backend).
+runs in a subprocess started with ``ip netns exec`` (tests.netenv.in_ns); the checks read the
+kernel's view back with ``iptables-legacy -S`` (python-iptables writes the legacy backend).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 import shutil
-import subprocess
 import sys
-import textwrap
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from pep import config
 from pep.config import ConfigError
 from pep.iptables_setup import RuleSpec, expected_rules
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.netenv import in_ns, ipt, run_in
 
 SPEC = "RuleSpec(('eth1',), (0, 0), 8888, 0x5E9, 0xFFFF)"
 
@@ -43,49 +35,7 @@ NAT_ETH1 = [
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def _run(
-    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
-    )
-
-
-def in_ns(ns: str, snippet: str, *, wrapper: list[str] | None = None) -> object:
-    """Run a Python snippet inside namespace ``ns``; return the JSON of its ``result`` variable.
-
-    The snippet sees ``s`` (pep.iptables_setup), ``RuleSpec`` and ``RulesError``. The result is
-    printed as the last line of stdout (python-iptables briefly borrows fd 1 to read extension
-    output, so nothing else is parsed). Raises AssertionError with stderr when the snippet fails.
-    """
-    prelude = (
-        "import json, sys\n"
-        "from pep import iptables_setup as s\n"
-        "from pep.iptables_setup import RuleSpec, RulesError\n"
-        "result = None\n"
-    )
-    epilogue = "\nsys.stdout.flush()\nprint()\nprint(json.dumps(result))\n"
-    code = prelude + textwrap.dedent(snippet) + epilogue
-    cmd = ["ip", "netns", "exec", ns, *(wrapper or []), sys.executable, "-c", code]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = _run(cmd, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"snippet failed ({proc.returncode}) in {ns}:\n{code}\n--- stderr:\n{proc.stderr}"
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def ipt(ns: str, *args: str) -> list[str]:
-    """``iptables-legacy ARGS`` inside ``ns``; output lines."""
-    proc = _run(["ip", "netns", "exec", ns, "iptables-legacy", *args])
-    if proc.returncode != 0:
-        raise AssertionError(f"iptables-legacy {' '.join(args)} failed: {proc.stderr}")
-    return proc.stdout.splitlines()
+# helpers (the ``netns`` fixture is tests/conftest.py's; in_ns and ipt are tests/netenv.py's)
 
 
 def rules(ns: str, table: str) -> list[str]:
@@ -95,18 +45,6 @@ def rules(ns: str, table: str) -> list[str]:
 
 def pep_free(ns: str) -> bool:
     return not any("PEP" in line for table in ("mangle", "nat") for line in rules(ns, table))
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A fresh, uniquely named network namespace, always deleted afterwards."""
-    name = f"pepipt-{os.getpid()}-{secrets.token_hex(3)}"
-    proc = _run(["ip", "netns", "add", name])
-    assert proc.returncode == 0, proc.stderr
-    try:
-        yield name
-    finally:
-        _run(["ip", "netns", "del", name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +388,7 @@ def test_one_process_sees_changes_made_behind_its_back(netns: str) -> None:
 def test_rules_remove_takes_the_routes_even_when_the_rules_fail(netns: str) -> None:
     """`pep rules remove` (the daemon's remove_rules): a refused netfilter removal leaves
     its table as it was but no longer keeps the policy routes in place; both are reported."""
-    _run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"])
+    run_in(netns, ["ip", "link", "set", "lo", "up"])
     in_ns(
         netns,
         """
@@ -461,10 +399,7 @@ def test_rules_remove_takes_the_routes_even_when_the_rules_fail(netns: str) -> N
     )
     ipt(netns, "-t", "mangle", "-N", "USERCHAIN")
     ipt(netns, "-t", "mangle", "-A", "USERCHAIN", "-j", "PEP_SYN")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pep.cli", "rules", "remove"]
-    proc = _run(["ip", "netns", "exec", netns, *cmd], env=env)
+    proc = run_in(netns, [sys.executable, "-m", "pep.cli", "rules", "remove"])
     assert proc.returncode == 1
     assert in_ns(netns, "from pep import routing\nresult = routing.show()") == []
     assert "netfilter rules: removing pep's rules failed" in proc.stderr

@@ -26,12 +26,12 @@ from pep.lab import bench, objects
 from pep.lab import lab as lab_mod
 from pep.lab.profiles import PROFILES
 from pep.topology import Topology, ns_socket
+from tests.daemon import REPO
 from tests.netenv import unique_prefix
 
 pytestmark = pytest.mark.netns
 
 SERVER = (lab_mod.SERVER_IP, lab_mod.SERVER_PORT)
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

@@ -2,137 +2,109 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 
 import pytest
 import trio
 
-from pep.topology import Topology
+from pep.topology import Topology, ns_socket
+from tests.daemon import StartPep
 from tests.netenv import (
     ADDRS,
     INGRESS,
+    PORT,
     Addrs,
-    PepProcess,
     duplex,
-    gateway_topology,
-    listen,
+    exchange,
+    request,
     rules_in,
-    send_all,
     sending,
-    serve,
+    serving,
     sha,
 )
-from tests.test_core_netns import PORT, echo_upper, request
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("m") as t:
-        yield t
-
-
-def start(topo: Topology, *args: str) -> PepProcess:
-    return PepProcess(topo, "gw", ["--interface", INGRESS, "--log-level", "debug", *args]).start()
+def start(start_pep: StartPep) -> StartPep:
+    return functools.partial(start_pep, "--log-level", "debug")
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 async def test_transparent_source_server_sees_client_and_data_is_exact(
-    topo: Topology, tmp_path: os.PathLike[str], family: int
+    topo: Topology, start: StartPep, family: int
 ) -> None:
     net = ADDRS[family]
-    conf = os.path.join(tmp_path, "pep.toml")
-    with open(conf, "w") as f:
-        f.write('mode = "tproxy"\ntransparent_source = true\n')
-    pep = start(topo, "--config", conf)
-    try:
-        up, down = os.urandom(8 << 20), os.urandom(8 << 20)
-        d = await duplex(topo, net.server, PORT, sending(up), sending(down), timeout=30)
-        accepted, client_port = d.accepted, d.client_port
-        # The server saw the client's own address and port: full transparency...
-        assert [a[:2] for a in accepted] == [(net.client, client_port)]
-        # ...and the connection was still split by pep (not routed past it).
-        [rec] = pep.closed_lines(expect=1)
-        assert rec["client"] == f"{net.client}:{client_port}"
-        assert (rec["up"], rec["down"]) == (str(len(up)), str(len(down)))
-        assert d.server_got == (sha(up), len(up))
-        assert d.client_got == (sha(down), len(down))
-    finally:
-        pep.stop()
+    pep = start(config='mode = "tproxy"\ntransparent_source = true\n')
+    up, down = os.urandom(8 << 20), os.urandom(8 << 20)
+    d = await duplex(topo, net.server, PORT, sending(up), sending(down), timeout=30)
+    accepted, client_port = d.accepted, d.client_port
+    # The server saw the client's own address and port: full transparency...
+    assert [a[:2] for a in accepted] == [(net.client, client_port)]
+    # ...and the connection was still split by pep (not routed past it).
+    [rec] = pep.closed_lines(expect=1)
+    assert rec["client"] == f"{net.client}:{client_port}"
+    assert (rec["up"], rec["down"]) == (str(len(up)), str(len(down)))
+    assert d.server_got == (sha(up), len(up))
+    assert d.client_got == (sha(down), len(down))
 
 
-async def test_ipv4_and_ipv6_clients_at_once_through_one_pep(topo: Topology) -> None:
-    pep = start(topo)  # --family both is the default
-    try:
-        accepted: list[tuple[str, int]] = []
-        replies: dict[tuple[int, int], bytes] = {}
+async def test_ipv4_and_ipv6_clients_at_once_through_one_pep(
+    topo: Topology, start: StartPep
+) -> None:
+    pep = start()  # --family both is the default
+    accepted: list[tuple[str, int]] = []
+    replies: dict[tuple[int, int], bytes] = {}
 
-        async def one(family: int, i: int) -> None:
-            payload = f"v{family}-{i}:".encode() + os.urandom(5000)
-            reply, _ = await request(topo, payload, ADDRS[family].server)
-            assert reply == payload.upper()
-            replies[(family, i)] = reply
+    async def one(family: int, i: int) -> None:
+        payload = f"v{family}-{i}:".encode() + os.urandom(5000)
+        reply = await request(topo, (ADDRS[family].server, PORT), payload)
+        assert reply == payload.upper()
+        replies[(family, i)] = reply
 
-        with trio.fail_after(30):
-            async with trio.open_nursery() as n:
+    with trio.fail_after(30):
+        async with (
+            serving(topo, (ADDRS[4].server, PORT), accepted=accepted),
+            serving(topo, (ADDRS[6].server, PORT), accepted=accepted),
+            trio.open_nursery() as clients,
+        ):
+            for i in range(25):
                 for family in (4, 6):
-                    n.start_soon(
-                        serve,
-                        await listen(topo.ns("server"), ADDRS[family].server, PORT),
-                        echo_upper,
-                        accepted,
-                    )
-                async with trio.open_nursery() as clients:
-                    for i in range(25):
-                        for family in (4, 6):
-                            clients.start_soon(one, family, i)
-                n.cancel_scope.cancel()
-        assert len(replies) == 50
-        assert sorted({a[0] for a in accepted}) == sorted([ADDRS[4].gw_server, ADDRS[6].gw_server])
-        assert len(pep.closed_lines(expect=50)) == 50
-    finally:
-        pep.stop()
+                    clients.start_soon(one, family, i)
+    assert len(replies) == 50
+    assert sorted({a[0] for a in accepted}) == sorted([ADDRS[4].gw_server, ADDRS[6].gw_server])
+    assert len(pep.closed_lines(expect=50)) == 50
 
 
 @pytest.mark.parametrize("mode", ["redirect", "tproxy"])
-async def test_ipv6_syn_with_extension_header_is_handled(topo: Topology, mode: str) -> None:
+async def test_ipv6_syn_with_extension_header_is_handled(
+    topo: Topology, start: StartPep, mode: str
+) -> None:
     """A destination-options header between IPv6 and TCP: the SYN parser walks it."""
     net: Addrs = ADDRS[6]
-    pep = start(topo, "--mode", mode)
-    try:
-        accepted: list[tuple[str, int]] = []
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(
-                    serve, await listen(topo.ns("server"), net.server, PORT), echo_upper, accepted
-                )
-                sock = await connect_with_dstopts(topo, (net.server, PORT))
-                with sock:
-                    await send_all(sock, b"ext")
-                    sock.shutdown(socket.SHUT_WR)
-                    data = await sock.recv(100)
-                n.cancel_scope.cancel()
-        assert data == b"EXT"
-        # Either split (server sees the gateway) or, if the parser gave up, counted and unsplit.
-        assert accepted[0][0] in (net.gw_server, net.client)
-        if accepted[0][0] == net.client:
-            assert "accepted unsplit" in pep.log()
-        pep.signal(signal.SIGTERM)
-        assert pep.wait(10) == 0  # alive until told to stop
-        assert "split=1" in pep.log()  # this kernel's parser does split it
-    finally:
-        pep.stop()
+    pep = start("--mode", mode)
+    with trio.fail_after(10):
+        async with serving(topo, (net.server, PORT)) as accepted:
+            sock = await connect_with_dstopts(topo, (net.server, PORT))
+            with sock:
+                data = await exchange(sock, b"ext")
+    assert data == b"EXT"
+    # Either split (server sees the gateway) or, if the parser gave up, counted and unsplit.
+    assert accepted[0][0] in (net.gw_server, net.client)
+    if accepted[0][0] == net.client:
+        assert "accepted unsplit" in pep.log()
+    pep.signal(signal.SIGTERM)
+    assert pep.wait(10) == 0  # alive until told to stop
+    assert "split=1" in pep.log()  # this kernel's parser does split it
     assert "PEP" not in rules_in(topo, "gw")
 
 
 async def connect_with_dstopts(topo: Topology, dst: tuple[str, int]) -> trio.socket.SocketType:
-    from pep.topology import ns_socket
-
     raw = ns_socket(topo.ns("client"), socket.AF_INET6)
     # RFC 8200 section 4.6: next header and length are filled in by the kernel; one PadN
     # option pads the header to 8 bytes. Sticky: every packet, the SYN included, carries it.

@@ -1,25 +1,31 @@
 """The daemon as a non-root user with only CAP_NET_ADMIN + CAP_NET_RAW, as deploy/pep.service
 runs it: the core scenarios (every mode and IP version) pass unchanged, and so does status.
 
-The core tests are imported, not copied: collected here they use this module's ``topo`` and
+The core tests are imported, not copied: collected here they use this module's ``variant`` and
 ``pep`` fixtures, so the very same scenarios run against the unprivileged daemon.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from pep.topology import Topology
 from tests import test_core_netns as core
-from tests.netenv import PepProcess, gateway_topology
-from tests.opsenv import NOBODY, nonroot_prefix, proc_status, status_json
+from tests.daemon import (
+    NOBODY,
+    ONLY_THOSE,
+    PepProcess,
+    StartPep,
+    nonroot_prefix,
+    proc_status,
+    status_json,
+)
 
-# Collected here, the core scenarios use this module's ``topo`` and ``pep`` fixtures.
+# Collected here, the core scenarios use this module's ``variant`` and ``pep`` fixtures.
 net, pep_args = core.net, core.pep_args
 # Both modes and both IP versions' code paths: the daemon installs both families' rules in
 # every variant, so these two exercise iptables, ip6tables, REDIRECT, TPROXY and its routes.
@@ -42,48 +48,19 @@ test_direct_connection_refused = core.test_direct_connection_to_listener_is_refu
 
 pytestmark = pytest.mark.netns
 
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13  # include/uapi/linux/capability.h
-ONLY_THOSE = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
-
 
 @pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("on") as t:
-        yield t
-
-
-@pytest.fixture
-def run_dir() -> Iterator[str]:
-    """What RuntimeDirectory=pep gives the service: a directory the daemon's user owns."""
-    d = tempfile.mkdtemp(prefix="pep-nonroot-")
-    os.chown(d, NOBODY, NOBODY)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def pep(topo: Topology, pep_args: list[str], run_dir: str) -> Iterator[PepProcess]:
-    p = PepProcess(
-        topo,
-        "gw",
-        pep_args,
-        status_socket=os.path.join(run_dir, "pep.sock"),
-        prefix=nonroot_prefix(),
-    )
-    try:
-        yield p.start()
-        _assert_unprivileged(p)
-    finally:
-        p.stop()
+def pep(nobody_dir: Path, start_pep: StartPep, pep_args: list[str]) -> Iterator[PepProcess]:
+    p = start_pep(*pep_args, status_socket=str(nobody_dir / "pep.sock"), prefix=nonroot_prefix())
+    yield p
+    _assert_unprivileged(p)
 
 
 def _assert_unprivileged(p: PepProcess) -> None:
     """Checked after each test too: the daemon never gained anything."""
-    if p.proc is None or p.proc.poll() is not None:
+    if not p.running:
         return
-    st = proc_status(p.proc.pid)
+    st = proc_status(p.pid)
     assert st["Uid"].split() == [str(NOBODY)] * 4
     assert st["Gid"].split() == [str(NOBODY)] * 4
     for kind in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
@@ -102,7 +79,7 @@ async def test_nonroot_daemon_has_only_two_capabilities_and_serves_status(
     doc = await status_json(pep)
     assert doc["kernel_queues"] is None and "Permission denied" in doc["kernel_queues_error"]
     doc = await status_json(pep, in_ns=True)
-    assert doc["state"] == "running" and doc["pid"] == pep.proc.pid  # type: ignore[union-attr]
+    assert doc["state"] == "running" and doc["pid"] == pep.pid
     # The kernel's queue counters file is 0440 root:root: the daemon cannot read it, and
     # `pep status` run as root in the daemon's namespace fills them in itself.
     assert [q["queue"] for q in doc["kernel_queues"]] == [0]

@@ -4,52 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from pep.topology import Topology
+from tests.daemon import PepProcess, StartPep, pep_status, status_json, wait_for
 from tests.netenv import (
     GW_CLIENT_IP,
-    INGRESS,
+    PORT,
     SERVER_IP,
-    PepProcess,
     connect,
-    gateway_topology,
-    listen,
+    http_get,
     recv_to_eof,
+    request,
     send_all,
-    serve,
+    serving,
     sha,
 )
-from tests.opsenv import http_get, pep_status, status_json, wait_for
-from tests.test_core_netns import echo_upper, request
 
 pytestmark = pytest.mark.netns
 
-PORT = 8080
 CLOSED_PORT = 8081
 METRICS = ("127.0.0.1", 9560)
 
 
 @pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("os") as t:
-        yield t
-
-
-@pytest.fixture
-def pep(topo: Topology, tmp_path: Path) -> Iterator[PepProcess]:
-    conf = tmp_path / "pep.toml"
-    conf.write_text(f'metrics_listen = "{METRICS[0]}:{METRICS[1]}"\n')
-    p = PepProcess(topo, "gw", ["--config", str(conf), "--interface", INGRESS])
-    try:
-        yield p.start()
-    finally:
-        p.stop()
+def pep(start_pep: StartPep) -> PepProcess:
+    return start_pep(config=f'metrics_listen = "{METRICS[0]}:{METRICS[1]}"\n')
 
 
 async def recv_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
@@ -95,39 +78,36 @@ async def test_status_json_lists_20_live_connections_with_byte_counts(
             assert await recv_to_eof(sock) == b""
 
     with trio.fail_after(60):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), server_side, [])
-            async with trio.open_nursery() as clients:
-                for i in range(count):
-                    clients.start_soon(client, i)
-                await all_exchanged.wait()
+        async with serving(topo, (SERVER_IP, PORT), server_side), trio.open_nursery() as clients:
+            for i in range(count):
+                clients.start_soon(client, i)
+            await all_exchanged.wait()
 
-                doc: dict = {}
+            doc: dict = {}
 
-                async def counts_match() -> bool:
-                    nonlocal doc
-                    doc = await status_json(pep)
-                    got = {
-                        int(c["client"].rsplit(":", 1)[1]): (c["up"], c["down"])
-                        for c in doc["connections"]
-                    }
-                    want = {client_port[i]: (2 + len(up[i]), len(down[i])) for i in range(count)}
-                    return got == want
+            async def counts_match() -> bool:
+                nonlocal doc
+                doc = await status_json(pep)
+                got = {
+                    int(c["client"].rsplit(":", 1)[1]): (c["up"], c["down"])
+                    for c in doc["connections"]
+                }
+                want = {client_port[i]: (2 + len(up[i]), len(down[i])) for i in range(count)}
+                return got == want
 
-                await wait_for(counts_match, 10, "status byte counts", step=0.2)
-                assert len(doc["connections"]) == count
-                for c in doc["connections"]:
-                    assert c["dst"] == f"{SERVER_IP}:{PORT}" and c["flow"] == c["dst"]
-                    assert c["state"] == "open" and c["age"] >= 0
-                assert doc["totals"]["active"] == count and doc["state"] == "running"
-                assert doc["syn"]["split"] == count
-                human = await pep_status(pep)
-                assert human.returncode == 0
-                text = human.stdout.decode()
-                assert f"connections: {count} active" in text
-                assert sum(f"{SERVER_IP}:{PORT}" in line for line in text.splitlines()) == count
-                release.set()
-            n.cancel_scope.cancel()
+            await wait_for(counts_match, 10, "status byte counts", step=0.2)
+            assert len(doc["connections"]) == count
+            for c in doc["connections"]:
+                assert c["dst"] == f"{SERVER_IP}:{PORT}" and c["flow"] == c["dst"]
+                assert c["state"] == "open" and c["age"] >= 0
+            assert doc["totals"]["active"] == count and doc["state"] == "running"
+            assert doc["syn"]["split"] == count
+            human = await pep_status(pep)
+            assert human.returncode == 0
+            text = human.stdout.decode()
+            assert f"connections: {count} active" in text
+            assert sum(f"{SERVER_IP}:{PORT}" in line for line in text.splitlines()) == count
+            release.set()
     assert server_got == {i: sha(up[i]) for i in range(count)}
     recs = pep.closed_lines(expect=count)
     by_port = {int(r["client"].rsplit(":", 1)[1]): r for r in recs}
@@ -163,16 +143,14 @@ async def test_metrics_endpoint_counts_a_known_workload(topo: Topology, pep: Pep
     ok = 6
     payloads = [hashlib.sha256(bytes([i])).digest() * (31 * (i + 1)) for i in range(ok)]
     with trio.fail_after(30):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_upper, [])
+        async with serving(topo, (SERVER_IP, PORT)):
             for p in payloads:
-                reply, _ = await request(topo, p)
+                reply = await request(topo, (SERVER_IP, PORT), p)
                 assert sha(reply) == sha(p.upper())
             for _ in range(2):  # nothing listens there: pep's upstream connect is refused
                 await expect_reset(topo, (SERVER_IP, CLOSED_PORT))
             # Straight to the listener: refused, pep is not an open proxy.
             await expect_reset(topo, (GW_CLIENT_IP, 5000))
-            n.cancel_scope.cancel()
         pep.closed_lines(expect=ok)
 
         async def settled() -> bool:

@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
 
 from pep.topology import Topology
-from tests.netenv import (
-    ADDRS,
-    INGRESS,
-    PepProcess,
-    gateway_topology,
-    listen,
-    rules_in,
-    serve,
-    sha,
-)
-from tests.opsenv import status_json, wait_for
-from tests.test_core_netns import PORT, echo_upper, request
+from tests.daemon import PepProcess, StartPep, status_json, wait_for
+from tests.netenv import ADDRS, PORT, request, rules_in, serving, sha
 
 pytestmark = pytest.mark.netns
 
@@ -30,21 +18,8 @@ NET = ADDRS[4]
 
 
 @pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("ow") as t:
-        yield t
-
-
-@pytest.fixture
-def pep(topo: Topology, tmp_path: Path) -> Iterator[PepProcess]:
-    conf = tmp_path / "pep.toml"
-    conf.write_text("workers = 2\ndrain_timeout = 5.0\n")
-    p = PepProcess(topo, "gw", ["--config", str(conf), "--interface", INGRESS])
-    try:
-        yield p.start(timeout=30)
-    finally:
-        print(p.log())  # shown by pytest when the test fails
-        p.stop()
+def pep(start_pep: StartPep) -> PepProcess:
+    return start_pep(config="workers = 2\ndrain_timeout = 5.0\n", timeout=30)
 
 
 def worker_pids(doc: dict) -> list[int]:
@@ -53,25 +28,19 @@ def worker_pids(doc: dict) -> list[int]:
 
 async def many(topo: Topology, count: int) -> list[tuple[str, int]]:
     """``count`` concurrent request/responses, each checked byte for byte."""
-    accepted: list[tuple[str, int]] = []
     done = 0
 
     async def one(i: int) -> None:
         nonlocal done
         payload = f"conn-{i}:".encode() + os.urandom(2000 + i * 37)
-        reply, _ = await request(topo, payload, NET.server)
+        reply = await request(topo, (NET.server, PORT), payload)
         assert sha(reply) == sha(payload.upper()), f"connection {i} got wrong data"
         done += 1
 
     with trio.fail_after(60):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), NET.server, PORT), echo_upper, accepted
-            )
-            async with trio.open_nursery() as clients:
-                for i in range(count):
-                    clients.start_soon(one, i)
-            n.cancel_scope.cancel()
+        async with serving(topo, (NET.server, PORT)) as accepted, trio.open_nursery() as clients:
+            for i in range(count):
+                clients.start_soon(one, i)
     assert done == count
     return accepted
 
@@ -81,7 +50,7 @@ async def test_two_workers_200_concurrent_connections(topo: Topology, pep: PepPr
     assert "--queue-balance 0:1" in rules
     doc = await status_json(pep)
     assert [w["state"] for w in doc["workers"]] == ["running", "running"]
-    assert len(set(worker_pids(doc)) | {pep.proc.pid}) == 3  # type: ignore[union-attr]
+    assert len(set(worker_pids(doc)) | {pep.pid}) == 3
     assert sorted(q["queue"] for q in doc["kernel_queues"]) == [0, 1]
     assert all(q["portid"] for q in doc["kernel_queues"])  # both queues bound
 

@@ -7,90 +7,55 @@ import errno
 import os
 import re
 import socket
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import trio
 
 from pep.topology import Topology, ns_socket
+from tests.daemon import PepProcess, StartPep
 from tests.netenv import (
     ADDRS,
-    INGRESS,
-    PepProcess,
+    PORT,
     connect,
-    gateway_topology,
-    listen,
+    echo_upper,
+    exchange,
+    ipt,
+    peer_of,
     recv_to_eof,
     send_all,
-    serve,
+    serving,
 )
-from tests.test_core_netns import PORT, echo_upper
 
 pytestmark = pytest.mark.netns
 
 NET = ADDRS[4]
 
 
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("p") as t:
-        yield t
+Start = Callable[[str], PepProcess]
 
 
 @pytest.fixture
-def start(topo: Topology, tmp_path: Path) -> Iterator:
-    started: list[PepProcess] = []
+def start(start_pep: StartPep) -> Start:
+    """start(config text): a daemon with that config, logging at debug level."""
 
     def run(config: str) -> PepProcess:
-        conf = tmp_path / f"pep{len(started)}.toml"
-        conf.write_text(config)
-        p = PepProcess(
-            topo, "gw", ["--config", str(conf), "--interface", INGRESS, "--log-level", "debug"]
-        )
-        started.append(p)
-        return p.start()
+        return start_pep("--log-level", "debug", config=config)
 
-    yield run
-    for p in started:
-        p.stop()
+    return run
 
 
-async def peer_of(topo: Topology, port: int, payload: bytes = b"x") -> str:
-    """Open one connection to the server's ``port``; the address the server saw."""
-    accepted: list[tuple[str, int]] = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), NET.server, port), echo_upper, accepted
-            )
-            sock = await connect(topo.ns("client"), (NET.server, port))
-            with sock:
-                await send_all(sock, payload)
-                sock.shutdown(socket.SHUT_WR)
-                assert await recv_to_eof(sock) == payload.upper()
-            n.cancel_scope.cancel()
-    return accepted[0][0]
-
-
-async def test_bypass_rule_for_one_port(topo: Topology, start) -> None:
+async def test_bypass_rule_for_one_port(topo: Topology, start: Start) -> None:
     pep = start('[[policy]]\nname = "direct"\naction = "bypass"\ndport = [8081]\n')
-    assert await peer_of(topo, 8081) == NET.client  # bypassed: end to end, untouched
-    assert await peer_of(topo, 8080) == NET.gw_server  # split
-    log = stop_log(pep)
+    assert await peer_of(topo, (NET.server, 8081)) == NET.client  # bypassed: end to end, untouched
+    assert await peer_of(topo, (NET.server, 8080)) == NET.gw_server  # split
+    log = pep.stop_log()
     assert "syn queued=2 split=1 bypassed=1" in log
     assert "policy decisions: direct=1 default=1" in log  # counted per rule
 
 
-def stop_log(pep: PepProcess) -> str:
-    pep.signal(15)
-    assert pep.wait(10) == 0
-    return pep.log()
-
-
-async def test_max_connections_bypasses_the_excess(topo: Topology, start) -> None:
+async def test_max_connections_bypasses_the_excess(topo: Topology, start: Start) -> None:
     start("max_connections = 5\n")
-    accepted: list[tuple[str, int]] = []
     release = trio.Event()
 
     async def hold_then_echo(conn: trio.socket.SocketType) -> None:
@@ -101,10 +66,7 @@ async def test_max_connections_bypasses_the_excess(topo: Topology, start) -> Non
         await send_all(conn, rest.upper())
 
     with trio.fail_after(30):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), NET.server, PORT), hold_then_echo, accepted
-            )
+        async with serving(topo, (NET.server, PORT), hold_then_echo) as accepted:
             socks = []
             for i in range(10):  # ten long connections, opened one after another
                 s = await connect(topo.ns("client"), (NET.server, PORT))
@@ -115,16 +77,13 @@ async def test_max_connections_bypasses_the_excess(topo: Topology, start) -> Non
             for i, s in enumerate(socks):
                 with s:
                     payload = f"data-{i}-".encode() + os.urandom(100_000)
-                    await send_all(s, payload)
-                    s.shutdown(socket.SHUT_WR)
-                    assert await recv_to_eof(s) == payload.upper()
-            n.cancel_scope.cancel()
+                    assert await exchange(s, payload) == payload.upper()
     peers = [a[0] for a in accepted]
     assert peers[:5] == [NET.gw_server] * 5  # split while there was room
     assert peers[5:] == [NET.client] * 5  # at capacity: bypassed, yet working
 
 
-async def test_strict_mode_closed_port_gets_the_servers_reset(topo: Topology, start) -> None:
+async def test_strict_mode_closed_port_gets_the_servers_reset(topo: Topology, start: Start) -> None:
     pep = start('syn_verdict = "after-upstream"\n')
     with trio.fail_after(5):
         sock = trio.socket.from_stdlib_socket(ns_socket(topo.ns("client")))
@@ -134,55 +93,28 @@ async def test_strict_mode_closed_port_gets_the_servers_reset(topo: Topology, st
     # pep would have completed the handshake and reset afterwards.
     assert exc.value.errno == errno.ECONNREFUSED
     assert "letting the SYN through unsplit" in pep.log()
-    assert await peer_of(topo, PORT) == NET.gw_server  # an open port is split as usual
+    # An open port is split as usual.
+    assert await peer_of(topo, (NET.server, PORT)) == NET.gw_server
 
 
-async def test_strict_mode_blackholed_upstream_goes_through_unsplit(topo: Topology, start) -> None:
+async def test_strict_mode_blackholed_upstream_goes_through_unsplit(
+    topo: Topology, start: Start
+) -> None:
     # The server drops pep's own SYNs (from the gateway's address) but answers the client:
     # pep's connect times out and the held SYN is released unsplit.
-    r = topo.run(
-        "server",
-        [
-            "iptables-legacy",
-            "-A",
-            "INPUT",
-            "-s",
-            NET.gw_server,
-            "-p",
-            "tcp",
-            "--dport",
-            str(PORT),
-            "-j",
-            "DROP",
-        ],
-    )
-    assert r.returncode == 0, r.stderr
+    ipt(topo.ns("server"), *f"-A INPUT -s {NET.gw_server} -p tcp --dport {PORT} -j DROP".split())
     pep = start('syn_verdict = "after-upstream"\nsyn_hold_timeout = 0.5\n')
     t0 = trio.current_time()
-    assert await peer_of(topo, PORT) == NET.client
+    assert await peer_of(topo, (NET.server, PORT)) == NET.client
     assert trio.current_time() - t0 < 3
     assert "no answer in 0.5s" in pep.log()
 
 
-async def test_tos_and_mss_of_the_client_syn_are_mirrored(topo: Topology, start) -> None:
+async def test_tos_and_mss_of_the_client_syn_are_mirrored(topo: Topology, start: Start) -> None:
     start("mirror_tos = true\nmirror_mss = true\n")
     # Count packets from the gateway (the upstream leg) carrying DSCP 10 (TOS 0x28).
-    rule = [
-        "INPUT",
-        "-s",
-        NET.gw_server,
-        "-p",
-        "tcp",
-        "--dport",
-        str(PORT),
-        "-m",
-        "dscp",
-        "--dscp",
-        "0x0a",
-        "-j",
-        "ACCEPT",
-    ]
-    assert topo.run("server", ["iptables-legacy", "-A", *rule]).returncode == 0
+    dscp = f"-A INPUT -s {NET.gw_server} -p tcp --dport {PORT} -m dscp --dscp 0x0a -j ACCEPT"
+    ipt(topo.ns("server"), *dscp.split())
     mss_seen: list[int] = []
 
     async def record_mss(conn: trio.socket.SocketType) -> None:
@@ -190,25 +122,23 @@ async def test_tos_and_mss_of_the_client_syn_are_mirrored(topo: Topology, start)
         await echo_upper(conn)
 
     with trio.fail_after(10):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), NET.server, PORT), record_mss, [])
+        async with serving(topo, (NET.server, PORT), record_mss):
             raw = ns_socket(topo.ns("client"))
             raw.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x28)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1200)
             sock = trio.socket.from_stdlib_socket(raw)
             with sock:
                 await sock.connect((NET.server, PORT))
-                await send_all(sock, b"tos")
-                sock.shutdown(socket.SHUT_WR)
-                assert await recv_to_eof(sock) == b"TOS"
-            n.cancel_scope.cancel()
+                assert await exchange(sock, b"tos") == b"TOS"
     counters = topo.run("server", ["iptables-legacy", "-L", "INPUT", "-v", "-x", "-n"]).stdout
     dscp_line = next(ln for ln in counters.splitlines() if "DSCP match 0x0a" in ln)
     assert int(dscp_line.split()[0]) > 0  # packets of the upstream leg carried TOS 0x28
     assert mss_seen and mss_seen[0] <= 1200  # without mirroring it would be 1448 on this veth
 
 
-async def test_upstream_leg_uses_the_configured_congestion_control(topo: Topology, start) -> None:
+async def test_upstream_leg_uses_the_configured_congestion_control(
+    topo: Topology, start: Start
+) -> None:
     start('[upstream]\ncongestion = "reno"\n[client]\ncongestion = "cubic"\n')
     release = trio.Event()
 
@@ -217,10 +147,7 @@ async def test_upstream_leg_uses_the_configured_congestion_control(topo: Topolog
         await echo_upper(conn)
 
     with trio.fail_after(10):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), NET.server, PORT), wait_then_echo, []
-            )
+        async with serving(topo, (NET.server, PORT), wait_then_echo):
             sock = await connect(topo.ns("client"), (NET.server, PORT))
             await trio.sleep(0.3)
             ss = topo.run("gw", ["ss", "-tin"]).stdout
@@ -228,7 +155,6 @@ async def test_upstream_leg_uses_the_configured_congestion_control(topo: Topolog
             with sock:
                 sock.shutdown(socket.SHUT_WR)
                 await recv_to_eof(sock)
-            n.cancel_scope.cancel()
     # ss prints each socket's line, then its TCP_INFO line with the congestion control name.
     lines = ss.splitlines()
     upstream = next(i for i, ln in enumerate(lines) if re.search(rf"{NET.server}:{PORT}\s*$", ln))
@@ -237,7 +163,9 @@ async def test_upstream_leg_uses_the_configured_congestion_control(topo: Topolog
     assert " cubic " in lines[client + 1] + " ", lines[client + 1]
 
 
-async def test_two_queues_split_whichever_queue_the_syn_lands_in(topo: Topology, start) -> None:
+async def test_two_queues_split_whichever_queue_the_syn_lands_in(
+    topo: Topology, start: Start
+) -> None:
     pep = start('queues = "0-1"\n')
     rules = topo.run("gw", ["iptables-legacy", "-t", "mangle", "-S", "PEP_SYN"]).stdout
     assert "--queue-balance 0:1" in rules
@@ -246,25 +174,18 @@ async def test_two_queues_split_whichever_queue_the_syn_lands_in(topo: Topology,
     sources = [f"10.77.1.{i}" for i in range(10, 22)]
     for src in sources:
         assert topo.run("client", ["ip", "addr", "add", f"{src}/24", "dev", "eth0"]).returncode == 0
-    accepted: list[tuple[str, int]] = []
     with trio.fail_after(20):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), NET.server, PORT), echo_upper, accepted
-            )
+        async with serving(topo, (NET.server, PORT)) as accepted:
             for src in sources:
                 sock = trio.socket.from_stdlib_socket(ns_socket(topo.ns("client")))
                 with sock:
                     await sock.bind((src, 0))
                     await sock.connect((NET.server, PORT))
-                    await send_all(sock, src.encode())
-                    sock.shutdown(socket.SHUT_WR)
-                    assert await recv_to_eof(sock) == src.encode()
-            n.cancel_scope.cancel()
+                    assert await exchange(sock, src.encode()) == src.encode()
     assert [a[0] for a in accepted] == [NET.gw_server] * len(sources)  # all split
     table = topo.run("gw", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.splitlines()
     # columns: queue, portid, queued now, copy mode, copy range, dropped, user dropped, last id
     last_ids = {int(ln.split()[0]): int(ln.split()[7]) for ln in table if ln.strip()}
     assert set(last_ids) == {0, 1}
     assert all(n > 0 for n in last_ids.values()), last_ids  # both queues carried SYNs
-    assert f"syn queued={len(sources)} split={len(sources)}" in stop_log(pep)
+    assert f"syn queued={len(sources)} split={len(sources)}" in pep.stop_log()

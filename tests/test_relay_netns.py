@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Iterator
 
 import pytest
 import trio
 
 from pep.relay import PipePool
 from pep.topology import Topology
-from tests.netenv import (
-    ADDRS,
-    INGRESS,
-    PepProcess,
-    connect,
-    gateway_topology,
-    listen,
-    recv_to_eof,
-    send_all,
-    serve,
-)
-from tests.test_core_netns import PORT, echo_upper
+from tests.daemon import StartPep
+from tests.netenv import ADDRS, PORT, connect, exchange, serving
 
 NET = ADDRS[4]
 
@@ -47,41 +35,24 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("l") as t:
-        yield t
-
-
 @pytest.mark.netns
-async def test_idle_connections_hold_two_fds_each(topo: Topology) -> None:
-    pep = PepProcess(topo, "gw", ["--interface", INGRESS]).start()
-    assert pep.proc is not None
-    pid = pep.proc.pid
+async def test_idle_connections_hold_two_fds_each(topo: Topology, start_pep: StartPep) -> None:
+    pid = start_pep().pid
     count = 100
-    try:
-        with trio.fail_after(30):
-            async with trio.open_nursery() as n:
-                n.start_soon(
-                    serve, await listen(topo.ns("server"), NET.server, PORT), echo_upper, []
-                )
-                base = fds(pid)
-                socks = [await connect(topo.ns("client"), (NET.server, PORT)) for _ in range(count)]
-                await trio.sleep(0.5)  # every connection accepted and connected upstream
-                idle = fds(pid) - base
-                # Each idle split connection: the client socket and the upstream socket.
-                assert idle <= 2 * count + 4, f"{idle} fds for {count} idle connections"
-                for i, s in enumerate(socks):
-                    with s:
-                        payload = f"conn {i} ".encode() * 1000
-                        await send_all(s, payload)
-                        s.shutdown(socket.SHUT_WR)
-                        assert await recv_to_eof(s) == payload.upper()
-                await trio.sleep(0.5)
-                after = fds(pid) - base
-                # All closed: what remains are pooled pipes (two fds each), reused by the
-                # connections one after another rather than one pair per connection.
-                assert after <= 2 * 4, f"{after} fds left after closing everything"
-                n.cancel_scope.cancel()
-    finally:
-        pep.stop()
+    with trio.fail_after(30):
+        async with serving(topo, (NET.server, PORT)):
+            base = fds(pid)
+            socks = [await connect(topo.ns("client"), (NET.server, PORT)) for _ in range(count)]
+            await trio.sleep(0.5)  # every connection accepted and connected upstream
+            idle = fds(pid) - base
+            # Each idle split connection: the client socket and the upstream socket.
+            assert idle <= 2 * count + 4, f"{idle} fds for {count} idle connections"
+            for i, s in enumerate(socks):
+                with s:
+                    payload = f"conn {i} ".encode() * 1000
+                    assert await exchange(s, payload) == payload.upper()
+            await trio.sleep(0.5)
+            after = fds(pid) - base
+            # All closed: what remains are pooled pipes (two fds each), reused by the
+            # connections one after another rather than one pair per connection.
+            assert after <= 2 * 4, f"{after} fds left after closing everything"

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +25,18 @@ from pep.flows import FlowTable
 from pep.syn import NotSyn, SynInfo, parse_syn
 from pep.syn_queue import Decider, SynCounters
 from pep.topology import Topology, in_netns, ns_socket
+from tests.daemon import StartPep, kernel_queue, pep_cli, settle, status_json
 from tests.netenv import (
     CLIENT_IP,
     GW_SERVER_IP,
     INGRESS,
+    PORT,
     SERVER_IP,
-    PepProcess,
-    gateway_topology,
-    listen,
+    request,
     rules_in,
-    serve,
+    serving,
 )
-from tests.opsenv import status_json
-from tests.relenv import (
+from tests.packets import (
     ACK,
     CWR,
     ECE,
@@ -50,24 +47,13 @@ from tests.relenv import (
     URG,
     checksum,
     ipv4_packet,
-    kernel_queue,
+    nla,
     raw_sender,
-    request,
     send_packets,
-    settle,
-    start_pep,
     tcp_segment,
 )
-from tests.test_core_netns import echo_upper
-
-PORT = 8080
 
 # --- structured fuzzing of the NFQUEUE codec and the verdict core (pure) --------------------
-
-
-def nla(atype: int, payload: bytes, declared: int | None = None) -> bytes:
-    length = 4 + len(payload) if declared is None else declared
-    return struct.pack("=HH", length & 0xFFFF, atype) + payload + b"\0" * (-len(payload) % 4)
 
 
 attr_types = st.integers(0, 20) | st.sampled_from([0x8000 | 11, 0x4000 | 3, 0xC000 | 10, 0xFFFF])
@@ -184,12 +170,6 @@ def test_fragments_and_other_protocols_are_never_syns(
 # --- odd packets injected into the real daemon's queue --------------------------------------
 
 
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("rb") as t:
-        yield t
-
-
 ODD_PORT = 9999
 
 
@@ -256,9 +236,9 @@ async def count_echo_replies(sock: trio.socket.SocketType, pongs: list[int]) -> 
 
 @pytest.mark.netns
 async def test_odd_packets_queued_to_the_daemon_are_each_verdicted_and_counted(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
-    pep = start_pep(topo, tmp_path / "p.toml", started=peps)
+    pep = start_pep()
     # Extra rules (tests only) send what pep's own rule never queues to pep's queue: all of
     # UDP and ICMP, and TCP to ODD_PORT whatever its flags. They are inserted above pep's jump.
     extra = [
@@ -281,16 +261,13 @@ async def test_odd_packets_queued_to_the_daemon_are_each_verdicted_and_counted(
     expected = udp_count + ping_count + len(tcp_packets) + 1 + (tcp_syns + 1)
     udp_got: list[bytes] = []
     pongs: list[int] = []
-    accepted: list[tuple[str, int]] = []
 
     async def udp_server(sock: trio.socket.SocketType) -> None:
         while True:
             udp_got.append(await sock.recv(2048))
 
     with trio.fail_after(30):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_upper,
-                         accepted)  # fmt: skip
+        async with serving(topo, (SERVER_IP, PORT)) as accepted, trio.open_nursery() as n:
             usrv = trio.socket.from_stdlib_socket(
                 ns_socket(topo.ns("server"), socket.AF_INET, socket.SOCK_DGRAM)
             )
@@ -340,7 +317,7 @@ async def test_odd_packets_queued_to_the_daemon_are_each_verdicted_and_counted(
     assert len(udp_got) == udp_count  # accepted means delivered
     assert len(pongs) == ping_count  # echo requests went through (accepted), were answered
     assert accepted[start][0] == GW_SERVER_IP
-    assert pep.proc is not None and pep.proc.poll() is None
+    assert pep.running
     assert "malformed" in syn and syn["malformed"] == 0
 
 
@@ -418,16 +395,14 @@ async def test_each_invalid_config_exits_2_naming_the_key_and_installs_nothing(
         conf = tmp_path / f"bad{i}.toml"
         conf.write_text(text + "\n")
         sock = run_dir / f"s{i}.sock"
-        argv = ["ip", "netns", "exec", topo.ns("gw"), sys.executable, "-m", "pep.cli", "run",
-                "--config", str(conf)]  # fmt: skip
+        args = ["run", "--config", str(conf)]
         # Flags override the file: give none for the key under test.
         if key != "interfaces":
-            argv += ["--interface", INGRESS]
+            args += ["--interface", INGRESS]
         if key != "status_socket":
-            argv += ["--status-socket", str(sock)]
+            args += ["--status-socket", str(sock)]
         async with limiter:
-            r = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
-                                       check=False)  # fmt: skip
+            r = await pep_cli(topo, "gw", *args)
         err = r.stderr.decode()
         if r.returncode != 2 or f"config: {key} " not in err or err.count("\n") != 1:
             failures.append(f"{text!r}: exit {r.returncode}, stderr {err!r}")

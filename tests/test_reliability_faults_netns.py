@@ -9,42 +9,32 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
 
 from bench.paths import cpu_seconds, fd_count, rss_kib
 from pep.topology import Topology
+from tests.daemon import StartPep, settle, status_json
 from tests.netenv import (
     CLIENT_IP,
     GW_SERVER_IP,
     SERVER_IP,
-    PepProcess,
     connect,
-    gateway_topology,
+    echo_upper,
     hash_to_eof,
-    listen,
+    peer_seen,
     rules_in,
     send_all,
-    serve,
+    serving,
     sha,
 )
-from tests.opsenv import status_json
-from tests.relenv import pid_of, request, settle, start_pep
-from tests.test_core_netns import echo_upper
 
 pytestmark = pytest.mark.netns
 
 PORT, ECHO_PORT = 8080, 8081
+ECHO = (SERVER_IP, ECHO_PORT)
 _LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("rf") as t:
-        yield t
 
 
 def reset(sock: trio.socket.SocketType) -> None:
@@ -75,29 +65,21 @@ async def stream_forever(conn: trio.socket.SocketType) -> None:
             await send_all(conn, chunk)
 
 
-async def peer_seen(topo: Topology, accepted: list[tuple[str, int]], payload: bytes) -> str:
-    """One echo request through the gateway; the address the echo server saw it from."""
-    before = len(accepted)
-    assert await request(topo, (SERVER_IP, ECHO_PORT), payload) == payload.upper()
-    return accepted[before][0]
-
-
 # --- the daemon dies ------------------------------------------------------------------------
 
 
 async def test_kill9_mid_transfer_fails_open_within_1s_and_restart_splits_again(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
-    pep = start_pep(topo, tmp_path / "a.toml", started=peps)
+    pep = start_pep()
     rules = rules_in(topo, "gw")
     echo_peers: list[tuple[str, int]] = []
     bulk_peers: list[tuple[str, int]] = []
     with trio.fail_after(30):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), stream_forever,
-                         bulk_peers)  # fmt: skip
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, ECHO_PORT),
-                         echo_upper, echo_peers)  # fmt: skip
+        async with (
+            serving(topo, (SERVER_IP, PORT), stream_forever, bulk_peers),
+            serving(topo, (SERVER_IP, ECHO_PORT), echo_upper, echo_peers),
+        ):
             bulk = await connect(topo.ns("client"), (SERVER_IP, PORT))
             got = 0
             while got < 8 << 20:  # the split transfer is well under way
@@ -109,7 +91,7 @@ async def test_kill9_mid_transfer_fails_open_within_1s_and_restart_splits_again(
 
             async def attempt(i: int) -> None:
                 t = trio.current_time()
-                peer = await peer_seen(topo, echo_peers, b"attempt %d" % i)
+                peer = await peer_seen(topo, ECHO, echo_peers, b"attempt %d" % i)
                 attempts.append((t, trio.current_time() - t, peer))
 
             async with trio.open_nursery() as a:
@@ -128,13 +110,12 @@ async def test_kill9_mid_transfer_fails_open_within_1s_and_restart_splits_again(
             assert pep.wait(5) == -signal.SIGKILL
             assert rules_in(topo, "gw") == rules  # stale rules stay behind
             for i in range(20):  # and every new connection keeps working
-                assert await peer_seen(topo, echo_peers, b"unsplit %d" % i) == CLIENT_IP
+                assert await peer_seen(topo, ECHO, echo_peers, b"unsplit %d" % i) == CLIENT_IP
 
-            again = start_pep(topo, tmp_path / "b.toml", started=peps)
+            again = start_pep()
             assert rules_in(topo, "gw") == rules  # exactly one set of rules, not two
-            assert await peer_seen(topo, echo_peers, b"split again") == GW_SERVER_IP
-            assert again.proc is not None and again.proc.poll() is None
-            n.cancel_scope.cancel()
+            assert await peer_seen(topo, ECHO, echo_peers, b"split again") == GW_SERVER_IP
+            assert again.running
     attempts.sort()
     after = [(t - t_kill, took, peer) for t, took, peer in attempts if t > t_kill]
     print(
@@ -155,12 +136,11 @@ async def test_kill9_mid_transfer_fails_open_within_1s_and_restart_splits_again(
 
 
 async def test_fd_exhaustion_bypasses_the_excess_without_spinning_then_recovers(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
     limit = 64
-    pep = start_pep(topo, tmp_path / "p.toml", prefix=("prlimit", f"--nofile={limit}:{limit}"),
-                    started=peps)  # fmt: skip
-    pid = pid_of(pep)
+    pep = start_pep(prefix=("prlimit", f"--nofile={limit}:{limit}"))
+    pid = pep.pid
     peers: list[tuple[str, int]] = []
     held: list[trio.socket.SocketType] = []
     outcomes: dict[str, int] = {"answered": 0, "refused": 0}
@@ -194,8 +174,7 @@ async def test_fd_exhaustion_bypasses_the_excess_without_spinning_then_recovers(
         outcomes["answered"] += 1
 
     with trio.fail_after(60):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), hold, peers)
+        async with serving(topo, (SERVER_IP, PORT), hold, peers):
             for i in range(40):  # one after another, kept open: 2 fds each when split
                 await one(i)
             async with trio.open_nursery() as burst:  # and 40 more at once
@@ -217,8 +196,7 @@ async def test_fd_exhaustion_bypasses_the_excess_without_spinning_then_recovers(
             assert peers[-1][0] == GW_SERVER_IP, "not splitting again after the load"
             for s in held:
                 s.close()
-            n.cancel_scope.cancel()
-    assert pep.proc is not None and pep.proc.poll() is None
+    assert pep.running
     split, bypassed = under_load.count(GW_SERVER_IP), under_load.count(CLIENT_IP)
     outcomes = answered_under_load
     print(f"fd limit {limit}: {outcomes}, split {split}, bypassed {bypassed}, cpu {busy:.3f}s/3s")
@@ -230,12 +208,12 @@ async def test_fd_exhaustion_bypasses_the_excess_without_spinning_then_recovers(
 
 
 async def test_fd_limit_lowered_under_the_daemon_refuses_at_once_then_recovers(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
     """Descriptors run out after SYNs were already split (here: `prlimit --pid` takes them
     away): the redirected clients are reset at once, not left in the listen backlog."""
-    pep = start_pep(topo, tmp_path / "p.toml", started=peps)
-    pid = pid_of(pep)
+    pep = start_pep()
+    pid = pep.pid
     peers: list[tuple[str, int]] = []
     outcomes: list[str] = []
 
@@ -263,8 +241,7 @@ async def test_fd_limit_lowered_under_the_daemon_refuses_at_once_then_recovers(
         return s
 
     with trio.fail_after(40):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), hold, peers)
+        async with serving(topo, (SERVER_IP, PORT), hold, peers):
             # The SYN reader reads the limit at the first SYN a second or more after its last
             # reading (the first at start-up): after this sleep the next SYN takes a reading,
             # and the limit lowered just after it goes unnoticed for a second, whenever the
@@ -298,8 +275,7 @@ async def test_fd_limit_lowered_under_the_daemon_refuses_at_once_then_recovers(
             recovered = await one(101)
             assert recovered is not None and peers[before][0] == GW_SERVER_IP
             recovered.close()
-            n.cancel_scope.cancel()
-    assert pep.proc is not None and pep.proc.poll() is None
+    assert pep.running
     doc = await status_json(pep)
     print(f"lowered limit {used}: {outcomes[3:-2]}, listener {doc['listener']}, cpu {busy:.3f}s")
     print([ln for ln in pep.log().splitlines() if "WARN" in ln][:8])
@@ -318,9 +294,9 @@ def nofile_soft(pid: int) -> int:
 
 
 async def test_refused_upstream_resets_the_client_within_half_a_second(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
-    pep = start_pep(topo, tmp_path / "p.toml", started=peps)
+    pep = start_pep()
     times = []
     with trio.fail_after(20):
         for _ in range(20):
@@ -339,12 +315,12 @@ async def test_refused_upstream_resets_the_client_within_half_a_second(
 
 
 async def test_blackholed_upstream_times_out_resets_client_and_leaks_no_fd(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
     drop = ["INPUT", "-p", "tcp", "--dport", str(PORT), "-j", "DROP"]
     assert topo.run("server", ["iptables-legacy", "-A", *drop]).returncode == 0
-    pep = start_pep(topo, tmp_path / "p.toml", "connect_timeout = 1.0\n", started=peps)
-    pid = pid_of(pep)
+    pep = start_pep(config="connect_timeout = 1.0\n")
+    pid = pep.pid
     fds_before = fd_count(pid)
     results: list[tuple[str, float]] = []
 
@@ -377,9 +353,9 @@ async def test_blackholed_upstream_times_out_resets_client_and_leaks_no_fd(
 
 
 async def test_server_reset_mid_transfer_reaches_the_client_as_a_reset(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
-    start_pep(topo, tmp_path / "p.toml", started=peps)
+    start_pep()
     size = 64 << 20
 
     async def send_part_then_reset(conn: trio.socket.SocketType) -> None:
@@ -388,20 +364,16 @@ async def test_server_reset_mid_transfer_reaches_the_client_as_a_reset(
             await send_all(conn, data)
         reset(conn)
 
+    async def read_part_then_reset(conn: trio.socket.SocketType) -> None:
+        got = 0
+        while got < 3 << 20:
+            got += len(await conn.recv(1 << 20))
+        reset(conn)
+
     for direction in ("down", "up"):
+        handler = send_part_then_reset if direction == "down" else read_part_then_reset
         with trio.fail_after(20):
-            async with trio.open_nursery() as n:
-                if direction == "down":
-                    handler = send_part_then_reset
-                else:
-
-                    async def handler(conn: trio.socket.SocketType) -> None:
-                        got = 0
-                        while got < 3 << 20:
-                            got += len(await conn.recv(1 << 20))
-                        reset(conn)
-
-                n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), handler, [])
+            async with serving(topo, (SERVER_IP, PORT), handler):
                 sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
                 with sock:
                     if direction == "down":
@@ -415,7 +387,6 @@ async def test_server_reset_mid_transfer_reaches_the_client_as_a_reset(
                         except OSError as e:
                             assert e.errno in (errno.ECONNRESET, errno.EPIPE), e
                             outcome = "reset"
-                n.cancel_scope.cancel()
         assert outcome == "reset", f"{direction}: a cut transfer looked complete"
 
 
@@ -423,9 +394,9 @@ async def test_server_reset_mid_transfer_reaches_the_client_as_a_reset(
 
 
 async def test_client_reset_mid_transfer_closes_the_upstream_promptly(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
-    pep = start_pep(topo, tmp_path / "p.toml", started=peps)
+    pep = start_pep()
     ended: list[tuple[str, float]] = []
 
     async def stream_until_gone(conn: trio.socket.SocketType) -> None:
@@ -437,10 +408,7 @@ async def test_client_reset_mid_transfer_closes_the_upstream_promptly(
             ended.append((errno.errorcode.get(e.errno or 0, "?"), trio.current_time()))
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), SERVER_IP, PORT), stream_until_gone, []
-            )
+        async with serving(topo, (SERVER_IP, PORT), stream_until_gone):
             sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
             got = 0
             while got < 8 << 20:
@@ -449,7 +417,6 @@ async def test_client_reset_mid_transfer_closes_the_upstream_promptly(
             reset(sock)
             while not ended:
                 await trio.sleep(0.01)
-            n.cancel_scope.cancel()
     [(err, t)] = ended
     print(f"client reset: the server saw {err} {(t - t0) * 1000:.1f} ms later")
     assert err in ("ECONNRESET", "EPIPE")  # the server sees the abort, not a clean close
@@ -459,9 +426,9 @@ async def test_client_reset_mid_transfer_closes_the_upstream_promptly(
 
 
 async def test_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
-    pep = start_pep(topo, tmp_path / "p.toml", "idle_timeout = 1.0\n", started=peps)
+    pep = start_pep(config="idle_timeout = 1.0\n")
     server_saw: list[float] = []
 
     async def echo_until_eof(conn: trio.socket.SocketType) -> None:
@@ -470,10 +437,7 @@ async def test_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_no
         server_saw.append(trio.current_time())
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as n:
-            n.start_soon(
-                serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_until_eof, []
-            )
+        async with serving(topo, (SERVER_IP, PORT), echo_until_eof):
             idle = await connect(topo.ns("client"), (SERVER_IP, PORT))
             busy = await connect(topo.ns("client"), (SERVER_IP, PORT))
             t0 = trio.current_time()
@@ -495,7 +459,6 @@ async def test_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_no
             busy.close()
             while len(server_saw) < 2:
                 await trio.sleep(0.01)
-            n.cancel_scope.cancel()
     print(f"idle_timeout 1.0: idle connection closed after {idle_closed:.2f}s; busy one kept")
     assert 0.9 <= idle_closed < 2.0, idle_closed
     assert server_saw[0] - t0 < 2.0  # the upstream leg was closed too
@@ -504,10 +467,10 @@ async def test_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_no
 
 
 async def test_slow_reader_pauses_a_fast_writer_with_bounded_buffering(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
-    pep = start_pep(topo, tmp_path / "p.toml", started=peps)
-    pid = pid_of(pep)
+    pep = start_pep()
+    pid = pep.pid
     rss_before = rss_kib(pid)
     size = 256 << 20
     data = os.urandom(8 << 20)
@@ -522,8 +485,7 @@ async def test_slow_reader_pauses_a_fast_writer_with_bounded_buffering(
         conn.shutdown(socket.SHUT_WR)
 
     with trio.fail_after(120):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), fast_writer, [])
+        async with serving(topo, (SERVER_IP, PORT), fast_writer):
             sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
             with sock:
                 await trio.sleep(2)  # the client reads nothing for 2 s
@@ -532,7 +494,6 @@ async def test_slow_reader_pauses_a_fast_writer_with_bounded_buffering(
                 assert sent[0] == stalled_at, "the writer was not paused"
                 rss_stalled = rss_kib(pid)
                 got["client"] = await hash_to_eof(sock)  # now read it all
-            n.cancel_scope.cancel()
     expected = sha(data * (size // len(data)))
     print(f"slow reader: writer paused after {stalled_at / 2**20:.1f} MiB; pep RSS "
           f"{rss_before} -> {rss_stalled} KiB")  # fmt: skip

@@ -6,45 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
+import time
 
 import pytest
 import trio
 
 from bench.paths import rss_kib
 from pep.topology import Topology
-from tests.netenv import (
-    CLIENT_IP,
-    GW_SERVER_IP,
-    SERVER_IP,
-    PepProcess,
-    gateway_topology,
-    listen,
-    serve,
-)
-from tests.opsenv import status_json
-from tests.relenv import (
-    kernel_queue,
-    pid_of,
-    raw_sender,
-    raw_syns,
-    request,
-    send_packets,
-    settle,
-    start_pep,
-)
-from tests.test_core_netns import echo_upper
+from tests.daemon import StartPep, kernel_queue, settle, status_json
+from tests.netenv import CLIENT_IP, GW_SERVER_IP, PORT, SERVER_IP, request, serving
+from tests.packets import raw_sender, raw_syns, send_packets
 
 pytestmark = pytest.mark.netns
 
-PORT = 8080
-
-
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("rs") as t:
-        yield t
+SERVER = (SERVER_IP, PORT)
 
 
 async def flood(topo: Topology, count: int, seconds: float, seed: int = 1) -> float:
@@ -56,8 +31,6 @@ async def flood(topo: Topology, count: int, seconds: float, seed: int = 1) -> fl
     per = -(-count // batches)
 
     def send() -> float:
-        import time
-
         sock = raw_sender(topo)
         t0 = time.monotonic()
         with sock:
@@ -70,23 +43,20 @@ async def flood(topo: Topology, count: int, seconds: float, seed: int = 1) -> fl
 
 
 async def test_syn_flood_keeps_the_flow_table_and_memory_bounded_and_serves_real_clients(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
     table = 4096
-    pep = start_pep(topo, tmp_path / "p.toml", f"flow_table_size = {table}\n", started=peps)
-    pid = pid_of(pep)
+    pep = start_pep(config=f"flow_table_size = {table}\n")
+    pid = pep.pid
     syns = 20_000
-    accepted: list[tuple[str, int]] = []
     replies: list[bool] = []
 
     async def legit(i: int) -> None:
         payload = b"legit %d " % i + os.urandom(100_000)
-        replies.append(await request(topo, (SERVER_IP, PORT), payload) == payload.upper())
+        replies.append(await request(topo, SERVER, payload) == payload.upper())
 
     with trio.fail_after(60):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_upper,
-                         accepted)  # fmt: skip
+        async with serving(topo, SERVER) as accepted:
             await legit(-1)
             rss_before = rss_kib(pid)
             async with trio.open_nursery() as f:
@@ -104,7 +74,6 @@ async def test_syn_flood_keeps_the_flow_table_and_memory_bounded_and_serves_real
             rss_after = rss_kib(pid)
             doc = await status_json(pep)
             await legit(100)  # and afterwards
-            n.cancel_scope.cancel()
     assert kq is not None
     print(
         f"{syns} SYNs in {took[0]:.2f}s; kernel queued {kq.last_id}, pep {doc['syn']}, "
@@ -119,29 +88,26 @@ async def test_syn_flood_keeps_the_flow_table_and_memory_bounded_and_serves_real
     # ...by evicting the oldest (a real client's SYN may also claim or replace a record)
     assert flows["evicted"] >= syns - table - flows["expired"] - 32
     assert rss_after - rss_before < 32 << 10, "RSS grew by more than 32 MiB under the flood"
-    assert pep.proc is not None and pep.proc.poll() is None
+    assert pep.running
 
 
 async def test_reader_stalled_under_a_syn_burst_fails_open_then_recovers_and_counts_it(
-    topo: Topology, peps: list[PepProcess], tmp_path: Path
+    topo: Topology, start_pep: StartPep
 ) -> None:
     # A small netlink buffer: the burst overflows it while the reader is stopped.
-    pep = start_pep(topo, tmp_path / "p.toml", "queue_rcvbuf = 65536\n", started=peps)
-    accepted: list[tuple[str, int]] = []
+    pep = start_pep(config="queue_rcvbuf = 65536\n")
     burst = 2000
     times: list[float] = []
     with trio.fail_after(40):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), echo_upper,
-                         accepted)  # fmt: skip
-            assert await request(topo, (SERVER_IP, PORT), b"before") == b"BEFORE"
+        async with serving(topo, SERVER) as accepted:
+            assert await request(topo, SERVER, b"before") == b"BEFORE"
             pep.signal(signal.SIGSTOP)
             try:
                 await flood(topo, burst, 0.5)
                 stalled = kernel_queue(topo)
                 for i in range(20):  # new connections while the reader is stopped
                     t0 = trio.current_time()
-                    assert await request(topo, (SERVER_IP, PORT), b"s%d" % i) == b"S%d" % i
+                    assert await request(topo, SERVER, b"s%d" % i) == b"S%d" % i
                     times.append(trio.current_time() - t0)
                 during = [a[0] for a in accepted[1:]]
             finally:
@@ -149,9 +115,8 @@ async def test_reader_stalled_under_a_syn_burst_fails_open_then_recovers_and_cou
             kq = await settle(lambda: kernel_queue(topo), lambda q: q is not None and not q.waiting)
             doc = await status_json(pep)
             before = len(accepted)
-            assert await request(topo, (SERVER_IP, PORT), b"after") == b"AFTER"
+            assert await request(topo, SERVER, b"after") == b"AFTER"
             split_again = accepted[before][0]
-            n.cancel_scope.cancel()
     assert stalled is not None and kq is not None
     print(
         f"stalled: {stalled}; after: {kq}; pep {doc['syn']}; "
@@ -164,4 +129,4 @@ async def test_reader_stalled_under_a_syn_burst_fails_open_then_recovers_and_cou
     assert doc["syn"]["enobufs"] >= 1  # the overflow is counted, and survived
     assert doc["syn"]["queued"] < burst  # the rest passed the kernel unsplit (FAIL_OPEN)
     assert split_again == GW_SERVER_IP
-    assert pep.proc is not None and pep.proc.poll() is None
+    assert pep.running

@@ -6,50 +6,38 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 import trio
 
 from pep.topology import Topology
+from tests.daemon import PepProcess, StartPep
 from tests.netenv import (
     GW_SERVER_IP,
-    INGRESS,
+    PORT,
     SERVER_IP,
-    PepProcess,
+    Pattern,
     connect,
     duplex,
-    gateway_topology,
+    exchange,
     hash_to_eof,
-    listen,
     recv_to_eof,
     send_all,
-    serve,
+    send_pattern,
+    serving,
     sha,
 )
-from tests.relenv import Pattern, send_pattern
 
 pytestmark = pytest.mark.netns
 
-PORT = 8080
 # 1 GiB each way at once took 3.4-9.9 s through pep on the 2-CPU test machine (RELIABILITY.md),
 # so the suite moves the full GiB; PEP_INTEGRITY_MIB changes it (e.g. for a slower machine).
 EACH_WAY = int(os.environ.get("PEP_INTEGRITY_MIB", "1024")) << 20
 
 
 @pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("ri") as t:
-        yield t
-
-
-@pytest.fixture
-def pep(topo: Topology) -> Iterator[PepProcess]:
-    p = PepProcess(topo, "gw", ["--interface", INGRESS])
-    try:
-        yield p.start()
-    finally:
-        p.stop()
+def pep(start_pep: StartPep) -> PepProcess:
+    return start_pep()
 
 
 async def test_large_transfer_each_way_at_once_is_byte_exact(
@@ -81,7 +69,6 @@ async def test_100_concurrent_10mib_transfers_are_byte_exact(
     expected = [p.sha256() for p in patterns]
     server_got: dict[int, tuple[str, int]] = {}
     client_got: dict[int, tuple[str, int]] = {}
-    accepted: list[tuple[str, int]] = []
 
     async def server_side(conn: trio.socket.SocketType) -> None:
         head = b""
@@ -110,13 +97,12 @@ async def test_100_concurrent_10mib_transfers_are_byte_exact(
 
     t0 = trio.current_time()
     with trio.fail_after(180):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), server_side,
-                         accepted)  # fmt: skip
-            async with trio.open_nursery() as clients:
-                for i in range(count):
-                    clients.start_soon(one, i)
-            n.cancel_scope.cancel()
+        async with (
+            serving(topo, (SERVER_IP, PORT), server_side) as accepted,
+            trio.open_nursery() as clients,
+        ):
+            for i in range(count):
+                clients.start_soon(one, i)
     took = trio.current_time() - t0
     print(f"{count} x {size >> 20} MiB concurrently in {took:.1f}s")
     assert len(accepted) == count and {a[0] for a in accepted} == {GW_SERVER_IP}
@@ -146,21 +132,17 @@ async def test_half_close_either_side_first_keeps_the_other_direction_exact(
             await trio.sleep(0.05)
 
     with trio.fail_after(30):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve, await listen(topo.ns("server"), SERVER_IP, PORT), server_side, [])
+        async with serving(topo, (SERVER_IP, PORT), server_side):
             sock = await connect(topo.ns("client"), (SERVER_IP, PORT))
             with sock:
                 if first == "client":
-                    await send_all(sock, short)
-                    sock.shutdown(socket.SHUT_WR)
-                    got["client"] = await recv_to_eof(sock)
+                    got["client"] = await exchange(sock, short)
                 else:
                     got["client"] = await recv_to_eof(sock)  # the server's FIN first
                     await send_all(sock, long)
                     sock.shutdown(socket.SHUT_WR)
             while "server" not in got:
                 await trio.sleep(0.01)
-            n.cancel_scope.cancel()
     if first == "client":
         assert got["server"] == short
         assert sha(got["client"]) == sha(long) and len(got["client"]) == len(long)
