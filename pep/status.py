@@ -59,6 +59,23 @@ def _counters(obj: object) -> dict[str, int]:
     }
 
 
+def _plain(value: object) -> Any:
+    """``value`` in JSON's types, for the document's "config": a dataclass (Config, LegTuning,
+    Rule, LegOverride, ...) as an object of its fields, a tuple or list as an array, a mapping as
+    an object, and anything else that is not a JSON scalar as its text: an ipaddress network
+    as "10.0.0.0/8". ``dataclasses.asdict`` keeps such values as they are, and one network in a
+    ``[[policy]]`` rule made the whole document unserializable (`pep status` failed)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
 def document(
     *,
     cfg: Config,
@@ -106,7 +123,7 @@ def document(
         "state": state,
         "uptime": round(now - started, 3),
         "queues": list(queues),
-        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+        "config": _plain(cfg),
         "reloads": dict(reloads or {"ok": 0, "failed": 0, "last_error": None}),
         "connections": conns,
         "totals": {

@@ -184,3 +184,22 @@ async def test_metrics_endpoint_counts_a_known_workload(topo: Topology, pep: Pep
     assert v("pep_flow_table_entries") == 0
     # The library's content negotiation: OpenMetrics when asked for.
     assert (await http_get(topo, "gw", METRICS, "/nope"))[0] == 404
+
+
+async def test_status_works_with_networks_in_the_config(
+    topo: Topology, start_pep: StartPep
+) -> None:
+    """`pep status` failed for any config with networks in [[policy]] or [[upstream_override]]:
+    the daemon could not encode its status document."""
+    pep = start_pep(
+        config='[[policy]]\nname = "lan"\naction = "bypass"\ndst = ["10.99.0.0/16"]\n'
+        'src = "fd77:1::/64"\n[[upstream_override]]\ndst = "10.77.2.0/24"\nnodelay = false\n'
+    )
+    doc = await status_json(pep)
+    assert doc["state"] == "running"
+    [rule] = doc["config"]["policy"]
+    assert (rule["dst"], rule["src"]) == (["10.99.0.0/16"], ["fd77:1::/64"])
+    assert doc["config"]["upstream_override"][0]["dst"] == ["10.77.2.0/24"]
+    human = await pep_status(pep)
+    assert human.returncode == 0, human.stderr.decode()
+    assert "connections: 0 active" in human.stdout.decode()

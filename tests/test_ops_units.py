@@ -36,7 +36,7 @@ class Clock:
         return self.now
 
 
-def sample_doc(worker: int | None = None) -> status.Doc:
+def sample_doc(worker: int | None = None, cfg: Config | None = None) -> status.Doc:
     """Two live connections (one relaying, one connecting), one closed, one failure."""
     clock = Clock()
     table = ConnectionTable(clock)
@@ -53,7 +53,7 @@ def sample_doc(worker: int | None = None) -> status.Doc:
     clock.now += 2
     assert b.state == "connecting"
     return status.document(
-        cfg=Config(interfaces=("eth1",)),
+        cfg=cfg or Config(interfaces=("eth1",)),
         table=table,
         listener=ListenerCounters(accepted=4, split=2, upstream_failed=1, active=1),
         syn=SynCounters(queued=5, split=4, unparsable=1),
@@ -91,6 +91,46 @@ def test_document_counts_live_and_closed_bytes() -> None:
     assert doc["uptime"] == 53.0
     assert doc["config"]["interfaces"] == ["eth1"]
     assert status.decode(status.encode(doc)) == json.loads(json.dumps(doc))
+
+
+def test_document_config_with_networks_ranges_and_tables_is_json() -> None:
+    """`pep status` failed for any config whose [[policy]] had dst/src or whose
+    [[upstream_override]] had dst: dataclasses.asdict kept the ipaddress networks, which json
+    cannot encode. Networks are now their text; tuples, nested tables and rules plain JSON."""
+    cfg = build(
+        {
+            "interfaces": ["eth1"],
+            "policy": [
+                {
+                    "name": "lan",
+                    "action": "bypass",
+                    "dst": ["10.0.0.0/8", "2001:db8::/32"],
+                    "src": "192.168.1.0/24",
+                    "dport": [22, "8000-8080"],
+                }
+            ],
+            "upstream_override": [{"dst": "10.9.0.0/16", "nodelay": False, "sndbuf": 1 << 20}],
+            "upstream": {"keepalive": True},
+        }
+    )
+    doc = status.decode(status.encode(sample_doc(cfg=cfg)))  # through the socket's encoding
+    assert doc["config"]["policy"] == [
+        {
+            "name": "lan",
+            "action": "bypass",
+            "dst": ["10.0.0.0/8", "2001:db8::/32"],
+            "src": ["192.168.1.0/24"],
+            "dport": [[22, 22], [8000, 8080]],
+            "interface": [],
+        }
+    ]
+    assert doc["config"]["upstream_override"] == [
+        {"dst": ["10.9.0.0/16"], "changes": [["nodelay", False], ["sndbuf", 1 << 20]]}
+    ]
+    assert doc["config"]["upstream"]["keepalive"] is True
+    assert doc["config"]["client"] == dataclasses.asdict(LegTuning())
+    assert doc["config"]["interfaces"] == ["eth1"]
+    assert "connections: 2 active" in status.render(doc)
 
 
 def test_half_close_states() -> None:
