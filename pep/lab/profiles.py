@@ -11,6 +11,8 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+from pep import units
+
 __all__ = [
     "MSS",
     "PROFILES",
@@ -163,29 +165,28 @@ _NUM = r"(\d+(?:\.\d*)?|\.\d+)"
 
 def parse_rtt(text: str) -> float:
     """``600``, ``600ms``, ``0.6s`` -> milliseconds (a bare number is milliseconds)."""
-    m = re.fullmatch(_NUM + r"\s*(ms|s)?", text.strip().lower())
-    if not m:
-        raise ParseError(f"RTT {text!r}: expected milliseconds such as 600, 600ms or 0.6s")
-    value = float(m.group(1)) * (1000 if m.group(2) == "s" else 1)
+    try:
+        value = units.parse_duration(text, default_unit="ms") * 1000
+    except ValueError:
+        raise ParseError(
+            f"RTT {text!r}: expected milliseconds such as 600, 600ms or 0.6s"
+        ) from None
     if value > 60_000:
         raise ParseError(f"RTT {text!r}: at most 60 s")
     return value
 
 
-_RATE_UNITS = {"": 1e6, "bit": 1, "kbit": 1e3, "k": 1e3, "mbit": 1e6, "m": 1e6}
-_RATE_UNITS |= {"gbit": 1e9, "g": 1e9}
-
-
 def parse_rate(text: str) -> int:
     """``20``, ``20mbit``, ``20M``, ``512kbit``, ``1gbit`` -> bit/s; a bare number is Mbit/s.
     ``0`` (or ``none``/``unlimited``) means not limited and returns 0."""
-    t = text.strip().lower()
-    if t in ("none", "unlimited"):
+    if text.strip().lower() in ("none", "unlimited"):
         return 0
-    m = re.fullmatch(_NUM + r"\s*([a-z]*?)(?:/s|ps)?", t)
-    if not m or m.group(2) not in _RATE_UNITS:
-        raise ParseError(f"rate {text!r}: expected Mbit/s such as 20, 20mbit, 512kbit or 1gbit")
-    bps = round(float(m.group(1)) * _RATE_UNITS[m.group(2)])
+    try:
+        bps = units.parse_rate(text, default_unit="mbit")
+    except ValueError:
+        raise ParseError(
+            f"rate {text!r}: expected Mbit/s such as 20, 20mbit, 512kbit or 1gbit"
+        ) from None
     if bps and not 8_000 <= bps <= 40_000_000_000:
         raise ParseError(f"rate {text!r}: must be 0 (unlimited) or between 8 kbit/s and 40 Gbit/s")
     return bps

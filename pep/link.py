@@ -1,0 +1,153 @@
+"""The satellite link as pep knows it (``[link]``), and every number that follows from it.
+
+The operator describes the link once: the interface facing it, its round-trip time and the
+rate each way. From those pep derives, here and nowhere else (sans-IO, unit-tested):
+
+- the route metrics ``initcwnd`` / ``initrwnd`` on routes leaving through the interface: one
+  bandwidth-delay product of the direction this node sends / receives, so a split flow's first
+  flight fills the link instead of slow-starting over 600 ms round trips (pep.link_routes
+  applies them);
+- the send and receive buffers of link-leg sockets, sized from the BDP, so no system-wide
+  tcp_rmem/tcp_wmem change is needed;
+- the pacing capacity that pep.linkshare divides among the flows sending into the link, in
+  TCP payload bytes per second (what SO_MAX_PACING_RATE counts), so that all of them together
+  never send faster than the link takes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "ETH_OVERHEAD",
+    "Link",
+    "available_congestion",
+    "default_congestion",
+    "mss_for",
+    "validate",
+]
+
+# What a full-sized segment carries beyond its payload on an Ethernet-framed link: the 14-byte
+# Ethernet header (counted by tc's tbf/htb on the egress device, qdisc_pkt_len) plus IP and TCP
+# headers with the timestamps option. TCP's internal pacing counts payload bytes only
+# (tcp_update_skb_after_send uses the data skb's length), so the pacing capacity is the link
+# rate scaled by payload / frame.
+ETH_OVERHEAD = 14
+_TCP_HEADERS = {4: 20 + 20 + 12, 6: 40 + 20 + 12}  # IPv4/IPv6 + TCP + timestamps option
+# The limits the issue sets for [link]: a link is at least 1 ms and at most 5 s long.
+RTT_MIN, RTT_MAX = 0.001, 5.0
+RATE_MIN, RATE_MAX = 8_000, 400_000_000_000  # 8 kbit/s .. 400 Gbit/s
+# Route metrics are u32 (RTAX_INITCWND/INITRWND); the kernel caps initcwnd at the socket's
+# snd_cwnd_clamp only. 65535 segments keeps a typo'd rate from asking for an absurd first
+# flight (that is 94 MB at a 1448-byte MSS: a 1.25 Gbit/s GEO link).
+INIT_WINDOW_MIN, INIT_WINDOW_MAX = 10, 65535  # 10: the kernel's TCP_INIT_CWND (RFC 6928)
+# SO_SNDBUF/SO_RCVBUF: the kernel doubles the value for its bookkeeping and caps it at
+# INT_MAX / 2; below 256 KiB a link leg gains nothing over the kernel's autotuning default.
+BUFFER_MIN, BUFFER_MAX = 256 * 1024, 1 << 30
+# Congestion controls a satellite link leg wants, best first: BBR paces and does not read
+# random loss as congestion; the kernel default otherwise.
+PREFERRED_CONGESTION = ("bbr",)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One ``[link]`` table, validated. Rates are bit/s as tc counts them (Ethernet frames);
+    ``rtt`` is the link's own round trip in seconds (not the whole path's)."""
+
+    interface: str
+    rtt: float
+    egress_bps: int  # what this node can send into the link
+    ingress_bps: int  # what the link delivers to this node
+    congestion: str | None = None  # for link legs; None: the kernel's default
+
+    def bdp(self, direction: str) -> int:
+        """Bytes in flight that fill ``egress`` or ``ingress`` for one round trip."""
+        bps = self.egress_bps if direction == "egress" else self.ingress_bps
+        return int(bps * self.rtt / 8)
+
+    def route_metrics(self, mtu: int, family: int = 4) -> dict[str, int]:
+        """initcwnd: one egress BDP in segments (the first flight fills the link; pacing keeps
+        it from arriving as a burst); initrwnd: one ingress BDP (the far end's first flight is
+        not held back by our window)."""
+        mss = mss_for(mtu, family)
+
+        def segments(direction: str) -> int:
+            n = math.ceil(self.bdp(direction) / mss)
+            return min(INIT_WINDOW_MAX, max(INIT_WINDOW_MIN, n))
+
+        return {"initcwnd": segments("egress"), "initrwnd": segments("ingress")}
+
+    @property
+    def sndbuf(self) -> int:
+        """SO_SNDBUF for link legs: two egress BDPs (BBR keeps up to 2 BDP in flight, and the
+        relay needs room behind it to keep the link busy). The kernel doubles it."""
+        return _buffer(2 * self.bdp("egress"))
+
+    @property
+    def rcvbuf(self) -> int:
+        """SO_RCVBUF for link legs: two ingress BDPs, so the window covers the BDP with the
+        RTT doubled by a full modem queue. The kernel doubles it for its overhead."""
+        return _buffer(2 * self.bdp("ingress"))
+
+    def pacing_capacity(self, mtu: int, family: int = 4) -> float:
+        """Payload bytes/s that fill ``egress_bps`` of frames (see ETH_OVERHEAD)."""
+        mss = mss_for(mtu, family)
+        return self.egress_bps / 8 * mss / (mss + _TCP_HEADERS[family] + ETH_OVERHEAD)
+
+    @property
+    def min_share(self) -> float:
+        """The least pacing rate a flow gets, payload bytes/s: two segments per round trip,
+        below which a flow's ACK clock (delayed ACKs every second segment) stalls."""
+        return 2 * 1448 / self.rtt
+
+    @property
+    def tick(self) -> float:
+        """How often the sharer samples its flows: a sixth of the RTT, between 20 and 100 ms.
+        Idle flows give their share back within a tick; new flows take theirs at once."""
+        return min(0.1, max(0.02, self.rtt / 6))
+
+    def describe(self) -> str:
+        from pep.units import format_duration, format_rate
+
+        return (
+            f"{self.interface}: {format_duration(self.rtt)} RTT, "
+            f"egress {format_rate(self.egress_bps)}, ingress {format_rate(self.ingress_bps)}, "
+            f"link legs {self.congestion or 'kernel default congestion control'}"
+        )
+
+
+def mss_for(mtu: int, family: int = 4) -> int:
+    """The MSS of a full-sized segment with timestamps, as the kernel will use it."""
+    return max(88, mtu - _TCP_HEADERS[family])  # 88: TCP_MIN_MSS
+
+
+def _buffer(nbytes: int) -> int:
+    return min(BUFFER_MAX, max(BUFFER_MIN, nbytes))
+
+
+def validate(rtt: float, egress_bps: int, ingress_bps: int) -> str | None:
+    """What is wrong with these values, naming the key, or None (config.py reports it)."""
+    if not RTT_MIN <= rtt <= RTT_MAX:
+        return "rtt: must be between 1ms and 5s"
+    for key, bps in (("egress_rate", egress_bps), ("ingress_rate", ingress_bps)):
+        if not RATE_MIN <= bps <= RATE_MAX:
+            return f"{key}: must be between 8kbit and 400gbit"
+    return None
+
+
+def available_congestion() -> list[str] | None:
+    try:
+        text = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text()
+    except OSError:
+        return None
+    return text.split()
+
+
+def default_congestion(available: list[str] | None) -> str | None:
+    """The link legs' congestion control when ``[link]`` names none: bbr where available."""
+    for name in PREFERRED_CONGESTION:
+        if available is not None and name in available:
+            return name
+    return None

@@ -1,0 +1,200 @@
+"""The IO shell of link sharing: link-leg sockets, their tcp_info, their SO_MAX_PACING_RATE.
+
+pep.fairshare decides the shares; this module owns what touches the kernel. One ``Sharer`` per
+process (each worker shares its own flows: see docs/DESIGN.md for why that is close enough),
+one task (``run``) that samples the active flows every ``Link.tick`` and applies new caps, and
+the hooks the rest of pep calls:
+
+- ``faces_link(address)``: does the route to this address leave through the link interface?
+  (the session asks it for both legs: the client leg faces the link when connections arrive
+  on it, the upstream leg when the destination is routed through it);
+- ``open(sock, stats, up)`` / ``close(leg)``: a link-leg socket joins / leaves the table;
+- ``LinkLeg.wake()``: the relay engine is about to write into an idle link-leg socket, so it
+  gets its share before its first byte (pep.relay checks ``leg.flow.active`` per chunk).
+
+SO_MAX_PACING_RATE (SOL_SOCKET 47) switches on TCP's internal pacing with no fq qdisc
+(checked on this kernel: DESIGN.md) and caps BBR's own pacing rate; it can change at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+
+import trio
+
+from pep import tcpinfo
+from pep.fairshare import FlowShare, ShareTable
+from pep.link import Link
+from pep.relay import RelayStats
+from pep.routequery import RouteCache
+
+__all__ = ["SO_MAX_PACING_RATE", "LinkLeg", "LinkTotals", "Sharer"]
+
+log = logging.getLogger(__name__)
+
+SO_MAX_PACING_RATE = 47  # include/uapi/asm-generic/socket.h
+# After a flow wakes or leaves, the others' caps are recomputed this much later, so a burst of
+# new flows costs one reshare, not one per flow (the waking flow has its own share at once).
+COALESCE = 0.005
+
+
+class LinkLeg:
+    """One link-leg socket in the sharer; ``flow.active`` is what the relay engine checks."""
+
+    __slots__ = ("flow", "info", "sharer", "sock", "stats", "up")
+
+    def __init__(
+        self, sharer: Sharer, flow: FlowShare, sock: socket.socket, stats: RelayStats, up: bool
+    ) -> None:
+        self.sharer, self.flow, self.sock, self.stats, self.up = sharer, flow, sock, stats, up
+        self.info: tcpinfo.TcpInfo | None = None  # the last sample
+
+    @property
+    def written(self) -> int:
+        """Bytes pep has written into this socket (the relay's count for its direction)."""
+        return self.stats.up if self.up else self.stats.down
+
+    def wake(self) -> None:
+        self.sharer.wake(self)
+
+
+@dataclass(slots=True)
+class LinkTotals:
+    """What the link leg did, for pep status and the metrics."""
+
+    flows: int = 0  # link-leg sockets opened
+    bytes_sent: int = 0  # by closed link-leg sockets (live ones are added when reported)
+    retransmits: int = 0  # segments, by closed link-leg sockets
+    send_rate: float = 0.0  # payload bytes/s over the last tick, all active flows
+
+
+class Sharer:
+    """Shares ``link.egress_bps`` among this process's link-leg sockets."""
+
+    def __init__(self, link: Link, ifindex: int, mtu: int, routes: RouteCache | None = None):
+        self.link, self.ifindex, self.mtu = link, ifindex, mtu
+        self.table = ShareTable(link.pacing_capacity(mtu), link.min_share)
+        self.routes = routes if routes is not None else RouteCache()
+        self.legs: dict[int, LinkLeg] = {}
+        self.totals = LinkTotals()
+        self._next_fid = 0
+        self._wakeup = trio.Event()
+
+    # --- hooks for the session and the relay -------------------------------------------------
+
+    def faces_link(self, host: str) -> bool:
+        return self.routes.oif(host) == self.ifindex
+
+    def open(self, sock: socket.socket, stats: RelayStats, up: bool) -> LinkLeg:
+        """A link-leg socket joins, idle, with an equal share as its cap until it wakes."""
+        self._next_fid += 1
+        fid = self._next_fid
+        cap = self.table.add(fid)
+        leg = LinkLeg(self, self.table.flows[fid], sock, stats, up)
+        self.legs[fid] = leg
+        self.totals.flows += 1
+        _set_cap(sock, cap)
+        return leg
+
+    def close(self, leg: LinkLeg) -> None:
+        """The connection is done (call before its sockets close, to read the last tcp_info):
+        its share goes back to the others at once."""
+        if self.legs.pop(leg.flow.fid, None) is None:
+            return
+        with contextlib.suppress(OSError):  # already closed: the last sample stands
+            leg.info = tcpinfo.read(leg.sock)
+        if leg.info is not None:
+            self.totals.bytes_sent += leg.info.bytes_sent
+            self.totals.retransmits += leg.info.total_retrans
+        was_active = leg.flow.active
+        self.table.remove(leg.flow.fid)
+        if was_active:
+            self._wakeup.set()
+
+    def wake(self, leg: LinkLeg) -> None:
+        cap = self.table.wake(leg.flow.fid)
+        if cap is not None:
+            _set_cap(leg.sock, cap)
+        self._wakeup.set()
+
+    def resize(self, link: Link, mtu: int) -> None:
+        """A reloaded [link] with another rate or RTT: the next reshare applies it."""
+        self.link, self.mtu = link, mtu
+        self.table.resize(link.pacing_capacity(mtu), link.min_share)
+        self._wakeup.set()
+
+    # --- the task ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sample the active flows every tick and reshare; reshare soon after any flow wakes
+        or leaves. With no flow active it sleeps until one wakes."""
+        task_status.started()
+        last = next_tick = 0.0
+        while True:
+            if not self.table.active:  # nothing to sample: sleep until a flow wakes
+                await self._wakeup.wait()
+                last = trio.current_time()
+                next_tick = last + self.link.tick
+            with trio.move_on_at(next_tick):
+                await self._wakeup.wait()
+                await trio.sleep(COALESCE)
+            self._wakeup = trio.Event()
+            now = trio.current_time()
+            ticked = now >= next_tick
+            if ticked:
+                self._sample(now - last)
+                last, next_tick = now, now + self.link.tick
+            if ticked or self.table.dirty:
+                self._apply(self.table.reshare())
+
+    def _sample(self, dt: float) -> None:
+        sent = 0
+        for flow in list(self.table.active.values()):
+            leg = self.legs[flow.fid]
+            try:
+                info = tcpinfo.read(leg.sock)
+            except OSError:
+                continue  # closing: close() takes it out
+            before = leg.info.bytes_sent if leg.info is not None else 0
+            sent += info.bytes_sent - before
+            leg.info = info
+            self.table.sample(flow.fid, info.bytes_sent, leg.written, info.notsent_bytes, dt)
+        self.totals.send_rate = sent / dt if dt > 0 else 0.0
+
+    def _apply(self, caps: dict[int, float]) -> None:
+        for fid, cap in caps.items():
+            leg = self.legs.get(fid)
+            if leg is not None:
+                _set_cap(leg.sock, cap)
+
+    # --- status --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        """The link's part of the status document."""
+        live = [leg.info for leg in self.legs.values() if leg.info is not None]
+        return {
+            "interface": self.link.interface,
+            "rtt_s": self.link.rtt,
+            "egress_bps": self.link.egress_bps,
+            "ingress_bps": self.link.ingress_bps,
+            "congestion": self.link.congestion,
+            "pacing_capacity_bps": round(self.table.capacity * 8),
+            "flows": len(self.legs),
+            "flows_active": len(self.table.active),
+            "flows_total": self.totals.flows,
+            "send_rate_bps": round(self.totals.send_rate * 8),
+            "bytes_sent": self.totals.bytes_sent + sum(i.bytes_sent for i in live),
+            "retransmits": self.totals.retransmits + sum(i.total_retrans for i in live),
+        }
+
+    def share_of(self, leg: LinkLeg) -> dict[str, object]:
+        """One connection's share, for its row in pep status."""
+        return {"share_bps": round(leg.flow.cap * 8), "active": leg.flow.active}
+
+
+def _set_cap(sock: socket.socket, cap: float) -> None:
+    with contextlib.suppress(OSError):  # closing: close() takes it out of the table
+        sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, max(1, int(cap)))
