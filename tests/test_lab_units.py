@@ -176,14 +176,24 @@ def test_table_round_trips_through_its_parser() -> None:
 
 
 def test_bench_rows_take_the_median() -> None:
-    run = bench.BenchRun(PROFILES["leo"], "symmetric", [1000], 3)
+    from pep.lab.workloads import Sample
+
+    run = bench.BenchRun(PROFILES["leo"], "symmetric", ["single", "parallel"], 3)
     for rep, (w, wo) in enumerate(((1.0, 3.0), (9.0, 2.0), (2.0, 4.0))):
-        run.measurements.append(bench.Measurement(1000, "with", rep, w, 0.1, [(0.0, 0)]))
-        run.measurements.append(bench.Measurement(1000, "without", rep, wo, 0.1, []))
+        for mode, t in (("with", w), ("without", wo)):
+            trace = [(0.0, 0)] if mode == "with" else []
+            run.samples.append(Sample("single", "1 KB", mode, rep, t, 0, {"size": 1000}, trace))
+            par = {"median_s": t / 2, "slowest_s": t}
+            run.samples.append(Sample("parallel", "6 x 1 MB", mode, rep, t, rep, par))
     [row] = run.rows()
     assert (row.with_s, row.without_s, row.speedup) == (2.0, 3.0, 1.5)
     assert run.trace("with") == [(0.0, 0)]
-    assert run.to_json()["summary"][0]["speedup"] == 1.5  # type: ignore[index]
+    doc = run.to_json()
+    assert doc["summary"][0]["ratio"] == 1.5  # type: ignore[index]
+    parallel = doc["summary"][1]  # type: ignore[index]
+    assert parallel["case"] == "6 x 1 MB" and parallel["drops_with"] == 1
+    assert len(doc["measurements"]) == 12  # type: ignore[arg-type]
+    assert "6 x 1 MB" in bench.format_summary(run.summaries())
 
 
 def test_object_body_is_deterministic() -> None:
@@ -202,6 +212,26 @@ async def test_fetch_and_upload_over_loopback_check_every_byte() -> None:
             assert 0 < t.connect <= t.first_byte <= t.seconds
             u = await objects.upload(None, ("127.0.0.1", port), 2_000_000)
             assert u.size == 2_000_000
+        n.cancel_scope.cancel()
+
+
+async def test_keep_alive_session_serves_many_objects_on_one_connection() -> None:
+    accepted = []
+
+    async def counting(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await objects.handle(stream)
+
+    async with trio.open_nursery() as n:
+        [listener] = await n.start(partial(trio.serve_tcp, counting, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        with trio.fail_after(20):
+            session = await objects.Session.open(None, ("127.0.0.1", port))
+            sizes = [5_000, 200_000, 1, 70_000]
+            got = [await session.get(size) for size in sizes]  # sha256 checked by each get
+            session.close()
+        assert [t.size for t in got] == sizes
+        assert len(accepted) == 1
         n.cancel_scope.cancel()
 
 

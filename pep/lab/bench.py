@@ -1,14 +1,18 @@
 """The with/without-PEP comparison behind ``pep lab demo`` and ``pep lab bench``.
 
-One lab, one link, one run: every size is fetched with pep splitting (pep running on the PEP
-nodes) and without (pep stopped with SIGTERM, which removes its rules, so the same
-connections are routed end to end through the same link). Each fetch is a fresh connection,
-checked byte for byte (sha256). Results: a table, a JSON record and a PNG chart.
+One lab, one link, one run: every workload (pep.lab.workloads) is measured with pep splitting
+(pep running on the PEP nodes) and without (pep stopped with SIGTERM, which removes its rules,
+so the same connections are routed end to end through the same link), alternating the two per
+repetition so a slow drift of the machine cannot favour one. Every byte is checked (sha256).
+A workload that needs loss runs in a second lab built with it. Results: tables, a JSON record
+with every measurement, and a PNG chart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -16,38 +20,35 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import trio
 
 from pep.lab import lab as lab_mod
-from pep.lab import objects
-from pep.lab.profiles import LinkProfile, format_size
+from pep.lab import workloads as wl
+from pep.lab.profiles import format_size
 
-__all__ = ["BenchRun", "Measurement", "Progress", "chart", "format_table", "parse_table", "run"]
+__all__ = [
+    "BenchRun",
+    "Progress",
+    "Row",
+    "chart",
+    "format_summary",
+    "format_table",
+    "parse_table",
+    "run",
+]
 
 MODES = ("without", "with")
 
 
 @dataclass
-class Measurement:
-    size: int
-    mode: str  # "with" | "without" (PEP)
-    rep: int
-    seconds: float
-    first_byte: float
-    samples: list[tuple[float, int]] = field(default_factory=list)
-
-    @property
-    def goodput_bps(self) -> float:
-        return self.size * 8 / self.seconds
-
-
-@dataclass
 class Row:
+    """One single-fetch size: median seconds without and with pep."""
+
     size: int
     without_s: float
     with_s: float
@@ -62,36 +63,82 @@ class Row:
 
 
 @dataclass
+class Summary:
+    """One case of one workload: medians over the repetitions, per mode."""
+
+    workload: str
+    case: str
+    seconds: dict[str, float]
+    slowest: dict[str, float]
+    drops: dict[str, float]
+    details: dict[str, list[dict[str, Any]]]
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds["without"] / self.seconds["with"] if self.seconds["with"] else 0.0
+
+
+@dataclass
 class BenchRun:
-    profile: LinkProfile
+    profile: Any  # LinkProfile
     topology: str
-    sizes: list[int]
+    workloads: list[str]
     reps: int
-    measurements: list[Measurement] = field(default_factory=list)
+    samples: list[wl.Sample] = field(default_factory=list)
     congestion: str | None = None
     date: str = ""
     elapsed: float = 0.0
 
-    def rows(self) -> list[Row]:
-        """Median of the repetitions per size and mode (robust to one slow outlier)."""
+    def cases(self) -> list[tuple[str, str]]:
+        """(workload, case) in the order they were measured."""
+        seen: dict[tuple[str, str], None] = {}
+        for s in self.samples:
+            seen.setdefault((s.workload, s.case), None)
+        return list(seen)
+
+    def summaries(self) -> list[Summary]:
+        """Median of the repetitions per case and mode (robust to one slow outlier)."""
         out = []
-        for size in self.sizes:
-            t = {
-                mode: statistics.median(
-                    m.seconds for m in self.measurements if m.size == size and m.mode == mode
+        for workload, case in self.cases():
+            mine = [s for s in self.samples if (s.workload, s.case) == (workload, case)]
+            by_mode = {m: [s for s in mine if s.mode == m] for m in MODES}
+            if not all(by_mode.values()):
+                continue
+
+            def med(values: Iterable[float]) -> float:
+                return statistics.median(list(values))
+
+            out.append(
+                Summary(
+                    workload,
+                    case,
+                    {m: med(s.seconds for s in v) for m, v in by_mode.items()},
+                    {
+                        m: med(s.details.get("slowest_s", s.seconds) for s in v)
+                        for m, v in by_mode.items()
+                    },
+                    {m: med(s.drops for s in v) for m, v in by_mode.items()},
+                    {m: [s.details for s in v] for m, v in by_mode.items()},
                 )
-                for mode in MODES
-            }
-            out.append(Row(size, t["without"], t["with"]))
+            )
+        return out
+
+    def rows(self) -> list[Row]:
+        """The single-fetch sizes, for the demo's table."""
+        out = []
+        for s in self.summaries():
+            if s.workload == "single":
+                size = next(x.details["size"] for x in self.samples if x.case == s.case)
+                out.append(Row(size, s.seconds["without"], s.seconds["with"]))
         return out
 
     def trace(self, mode: str) -> list[tuple[float, int]]:
-        """Progress samples of the largest size's first repetition."""
-        size = max(self.sizes)
-        for m in self.measurements:
-            if m.size == size and m.mode == mode:
-                return m.samples
-        return []
+        """Progress samples of the largest single fetch's first repetition."""
+        singles = [s for s in self.samples if s.workload == "single" and s.mode == mode]
+        if not singles:
+            return []
+        biggest = max(s.details["size"] for s in singles)
+        return next(s.trace for s in singles if s.details["size"] == biggest)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -101,29 +148,34 @@ class BenchRun:
             "description": self.profile.describe(),
             "topology": self.topology,
             "congestion": self.congestion,
-            "sizes": self.sizes,
+            "workloads": self.workloads,
             "reps": self.reps,
             "elapsed_s": round(self.elapsed, 1),
             "summary": [
                 {
-                    "size": r.size,
-                    "without_s": round(r.without_s, 4),
-                    "with_s": round(r.with_s, 4),
-                    "speedup": round(r.speedup, 3),
-                    "goodput_without_mbit": round(r.goodput_mbit("without"), 3),
-                    "goodput_with_mbit": round(r.goodput_mbit("with"), 3),
+                    "workload": s.workload,
+                    "case": s.case,
+                    "without_s": round(s.seconds["without"], 4),
+                    "with_s": round(s.seconds["with"], 4),
+                    "ratio": round(s.ratio, 3),
+                    "slowest_without_s": round(s.slowest["without"], 4),
+                    "slowest_with_s": round(s.slowest["with"], 4),
+                    "drops_without": s.drops["without"],
+                    "drops_with": s.drops["with"],
                 }
-                for r in self.rows()
+                for s in self.summaries()
             ],
             "measurements": [
                 {
-                    "size": m.size,
-                    "mode": m.mode,
-                    "rep": m.rep,
-                    "seconds": round(m.seconds, 4),
-                    "first_byte_s": round(m.first_byte, 4),
+                    "workload": s.workload,
+                    "case": s.case,
+                    "mode": s.mode,
+                    "rep": s.rep,
+                    "seconds": round(s.seconds, 4),
+                    "drops": s.drops,
+                    **s.details,
                 }
-                for m in self.measurements
+                for s in self.samples
             ],
             "trace": {mode: self.trace(mode) for mode in MODES},
         }
@@ -134,93 +186,91 @@ def machine() -> dict[str, object]:
 
 
 class Progress:
-    """Progress on stderr: one line per step, and a live byte counter when it is a terminal."""
+    """Progress on stderr: one line per step."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.live = self.stream.isatty()
         self.t0 = time.monotonic()
-        self._last = 0.0
 
     def say(self, msg: str) -> None:
-        self._clear()
         print(f"[{time.monotonic() - self.t0:5.1f}s] {msg}", file=self.stream, flush=True)
 
-    def bytes_cb(self, label: str, size: int) -> Callable[[int, float], None] | None:
-        if not self.live:
-            return None
 
-        def update(got: int, elapsed: float) -> None:
-            now = time.monotonic()
-            if now - self._last < 0.1 and got < size:
-                return
-            self._last = now
-            pct = 100 * got / size
-            text = f"        {label}: {got / 1e6:7.2f} MB {pct:5.1f} %  {elapsed:6.2f} s"
-            print("\r" + text, end="", file=self.stream, flush=True)
-
-        return update
-
-    def _clear(self) -> None:
-        if self.live:
-            print("\r\033[K", end="", file=self.stream, flush=True)
+def selected(
+    names: list[str], sizes: list[int] | None = None, parallel: tuple[int, ...] | None = None
+) -> list[wl.Workload]:
+    """The named workloads; ``sizes`` replaces the single fetches' sizes, ``parallel`` the
+    numbers of parallel downloads."""
+    out = []
+    for name in names:
+        w = wl.WORKLOADS[name]
+        if name == "single" and sizes:
+            w = dataclasses.replace(w, run=functools.partial(wl.single, sizes=sizes))
+        if name == "parallel" and parallel:
+            w = dataclasses.replace(w, run=functools.partial(wl.parallel, counts=parallel))
+        out.append(w)
+    return out
 
 
 def run(
     spec: lab_mod.LabSpec,
-    sizes: list[int],
+    workloads: list[wl.Workload],
     reps: int = 1,
     timeout: float = 300.0,
     progress: Progress | None = None,
 ) -> BenchRun:
-    """Build the lab, measure, tear down (also on failure or Ctrl-C)."""
+    """Build the lab(s), measure, tear down (also on failure or Ctrl-C)."""
     p = progress or Progress()
     t0 = time.monotonic()
     result = BenchRun(
         spec.profile,
         spec.topology,
-        list(sizes),
+        [w.name for w in workloads],
         reps,
         date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
-    lab = lab_mod.up(spec, p.say)
-    try:
-        result.congestion = lab.congestion
-        pause = 0.3 + spec.profile.rtt_ms / 1000  # let the last FIN/ACKs cross the link
-        for rep in range(reps):
-            for mode in ("with", "without"):
-                p.say(
-                    f"pep {'on' if mode == 'with' else 'off'}"
-                    + (f" (rep {rep + 1}/{reps})" if reps > 1 else "")
-                )
-                lab.set_split(mode == "with")
-                for size in sizes:
-                    label = f"{format_size(size)} {mode} PEP"
-                    t = trio.run(_fetch, lab, size, timeout, p.bytes_cb(label, size))
-                    m = Measurement(size, mode, rep, t.seconds, t.first_byte, t.samples)
-                    result.measurements.append(m)
-                    p.say(
-                        f"{label}: {t.seconds:.2f} s ({m.goodput_bps / 1e6:.2f} Mbit/s), sha256 ok"
-                    )
-                    time.sleep(pause)
-    finally:
-        p.say("tearing down the lab")
-        lab_mod.down(spec.prefix, lab)
+    variants: dict[float, list[wl.Workload]] = {}
+    for w in workloads:
+        variants.setdefault(w.loss or spec.profile.loss, []).append(w)
+    for loss, group in variants.items():
+        variant = dataclasses.replace(spec, profile=spec.profile.with_overrides(loss=loss))
+        lab = lab_mod.up(variant, p.say)
+        try:
+            result.congestion = lab.congestion
+            for rep in range(reps):
+                for mode in ("with", "without") if rep % 2 == 0 else ("without", "with"):
+                    p.say(f"pep {'on' if mode == 'with' else 'off'} (rep {rep + 1}/{reps})")
+                    lab.set_split(mode == "with")
+                    for w in group:
+                        samples = trio.run(_timed, w, lab, mode, rep, timeout)
+                        for s in samples:
+                            result.samples.append(s)
+                            p.say(f"{s.workload} {s.case} {mode} PEP: {_describe(s)}")
+        finally:
+            p.say("tearing down the lab")
+            lab_mod.down(variant.prefix, lab)
     result.elapsed = time.monotonic() - t0
     return result
 
 
-async def _fetch(
-    lab: lab_mod.Lab, size: int, timeout: float, cb: Callable[[int, float], None] | None
-) -> objects.Transfer:
+async def _timed(
+    w: wl.Workload, lab: lab_mod.Lab, mode: str, rep: int, timeout: float
+) -> list[wl.Sample]:
     with trio.fail_after(timeout):
-        return await objects.fetch(
-            lab.ns("client"), (lab_mod.SERVER_IP, lab_mod.SERVER_PORT), size, cb
-        )
+        return await w.run(lab, mode, rep)
+
+
+def _describe(s: wl.Sample) -> str:
+    text = f"{s.seconds:.2f} s"
+    if "slowest_s" in s.details:
+        text += f" (median {s.details['median_s']:.2f}, slowest {s.details['slowest_s']:.2f})"
+    if "download_s" in s.details:
+        text += f", download {s.details['download_s']:.1f} s"
+    return text + f", {s.drops} link drops, sha256 ok"
 
 
 # --------------------------------------------------------------------------------------------
-# table
+# tables
 
 
 _HEADER = (
@@ -234,6 +284,7 @@ _ROW = re.compile(
 
 
 def format_table(rows: list[Row]) -> str:
+    """The single fetches (the demo's table)."""
     lines = [_HEADER]
     for r in rows:
         lines.append(
@@ -245,7 +296,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def parse_table(text: str) -> list[dict[str, object]]:
-    """Rows of a printed table (for tests and scripts): size text, seconds, speedup."""
+    """Rows of a printed single-fetch table (for tests and scripts)."""
     out: list[dict[str, object]] = []
     for line in text.splitlines():
         m = _ROW.match(line.strip())
@@ -263,45 +314,69 @@ def parse_table(text: str) -> list[dict[str, object]]:
     return out
 
 
+def format_summary(summaries: list[Summary]) -> str:
+    """Every case: medians without/with, the ratio, the slowest flow and the link's drops."""
+    lines = [
+        f"{'case':<40}{'without':>9}{'with':>9}{'ratio':>7}"
+        f"{'slowest w/o':>13}{'slowest with':>13}{'drops w/o':>11}{'drops with':>11}"
+    ]
+    for s in summaries:
+        lines.append(
+            f"{s.case:<40}{s.seconds['without']:>7.2f} s{s.seconds['with']:>7.2f} s"
+            f"{s.ratio:>6.2f}x{s.slowest['without']:>11.2f} s{s.slowest['with']:>11.2f} s"
+            f"{s.drops['without']:>11g}{s.drops['with']:>11g}"
+        )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # chart
 
 
 def chart(result: BenchRun, path: Path) -> None:
-    """Completion time per size (bars) and bytes over time for the largest size (lines)."""
+    """Seconds per case, with and without pep (bars); bytes over time for the largest single
+    fetch (lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result.rows()
+    summaries = result.summaries()
     colors = {"without": "#9a9a9a", "with": "#1f77b4"}
     labels = {"without": "without PEP", "with": "with PEP"}
-    fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.8))
+    traces = {mode: result.trace(mode) for mode in MODES}
+    wide = max(6.0, 1.1 * len(summaries))
+    if any(traces.values()):
+        fig, (bars, lines) = plt.subplots(
+            1, 2, figsize=(wide + 6, 4.8), gridspec_kw={"width_ratios": [wide, 6]}
+        )
+    else:
+        fig, bars = plt.subplots(1, 1, figsize=(wide, 4.8))
+        lines = None
     width = 0.38
-    xs = range(len(rows))
+    xs = range(len(summaries))
     for k, mode in enumerate(MODES):
-        values = [r.without_s if mode == "without" else r.with_s for r in rows]
+        values = [s.seconds[mode] for s in summaries]
         pos = [x + (k - 0.5) * width for x in xs]
         drawn = bars.bar(pos, values, width, color=colors[mode], label=labels[mode])
-        bars.bar_label(drawn, labels=[f"{v:.2f} s" for v in values], fontsize=8, padding=2)
-    top = max(max(r.without_s, r.with_s) for r in rows)
-    bars.set_ylim(0, top * 1.3)  # room for the legend above the bars
-    bars.set_xticks(list(xs), [f"{format_size(r.size)}\n{r.speedup:.1f}x faster" for r in rows])
-    bars.set_ylabel("completion time (s), lower is better")
-    bars.set_title("Fetch completion time per object size")
-    bars.legend(loc="upper center", ncol=2)
-    size = max(result.sizes)
-    for mode in MODES:
-        trace = result.trace(mode)
-        if trace:
-            t, b = zip(*trace, strict=True)
-            lines.plot(t, [x / 1e6 for x in b], color=colors[mode], label=labels[mode], lw=2)
-    lines.set_xlabel("time since connect() (s)")
-    lines.set_ylabel("MB received")
-    lines.set_title(f"Bytes received over time, {format_size(size)} fetch")
-    lines.grid(alpha=0.3)
-    lines.legend(loc="lower right")
+        bars.bar_label(drawn, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
+    top = max((max(s.seconds.values()) for s in summaries), default=1.0)
+    bars.set_ylim(0, top * 1.3)
+    bars.set_xticks(list(xs), [f"{_short(s.case)}\n{s.ratio:.1f}x" for s in summaries], fontsize=7)
+    bars.set_ylabel("seconds (median), lower is better")
+    bars.set_title("Completion time per workload (x: how much faster with pep)")
+    bars.legend(loc="upper left", ncol=2)
+    if lines is not None:
+        for mode, trace in traces.items():
+            if trace:
+                t, b = zip(*trace, strict=True)
+                lines.plot(t, [x / 1e6 for x in b], color=colors[mode], label=labels[mode], lw=2)
+        size = format_size(max(r.size for r in result.rows()))
+        lines.set_xlabel("time since connect() (s)")
+        lines.set_ylabel("MB received")
+        lines.set_title(f"Bytes received over time, {size} fetch")
+        lines.grid(alpha=0.3)
+        lines.legend(loc="lower right")
     cc = f", link leg {result.congestion}" if result.congestion else ""
     fig.suptitle(
         f"pep lab, {result.topology} — {result.profile.describe()}{cc}\n"
@@ -312,6 +387,10 @@ def chart(result: BenchRun, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _short(case: str) -> str:
+    return case.replace(" objects, ", " obj/\n").replace(" during ", "\nduring ")
 
 
 def write_json(result: BenchRun, path: Path) -> None:

@@ -18,6 +18,9 @@ DEFAULT_PREFIX = "peplab"  # `pep lab up/down/status/exec/split`
 DEMO_PREFIX = "pepdemo"  # demo and bench build (and remove) their own lab
 BENCH_PREFIX = "pepbench"
 NODES = ("client", "pepa", "link", "pepb", "server")
+# The workloads of `pep lab bench` (pep.lab.workloads.WORKLOADS; named here to keep this
+# module light to import).
+WORKLOADS = ("single", "parallel", "upload", "page", "interactive", "loss")
 
 
 def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
@@ -82,17 +85,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     _prefix(p, DEFAULT_PREFIX)
 
     for name, prefix, sizes, text in (
-        ("demo", DEMO_PREFIX, "100k,1M,10M", "one-command demo: GEO lab, with and without PEP"),
-        ("bench", BENCH_PREFIX, "1M,10M", "with/without-PEP benchmark: table, JSON and PNG"),
+        (
+            "demo",
+            DEMO_PREFIX,
+            "100k,1M,10M",
+            "one-command demo: GEO lab, single fetches and 6 parallel downloads, with and "
+            "without PEP",
+        ),
+        (
+            "bench",
+            BENCH_PREFIX,
+            "100k,1M,10M",
+            "with/without-PEP benchmark of a terminal's workloads: tables, JSON and PNG",
+        ),
     ):
         p = s.add_parser(name, help=text, description=text)
         _link_options(p, "geo")
-        p.add_argument("--sizes", default=sizes, help=f"object sizes (default {sizes})")
+        p.add_argument("--sizes", default=sizes, help=f"single-fetch sizes (default {sizes})")
         p.add_argument("--out", type=Path, default=Path(f"lab-{name}.png"), help="PNG chart path")
         p.add_argument(
-            "--timeout", type=float, default=300.0, help="seconds allowed per fetch (300)"
+            "--timeout", type=float, default=300.0, help="seconds allowed per workload (300)"
         )
         if name == "bench":
+            p.add_argument(
+                "--workloads",
+                default=",".join(WORKLOADS),
+                help="comma-separated, of: single (one fetch per size), parallel (1, 3, 6, 20 "
+                "x 1 MB at once), upload (6 x 1 MB at once), page (HTML + 40 objects over 6 "
+                "keep-alive connections), interactive (10 x 10 KB idle and during a 50 MB "
+                "download), loss (10 MB at 0.5 %% loss, its own lab); default all",
+            )
             p.add_argument("--reps", type=int, default=3, help="repetitions (median; default 3)")
             p.add_argument("--json", type=Path, help="write all measurements here")
         _prefix(p, prefix)
@@ -187,11 +209,27 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
     reps = getattr(args, "reps", 1)
     if reps < 1:
         raise profiles.ParseError(f"--reps {reps}: must be at least 1")
+    if args.lab_command == "demo":
+        chosen = bench.selected(["single", "parallel"], sizes, parallel=(6,))
+    else:
+        names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+        unknown = [n for n in names if n not in WORKLOADS]
+        if unknown or not names:
+            raise profiles.ParseError(
+                f"--workloads {args.workloads!r}: choose from {', '.join(WORKLOADS)}"
+            )
+        chosen = bench.selected(names, sizes)
     spec = lab_mod.LabSpec(prof, args.topology, True, args.prefix)
     progress = bench.Progress()
-    result = bench.run(spec, sizes, reps, args.timeout, progress)
+    result = bench.run(spec, chosen, reps, args.timeout, progress)
     print(f"{prof.describe()}, {args.topology}" + (f", median of {reps}" if reps > 1 else ""))
-    print(bench.format_table(result.rows()))
+    rows = result.rows()
+    if rows:
+        print(bench.format_table(rows))
+    others = [s for s in result.summaries() if s.workload != "single"]
+    if others:
+        print()
+        print(bench.format_summary(others))
     bench.chart(result, args.out)
     print(f"chart: {args.out}")
     if getattr(args, "json", None):

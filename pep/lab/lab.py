@@ -392,6 +392,24 @@ class Lab:
         for node in starting:
             self.wait_ready(node, "ready:")
 
+    def link_drops(self) -> int:
+        """Packets the link's rate limiters (tbf, both directions) have dropped so far: the
+        modem queue overflowing."""
+        from pyroute2 import NetNS
+
+        with NetNS(self.ns("link")) as ipr:
+            return sum(
+                (q.get_attr("TCA_STATS") or {}).get("drop", 0)
+                for q in ipr.get_qdiscs()
+                if q.get_attr("TCA_KIND") == "tbf"
+            )
+
+    async def settle(self) -> None:
+        """Let the last FIN/ACKs of a measurement cross the link before the next one starts."""
+        import trio
+
+        await trio.sleep(0.3 + self.profile.rtt_ms / 1000)
+
     def reap_all(self) -> None:
         for name in list(self._children):
             self._reap(name, wait=True)

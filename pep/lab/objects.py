@@ -1,10 +1,11 @@
 """A small HTTP/1.0-like object server and client for the lab: fetch N bytes, check every byte.
 
-Protocol (one request per connection, like a browser fetching one object on a fresh
-connection, which is the case a PEP speeds up most)::
+Protocol (HTTP/1.0: one request per connection, like a browser fetching one object on a
+fresh connection, which is the case a PEP speeds up most; HTTP/1.1: the connection stays open
+for the next request, as a browser's keep-alive connections do for the objects of a page)::
 
-    GET /<n> HTTP/1.0\\r\\n\\r\\n        -> 200, Content-Length: n, n bytes of body(n), close
-    PUT /<n> HTTP/1.0\\r\\n\\r\\n<n bytes> -> 200, the sha256 hex digest of what arrived, close
+    GET /<n> HTTP/1.x\\r\\n...\\r\\n        -> 200, Content-Length: n, n bytes of body(n)
+    PUT /<n> HTTP/1.x\\r\\n...\\r\\n<n bytes> -> 200, the sha256 hex digest of what arrived
 
 ``body(n)`` is deterministic pseudo-random content (Mersenne Twister seeded with n): it does
 not compress, and both ends can compute the sha256 the client checks without shipping a file.
@@ -30,6 +31,7 @@ import trio
 
 __all__ = [
     "FetchError",
+    "Session",
     "Transfer",
     "body",
     "body_sha256",
@@ -43,7 +45,7 @@ __all__ = [
 log = logging.getLogger("pep.lab.objects")
 
 PORT = 80
-_REQUEST = re.compile(rb"^(GET|PUT) /(\d{1,11}) HTTP/1\.[01]\r\n")
+_REQUEST = re.compile(rb"^(GET|PUT) /(\d{1,11}) HTTP/1\.([01])\r\n")
 _HEADER_MAX = 4096
 _RECV = 1 << 18
 SAMPLE_EVERY = 0.005  # seconds between progress samples: smooth curves, bounded JSON
@@ -68,12 +70,14 @@ def body_sha256(n: int) -> str:
 # server
 
 
-async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    """Read up to the blank line; returns (head, whatever body bytes came with it)."""
-    buf = b""
+async def _read_head(stream: trio.SocketStream, buf: bytes) -> tuple[bytes, bytes] | None:
+    """Read up to the blank line; returns (head, the bytes after it), or None when the client
+    closed cleanly before starting another request (a keep-alive connection's normal end)."""
     while b"\r\n\r\n" not in buf:
         chunk = await stream.receive_some(_HEADER_MAX)
         if not chunk:
+            if not buf:
+                return None
             raise FetchError("connection closed before the request head ended")
         buf += chunk
         if len(buf) > _HEADER_MAX:
@@ -83,37 +87,59 @@ async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
 
 
 async def handle(stream: trio.SocketStream) -> None:
+    """Serve one connection: one request (HTTP/1.0), or requests until the client closes
+    (HTTP/1.1 without ``Connection: close``)."""
     peer = "?"
     try:
         peer = "{}:{}".format(*stream.socket.getpeername())
-        head, rest = await _read_head(stream)
-        m = _REQUEST.match(head)
-        if not m:
-            await stream.send_all(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-            return
-        method, n = m.group(1), int(m.group(2))
-        t0 = time.monotonic()
-        if method == b"GET":
-            await stream.send_all(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
-            await stream.send_all(body(n))
-        else:
-            h = hashlib.sha256(rest)
-            got = len(rest)
-            while got < n:
-                chunk = await stream.receive_some(_RECV)
-                if not chunk:
-                    break
-                h.update(chunk)
-                got += len(chunk)
-            digest = h.hexdigest().encode() if got == n else b"short"
-            await stream.send_all(
-                b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(digest), digest)
-            )
-        log.info("%s %d from %s in %.3fs", method.decode(), n, peer, time.monotonic() - t0)
+        buf = b""
+        while True:
+            got_head = await _read_head(stream, buf)
+            if got_head is None:
+                return
+            head, buf = got_head
+            m = _REQUEST.match(head)
+            if not m:
+                await stream.send_all(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                return
+            method, n, minor = m.group(1), int(m.group(2)), m.group(3)
+            keep = minor == b"1" and b"\r\nconnection: close" not in head.lower()
+            status = b"HTTP/1.%s 200 OK\r\nContent-Length: %d\r\n\r\n" % (minor, n)
+            t0 = time.monotonic()
+            if method == b"GET":
+                await stream.send_all(status)
+                await stream.send_all(body(n))
+            else:
+                buf = await _receive_upload(stream, n, buf, minor)
+                if buf is None:
+                    return
+            log.info("%s %d from %s in %.3fs", method.decode(), n, peer, time.monotonic() - t0)
+            if not keep:
+                return
     except (FetchError, trio.BrokenResourceError, OSError) as e:
         log.info("request from %s failed: %s", peer, e)
     finally:
         await stream.aclose()
+
+
+async def _receive_upload(
+    stream: trio.SocketStream, n: int, buf: bytes, minor: bytes
+) -> bytes | None:
+    """Take a PUT's ``n`` bytes and answer with their sha256; returns what followed them, or
+    None when the body was cut short (answered "short")."""
+    h = hashlib.sha256(buf[:n])
+    got, rest = min(n, len(buf)), buf[n:]
+    while got < n:
+        chunk = await stream.receive_some(min(_RECV, n - got))
+        if not chunk:
+            break
+        h.update(chunk)
+        got += len(chunk)
+    digest = h.hexdigest().encode() if got == n else b"short"
+    await stream.send_all(
+        b"HTTP/1.%s 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (minor, len(digest), digest)
+    )
+    return rest if got == n else None
 
 
 async def serve(port: int = PORT, host: str = "0.0.0.0") -> None:
@@ -163,7 +189,7 @@ def _split_response(buf: bytes) -> tuple[int, bytes] | None:
     if b"\r\n\r\n" not in buf:
         return None
     head, _, rest = buf.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
+    if not (head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")):
         raise FetchError(f"server answered {head.splitlines()[0]!r}")
     m = re.search(rb"\r\nContent-Length: (\d+)", head)
     if not m:
@@ -177,7 +203,8 @@ async def fetch(
     size: int,
     on_progress: Callable[[int, float], None] | None = None,
 ) -> Transfer:
-    """GET ``size`` bytes from ``dst`` (from namespace ``ns``) and check their sha256.
+    """GET ``size`` bytes from ``dst`` (from namespace ``ns``) on a new connection and check
+    their sha256.
 
     Raises FetchError on a short or wrong body: a benchmark must never time corrupt data.
     """
@@ -186,38 +213,49 @@ async def fetch(
     with sock:
         t_conn = time.monotonic() - t0
         await sock.send(b"GET /%d HTTP/1.0\r\n\r\n" % size)
-        h = hashlib.sha256()
-        got = 0
-        first_byte = 0.0
-        buf = b""
-        length: int | None = None
-        samples: list[tuple[float, int]] = [(0.0, 0)]
-        last_sample = 0.0
-        while True:
-            chunk = await sock.recv(_RECV)
-            now = time.monotonic() - t0
-            if not chunk:
-                break
-            if length is None:
-                if not first_byte:
-                    first_byte = now
-                buf += chunk
-                split = _split_response(buf)
-                if split is None:
-                    continue
-                length, chunk = split
-                if length != size:
-                    raise FetchError(f"asked for {size} bytes, server announced {length}")
-            h.update(chunk)
-            got += len(chunk)
-            if now - last_sample >= SAMPLE_EVERY or got >= size:
-                samples.append((round(now, 4), got))
-                last_sample = now
-                if on_progress is not None:
-                    on_progress(got, now)
-            if got >= size:
-                break
-        seconds = time.monotonic() - t0
+        return await _response(sock, size, t0, t_conn, on_progress)
+
+
+async def _response(
+    sock: trio.socket.SocketType,
+    size: int,
+    t0: float,
+    t_conn: float,
+    on_progress: Callable[[int, float], None] | None = None,
+) -> Transfer:
+    """Read one GET response of ``size`` bytes and check it; times are from ``t0``."""
+    h = hashlib.sha256()
+    got = 0
+    first_byte = 0.0
+    buf = b""
+    length: int | None = None
+    samples: list[tuple[float, int]] = [(0.0, 0)]
+    last_sample = 0.0
+    while True:
+        chunk = await sock.recv(min(_RECV, size - got) if length is not None else _RECV)
+        now = time.monotonic() - t0
+        if not chunk:
+            break
+        if length is None:
+            if not first_byte:
+                first_byte = now
+            buf += chunk
+            split = _split_response(buf)
+            if split is None:
+                continue
+            length, chunk = split
+            if length != size:
+                raise FetchError(f"asked for {size} bytes, server announced {length}")
+        h.update(chunk)
+        got += len(chunk)
+        if now - last_sample >= SAMPLE_EVERY or got >= size:
+            samples.append((round(now, 4), got))
+            last_sample = now
+            if on_progress is not None:
+                on_progress(got, now)
+        if got >= size:
+            break
+    seconds = time.monotonic() - t0
     if got != size:
         raise FetchError(f"fetch of {size} bytes ended after {got} bytes")
     if h.hexdigest() != body_sha256(size):
@@ -225,6 +263,28 @@ async def fetch(
     if samples[-1][1] != got:
         samples.append((round(seconds, 4), got))
     return Transfer("GET", size, seconds, first_byte, t_conn, samples)
+
+
+class Session:
+    """One persistent HTTP/1.1 connection, as a browser keeps for the objects of a page."""
+
+    def __init__(self, sock: trio.socket.SocketType, t_conn: float) -> None:
+        self.sock, self.t_conn = sock, t_conn
+
+    @classmethod
+    async def open(cls, ns: str | None, dst: tuple[str, int]) -> Session:
+        t0 = time.monotonic()
+        sock = await _connect(ns, dst)
+        return cls(sock, time.monotonic() - t0)
+
+    async def get(self, size: int) -> Transfer:
+        """GET ``size`` bytes on this connection, checked; timed from the request."""
+        t0 = time.monotonic()
+        await self.sock.send(b"GET /%d HTTP/1.1\r\nHost: lab\r\n\r\n" % size)
+        return await _response(self.sock, size, t0, 0.0)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 async def upload(ns: str | None, dst: tuple[str, int], size: int) -> Transfer:
