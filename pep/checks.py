@@ -18,20 +18,28 @@ import functools
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
+
+from pep import units  # a leaf module: no import cycle
 
 __all__ = [
     "Check",
     "ConfigError",
     "Net",
+    "available_congestion",
     "boolean",
     "check_keys",
     "choice",
+    "congestion",
+    "duration",
     "integer",
+    "interface_name",
     "interface_names",
     "key",
     "nets",
     "ports",
+    "rate",
     "reloadable",
     "seconds",
     "table",
@@ -95,7 +103,7 @@ def reloadable(cls: type) -> frozenset[str]:
 def check_keys(cls: type, settings: Mapping[str, object], prefix: str = "") -> dict[str, Any]:
     """Each setting through its key's check, named ``prefix + key`` in errors: the typed
     values for ``cls(**...)``. Unknown keys are refused first (a misspelt key silently
-    ignored is worse than a refusal); a required key that is missing is checked as None."""
+    ignored is worse than a refusal), then a required key that is missing."""
     fields = _declared(cls)
     for name, value in settings.items():
         if name not in fields:
@@ -105,7 +113,7 @@ def check_keys(cls: type, settings: Mapping[str, object], prefix: str = "") -> d
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in typed:
-            typed[name] = f.metadata["check"](f"{prefix}{name}", None)
+            raise ConfigError(f"{prefix}{name}", None, "is required (it has no default)")
     return typed
 
 
@@ -161,18 +169,22 @@ def choice(*allowed: str) -> Check:
     return check
 
 
+def interface_name(key: str, value: object) -> str:
+    """One interface name the kernel and iptables take."""
+    if not isinstance(value, str) or not _IFNAME.match(value):
+        raise ConfigError(
+            key, value, "is not a valid interface name (1-15 chars, no whitespace, '/', ':', '!')"
+        )
+    return value
+
+
 def interface_names(key: str, value: object) -> tuple[str, ...]:
     """A name or a non-empty list of distinct names, each one the kernel and iptables take."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
         raise ConfigError(key, value, "must be a non-empty list of interface names")
     for name in items:
-        if not isinstance(name, str) or not _IFNAME.match(name):
-            raise ConfigError(
-                key,
-                name,
-                "is not a valid interface name (1-15 chars, no whitespace, '/', ':', '!')",
-            )
+        interface_name(key, name)
     if len(set(items)) != len(items):
         raise ConfigError(key, value, "lists an interface twice")
     return tuple(items)
@@ -205,3 +217,56 @@ def ports(key: str, value: object) -> tuple[tuple[int, int], ...]:
             raise ConfigError(key, item, "must be a port 1-65535 or a range 'A-B' with A <= B")
         out.append((lo, hi))
     return tuple(out)
+
+
+def rate(lo: int, hi: int) -> Check:
+    """A rate with its unit, "20mbit" (decimal, as tc counts): bit/s between ``lo`` and ``hi``."""
+
+    def check(key: str, value: object) -> int:
+        try:
+            bps = units.parse_rate(value)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ConfigError(key, value, str(e)) from None
+        if not lo <= bps <= hi:
+            between = f"between {units.format_rate(lo)} and {units.format_rate(hi)}"
+            raise ConfigError(key, value, f"must be {between}")
+        return bps
+
+    return check
+
+
+def duration(lo: float, hi: float) -> Check:
+    """A duration with its unit, "600ms" or "0.6s": seconds between ``lo`` and ``hi``."""
+
+    def check(key: str, value: object) -> float:
+        try:
+            s = units.parse_duration(value)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ConfigError(key, value, str(e)) from None
+        if not lo <= s <= hi:
+            between = f"between {units.format_duration(lo)} and {units.format_duration(hi)}"
+            raise ConfigError(key, value, f"must be {between}")
+        return s
+
+    return check
+
+
+def available_congestion() -> list[str] | None:
+    """The kernel's loaded congestion controls (None when /proc cannot say)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text()
+    except OSError:
+        return None
+    return text.split()
+
+
+def congestion(key: str, value: object) -> str:
+    """A congestion control name this kernel has."""
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]{1,15}", value):
+        raise ConfigError(key, value, "must be a congestion control name such as 'cubic' or 'bbr'")
+    available = available_congestion()
+    if available is not None and value not in available:
+        raise ConfigError(
+            key, value, f"is not available on this kernel (available: {' '.join(available)})"
+        )
+    return value

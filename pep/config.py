@@ -32,6 +32,7 @@ from pep.checks import (
     boolean,
     check_keys,
     choice,
+    congestion,
     integer,
     interface_names,
     key,
@@ -39,31 +40,13 @@ from pep.checks import (
     seconds,
     table,
 )
+from pep.link import Link
 from pep.paths import default_status_socket
 from pep.policy import Rule, parse_rules
 
 __all__ = ["Config", "ConfigError", "LegTuning", "build", "load", "read_file"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def _congestion(key: str, value: object) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]{1,15}", value):
-        raise ConfigError(key, value, "must be a congestion control name such as 'cubic' or 'bbr'")
-    available = _available_congestion()
-    if available is not None and value not in available:
-        raise ConfigError(
-            key, value, f"is not available on this kernel (available: {' '.join(available)})"
-        )
-    return value
-
-
-def _available_congestion() -> list[str] | None:
-    try:
-        text = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text()
-    except OSError:
-        return None
-    return text.split()
 
 
 _BUFFER = integer(4096, 1 << 30)
@@ -80,7 +63,7 @@ class LegTuning:
     nodelay: bool = key(True, boolean)  # a relay must not add Nagle delay to the sender's own
     sndbuf: int | None = key(None, _BUFFER)
     rcvbuf: int | None = key(None, _BUFFER)
-    congestion: str | None = key(None, _congestion)
+    congestion: str | None = key(None, congestion)
     quickack: bool = key(False, boolean)  # TCP_QUICKACK: ack at once instead of delayed ACKs
     # TCP_NOTSENT_LOWAT: cap on unsent bytes queued in the socket, so a slow leg holds less
     # data in the kernel (Linux default: unlimited, /proc/sys/net/ipv4/tcp_notsent_lowat).
@@ -276,6 +259,10 @@ class Config:
     client: LegTuning = key(factory=LegTuning, check=_leg, reload=True)  # noqa: RUF009
     upstream: LegTuning = key(factory=LegTuning, check=_leg, reload=True)  # noqa: RUF009
     upstream_override: tuple[LegOverride, ...] = key((), _leg_overrides, reload=True)
+    # The satellite link (pep.link): its interface, RTT and rates. pep then sets the initial
+    # windows on its routes, sizes and paces the link legs, and shares the link among them.
+    # None (no [link] table): none of that, as before the table existed.
+    link: Link | None = key(None, table(Link), reload=True)  # noqa: RUF009
 
     def upstream_tuning(self, dst: str) -> LegTuning:
         """The upstream leg's tuning for this destination: first matching override, else default."""

@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-__all__ = [
-    "ETH_OVERHEAD",
-    "Link",
-    "available_congestion",
-    "default_congestion",
-    "mss_for",
-    "validate",
-]
+from pep import checks
+from pep.checks import key
+
+__all__ = ["ETH_OVERHEAD", "Link", "default_congestion", "mss_for"]
 
 # What a full-sized segment carries beyond its payload on an Ethernet-framed link: the 14-byte
 # Ethernet header (counted by tc's tbf/htb on the egress device, qdisc_pkt_len) plus IP and TCP
@@ -51,20 +46,32 @@ BUFFER_MIN, BUFFER_MAX = 256 * 1024, 1 << 30
 PREFERRED_CONGESTION = ("bbr",)
 
 
+def default_congestion(available: list[str] | None = None) -> str | None:
+    """The link legs' congestion control when ``[link]`` names none: bbr where available."""
+    if available is None:
+        available = checks.available_congestion()
+    for name in PREFERRED_CONGESTION:
+        if available is not None and name in available:
+            return name
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Link:
-    """One ``[link]`` table, validated. Rates are bit/s as tc counts them (Ethernet frames);
-    ``rtt`` is the link's own round trip in seconds (not the whole path's)."""
+    """The ``[link]`` table (each key declared once, as pep.config's keys are). Rates are
+    bit/s as tc counts them (Ethernet frames); ``rtt`` is the link's own round trip in
+    seconds, not the whole path's."""
 
-    interface: str
-    rtt: float
-    egress_bps: int  # what this node can send into the link
-    ingress_bps: int  # what the link delivers to this node
-    congestion: str | None = None  # for link legs; None: the kernel's default
+    interface: str = key(check=checks.interface_name)  # the interface that faces the link
+    rtt: float = key(check=checks.duration(RTT_MIN, RTT_MAX))
+    egress_rate: int = key(check=checks.rate(RATE_MIN, RATE_MAX))  # what this node sends
+    ingress_rate: int = key(check=checks.rate(RATE_MIN, RATE_MAX))  # what it receives
+    # The link legs' congestion control unless a leg's own `congestion` is set.
+    congestion: str | None = key(factory=default_congestion, check=checks.congestion)
 
     def bdp(self, direction: str) -> int:
         """Bytes in flight that fill ``egress`` or ``ingress`` for one round trip."""
-        bps = self.egress_bps if direction == "egress" else self.ingress_bps
+        bps = self.egress_rate if direction == "egress" else self.ingress_rate
         return int(bps * self.rtt / 8)
 
     def route_metrics(self, mtu: int, family: int = 4) -> dict[str, int]:
@@ -94,7 +101,7 @@ class Link:
     def pacing_capacity(self, mtu: int, family: int = 4) -> float:
         """Payload bytes/s that fill ``egress_bps`` of frames (see ETH_OVERHEAD)."""
         mss = mss_for(mtu, family)
-        return self.egress_bps / 8 * mss / (mss + _TCP_HEADERS[family] + ETH_OVERHEAD)
+        return self.egress_rate / 8 * mss / (mss + _TCP_HEADERS[family] + ETH_OVERHEAD)
 
     @property
     def min_share(self) -> float:
@@ -113,7 +120,7 @@ class Link:
 
         return (
             f"{self.interface}: {format_duration(self.rtt)} RTT, "
-            f"egress {format_rate(self.egress_bps)}, ingress {format_rate(self.ingress_bps)}, "
+            f"egress {format_rate(self.egress_rate)}, ingress {format_rate(self.ingress_rate)}, "
             f"link legs {self.congestion or 'kernel default congestion control'}"
         )
 
@@ -125,29 +132,3 @@ def mss_for(mtu: int, family: int = 4) -> int:
 
 def _buffer(nbytes: int) -> int:
     return min(BUFFER_MAX, max(BUFFER_MIN, nbytes))
-
-
-def validate(rtt: float, egress_bps: int, ingress_bps: int) -> str | None:
-    """What is wrong with these values, naming the key, or None (config.py reports it)."""
-    if not RTT_MIN <= rtt <= RTT_MAX:
-        return "rtt: must be between 1ms and 5s"
-    for key, bps in (("egress_rate", egress_bps), ("ingress_rate", ingress_bps)):
-        if not RATE_MIN <= bps <= RATE_MAX:
-            return f"{key}: must be between 8kbit and 400gbit"
-    return None
-
-
-def available_congestion() -> list[str] | None:
-    try:
-        text = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text()
-    except OSError:
-        return None
-    return text.split()
-
-
-def default_congestion(available: list[str] | None) -> str | None:
-    """The link legs' congestion control when ``[link]`` names none: bbr where available."""
-    for name in PREFERRED_CONGESTION:
-        if available is not None and name in available:
-            return name
-    return None

@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 __all__ = ["PEP_PROTO", "RoutingError", "install", "remove", "show"]
 
 PEP_PROTO = 94  # a routing protocol number (rtm_protocol) unassigned in iproute2 rt_protos
+RTN_LOCAL = 2  # include/uapi/linux/rtnetlink.h: a route that delivers to this host
 _FAMILIES = {4: (socket.AF_INET, "0.0.0.0"), 6: (socket.AF_INET6, "::")}
 # What pyroute2 raises: the kernel's refusal (NetlinkError), or the socket's own OSError.
 _ERRORS = (NetlinkError, OSError)
@@ -141,10 +142,12 @@ def show() -> list[str]:
 
 
 def _ours(ipr: IPRoute, af: int) -> tuple[list[Any], list[Any]]:
-    """One family's policy rules and routes that carry pep's protocol number."""
+    """One family's policy rules and local routes that carry pep's protocol number. Only
+    ``local`` routes are TPROXY's: the unicast routes with pep's tag are the link's initial
+    windows (pep.link_routes), which are restored, never deleted."""
     rules = [r for r in ipr.get_rules(family=af) if r.get("FRA_PROTOCOL") == PEP_PROTO]
     routes = ipr.get_routes(family=af, table=None, proto=PEP_PROTO)
-    return rules, [r for r in routes if r["proto"] == PEP_PROTO]
+    return rules, [r for r in routes if r["proto"] == PEP_PROTO and r["type"] == RTN_LOCAL]
 
 
 def _rule_words(rule: Any) -> str:

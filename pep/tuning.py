@@ -22,6 +22,7 @@ STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)  # include/uapi/linux/tcp.h
 TCP_NOTSENT_LOWAT = 25  # include/uapi/linux/tcp.h
 IP_TRANSPARENT = 19  # include/uapi/linux/in.h
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # include/uapi/asm-generic/socket.h
 IPV6_TRANSPARENT = 75  # include/uapi/linux/in6.h
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}: close = RST
 _LINGER_DEFAULT = struct.pack("ii", 0, 0)  # l_onoff 0: close sends a FIN after the data
@@ -32,9 +33,9 @@ def apply_tuning(sock: socket.socket, tuning: LegTuning) -> None:
     if tuning.nodelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tuning.sndbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, tuning.sndbuf)
+        _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, tuning.sndbuf)
     if tuning.rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tuning.rcvbuf)
+        _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, tuning.rcvbuf)
     if tuning.congestion is not None:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, tuning.congestion.encode())
     if tuning.quickack:
@@ -50,6 +51,16 @@ def apply_tuning(sock: socket.socket, tuning: LegTuning) -> None:
         ):
             if value is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    """The size asked for: SO_SNDBUF/SO_RCVBUF alone are capped at net.core.wmem_max/rmem_max
+    (212992 by default), far below a satellite link's BDP; the FORCE variants (CAP_NET_ADMIN,
+    which pep runs with) are not. Without the capability, the capped size is what there is."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 def mirror_syn(sock: socket.socket, tos: int | None, mss: int | None) -> None:

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pep import routequery, tcpinfo, units
+from pep import config, routequery, tcpinfo, units
 from pep.fairshare import HEADROOM, ShareTable, fair_shares
-from pep.link import Link, mss_for, validate
+from pep.link import Link, default_congestion, mss_for
 
 GEO_PEPB = Link("sat0", 0.6, 20_000_000, 5_000_000, "bbr")
 
@@ -78,17 +78,17 @@ def test_bdp_and_route_metrics_geo() -> None:
 
 
 def test_route_metrics_are_bounded() -> None:
-    tiny = Link("x", 0.001, 8_000, 8_000)
+    tiny = Link("x", 0.001, 8_000, 8_000, None)
     assert tiny.route_metrics(1500) == {"initcwnd": 10, "initrwnd": 10}
-    huge = Link("x", 5.0, 400_000_000_000, 8_000)
+    huge = Link("x", 5.0, 400_000_000_000, 8_000, None)
     assert huge.route_metrics(1500)["initcwnd"] == 65535
 
 
 def test_buffers_are_two_bdps_within_bounds() -> None:
     assert GEO_PEPB.sndbuf == 3_000_000
     assert GEO_PEPB.rcvbuf == 750_000
-    assert Link("x", 0.001, 8_000, 8_000).sndbuf == 256 * 1024
-    assert Link("x", 5.0, 400_000_000_000, 8_000).sndbuf == 1 << 30
+    assert Link("x", 0.001, 8_000, 8_000, None).sndbuf == 256 * 1024
+    assert Link("x", 5.0, 400_000_000_000, 8_000, None).sndbuf == 1 << 30
 
 
 def test_pacing_capacity_counts_payload_of_ethernet_frames() -> None:
@@ -98,27 +98,40 @@ def test_pacing_capacity_counts_payload_of_ethernet_frames() -> None:
 
 def test_tick_and_floor_follow_the_rtt() -> None:
     assert GEO_PEPB.tick == pytest.approx(0.1)
-    assert Link("x", 0.04, 1, 1).tick == pytest.approx(0.02)
+    assert Link("x", 0.04, 1, 1, None).tick == pytest.approx(0.02)
     assert GEO_PEPB.min_share == pytest.approx(2 * 1448 / 0.6)
 
 
+LINK = {"interface": "sat0", "rtt": "600ms", "egress_rate": "20mbit", "ingress_rate": "5mbit"}
+
+
+def test_link_table_is_parsed_with_units() -> None:
+    cfg = config.build({"interfaces": ["eth1"], "link": LINK})
+    assert cfg.link == Link("sat0", 0.6, 20_000_000, 5_000_000, default_congestion())
+    assert config.build({"interfaces": ["eth1"]}).link is None  # no [link]: as before
+
+
 @pytest.mark.parametrize(
-    ("rtt", "egress", "ingress", "key"),
+    ("change", "key", "message"),
     [
-        (0.0005, 1_000_000, 1_000_000, "rtt"),
-        (6.0, 1_000_000, 1_000_000, "rtt"),
-        (0.6, 0, 1_000_000, "egress_rate"),
-        (0.6, 1_000_000, 7_999, "ingress_rate"),
+        ({"rtt": "600"}, "link.rtt", "with a unit such as 600ms"),
+        ({"rtt": "0.5ms"}, "link.rtt", "between 1 ms and 5 s"),
+        ({"rtt": "6s"}, "link.rtt", "between 1 ms and 5 s"),
+        ({"egress_rate": "0mbit"}, "link.egress_rate", "between 8 kbit/s and 400 Gbit/s"),
+        ({"egress_rate": 20_000_000}, "link.egress_rate", "with a unit such as 20mbit"),
+        ({"ingress_rate": "5 parsecs"}, "link.ingress_rate", "with a unit"),
+        ({"interface": "sat!0"}, "link.interface", "not a valid interface name"),
+        ({"congestion": "nosuchcc"}, "link.congestion", "not available on this kernel"),
+        ({"speed": 1}, "link.speed", "unknown key"),
+        ({"interface": None}, "link.interface", "is required"),
     ],
 )
-def test_validate_names_the_key(rtt: float, egress: int, ingress: int, key: str) -> None:
-    problem = validate(rtt, egress, ingress)
-    assert problem is not None and problem.startswith(key + ":")
-
-
-def test_validate_accepts_the_bounds() -> None:
-    assert validate(0.001, 8_000, 400_000_000_000) is None
-    assert validate(5.0, 20_000_000, 5_000_000) is None
+def test_bad_link_values_name_the_key(change: dict[str, object], key: str, message: str) -> None:
+    table = {k: v for k, v in (LINK | change).items() if v is not None}
+    with pytest.raises(config.ConfigError) as e:
+        config.build({"interfaces": ["eth1"], "link": table})
+    assert e.value.key == key
+    assert message in str(e.value)
 
 
 # --- fair shares ----------------------------------------------------------------------------------

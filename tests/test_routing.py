@@ -17,7 +17,7 @@ from pep import routing
 
 RULE = {"FRA_PROTOCOL": 94, "FRA_PRIORITY": 32765, "FRA_TABLE": 1513}
 RULE |= {"FRA_FWMARK": 0x10000, "FRA_FWMASK": 0x10000}
-ROUTE = {"proto": 94, "dst_len": 0, "type": 1, "scope": 0, "RTA_TABLE": 1513, "RTA_OIF": 1}
+ROUTE = {"proto": 94, "dst_len": 0, "type": 2, "scope": 0, "RTA_TABLE": 1513, "RTA_OIF": 1}
 
 
 class FakeIPRoute:
