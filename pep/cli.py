@@ -186,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = config_mod.load(args.config, _overrides(args))
+        if cfg.link is not None:
+            from pep import linkctl
+
+            linkctl.check(cfg.link)  # a link interface that is not there: nothing installed
     except config_mod.ConfigError as e:
         print(f"pep: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pep.relay import RelayStats
+
+if TYPE_CHECKING:
+    from pep.linkshare import LinkLeg
 
 __all__ = ["CONNECT_BUCKETS", "Connection", "ConnectionTable", "LatencyHistogram"]
 
@@ -60,6 +64,9 @@ class Connection:
     started: float  # monotonic
     stats: RelayStats | None = None  # None while the upstream connect is in progress
     connect_seconds: float | None = None
+    # The client's and the upstream leg's places in the link's sharer (pep.linkshare), for
+    # the legs that send into the link; shown by pep status.
+    links: tuple[LinkLeg | None, LinkLeg | None] = (None, None)
 
     @property
     def state(self) -> str:

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pep import metrics, status, status_socket, systemd
+from pep import linkctl, metrics, status, status_socket, systemd
 from pep.checks import reloadable
 from pep.config import Config, ConfigError, LegTuning, log_level_number
 from pep.flows import FlowTable
+from pep.routing import RoutingError
 from pep.tuning import apply_tuning
 
 if TYPE_CHECKING:  # the data path's parts; the workers' master imports this module without them
@@ -220,6 +221,7 @@ class Runtime:
             started=self.started,
             worker=self.worker,
             reloads=self.reloads,
+            link=self.sessions.links.snapshot(),
         )
 
     async def get_document(self) -> status.Doc:
@@ -247,6 +249,8 @@ class Runtime:
             return False
         try:
             new = self._reload()
+            if new.link is not None:
+                linkctl.check(new.link)  # the interface must exist: else nothing changes
         except ConfigError as e:
             self.reloads["failed"] += 1
             self.reloads["last_error"] = str(e)
@@ -269,13 +273,22 @@ class Runtime:
 
     def apply(self, cfg: Config) -> None:
         """Make ``cfg`` the running config (it differs from the old one in RELOADABLE keys)."""
-        self.cfg = cfg
+        old, self.cfg = self.cfg, cfg
         self.sessions.cfg = cfg  # read per connection: timeouts, pipe size, upstream leg
         self.queue.cfg = cfg
         self.flows.ttl = cfg.flow_ttl
         self.flows.max_size = cfg.flow_table_size
         for sock in self.listener.socks:
-            retune_listener(sock, cfg.client)
+            retune_listener(sock, linkctl.listener_tuning(cfg))
+        self.sessions.links.configure(cfg.link)  # new flows' legs; live ones re-shared
+        if cfg.link != old.link and self.worker is None:  # the routes: the rules' owner's
+            try:
+                if cfg.link is not None:
+                    linkctl.install(cfg.link)
+                else:
+                    linkctl.remove()
+            except RoutingError as e:
+                log.error("SIGHUP: the link's routes could not be changed: %s", e)
         logging.getLogger().setLevel(log_level_number(cfg.log_level))
 
     # --- stopping

@@ -7,6 +7,7 @@ flows go end to end again while live connections are being closed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import socket
@@ -14,15 +15,17 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from pep import iptables_setup, kernel_state, routing, systemd
+from pep import iptables_setup, kernel_state, linkctl, routing, systemd
 from pep.config import Config
 from pep.control import Runtime
 from pep.fdbudget import FdBudget
 from pep.flows import FlowTable
+from pep.linkctl import LinkLegs
 from pep.listener import Listener
 from pep.preconnect import PreConnector
 from pep.session import Sessions
 from pep.syn_queue import SynQueue
+from pep.upstream import open_for
 
 __all__ = ["install_rules", "remove_rules", "rule_spec", "serve", "stop_new_flows"]
 
@@ -59,32 +62,41 @@ def missing_interfaces(
 
 
 def install_rules(cfg: Config) -> None:
-    """Netfilter rules, plus in TPROXY mode the policy routing they rely on (routes first).
+    """Everything pep puts into the kernel at start: with [link], the initial windows on the
+    link's routes; in TPROXY mode the policy routing; last, the netfilter rules that send
+    flows to pep (so the first flow split finds the rest in place).
 
     An interface that does not exist is a warning, not an error: the rules match it by name,
     so one that comes up later (ppp0 on dial-up) is split from then on; the warning is what
-    gives a typo away.
+    gives a typo away. (The link's interface must exist: cli.py checks it before this.)
 
-    All or nothing: when the rules fail, the routes just installed are removed again
-    (iptables_setup.install leaves its own tables clean), as the caller never removes what it
-    was not told is installed.
+    All or nothing: when a step fails, what the earlier ones installed is removed again (its
+    failures are noted on the error), as the caller never removes what it was not told is
+    installed.
     """
     for name in missing_interfaces(cfg.interfaces):
         log.warning(
             "interface %s does not exist (yet): its connections are split once it appears", name
         )
-    if cfg.mode == "tproxy":
-        routing.install(cfg.tproxy_mark, cfg.route_table, cfg.families)
-    else:
-        routing.remove()  # a previous TPROXY run's, if any
+    installed: list[tuple[str, Callable[[], int]]] = []  # what to take back on failure
     try:
-        iptables_setup.install(rule_spec(cfg))
-    except iptables_setup.RulesError as e:
+        if cfg.link is not None:
+            linkctl.install(cfg.link)  # a crashed run's changes are put back first
+            installed.append(("the link's route metrics", linkctl.remove))
+        else:
+            linkctl.remove()  # a previous run's with [link], if any
         if cfg.mode == "tproxy":
+            routing.install(cfg.tproxy_mark, cfg.route_table, cfg.families)
+            installed.append(("the policy routes", routing.remove))
+        else:
+            routing.remove()  # a previous TPROXY run's, if any
+        iptables_setup.install(rule_spec(cfg))  # leaves its own tables clean when it fails
+    except (iptables_setup.RulesError, routing.RoutingError) as e:
+        for name, undo in reversed(installed):
             try:
-                routing.remove()
+                undo()
             except routing.RoutingError as rollback:
-                e.add_note(f"removing the policy routes again also failed: {rollback}")
+                e.add_note(f"removing {name} again also failed: {rollback}")
         raise
 
 
@@ -110,9 +122,11 @@ async def serve(
     is worker N of a ``workers`` daemon (pep.workers): it reads queue ``queue + N``, shares the
     port, and leaves the rules to the master.
     """
-    preconnect = PreConnector()  # strict mode's upstreams: it closes those left unclaimed
+    links = LinkLegs(cfg.link)  # which legs cross the link, their tuning and pacing
+    # strict mode's upstreams (opened as a session opens them): it closes those left unclaimed
+    preconnect = PreConnector(functools.partial(open_for, links=links))
     flows = FlowTable(cfg.flow_table_size, cfg.flow_ttl, on_drop=preconnect.discard)
-    sessions = Sessions(cfg, flows)
+    sessions = Sessions(cfg, flows, links)
     listener = Listener(cfg, sessions)
     mine = cfg.worker_queues(worker)
     queue = SynQueue(
@@ -146,6 +160,7 @@ async def serve(
                 rt.services.start(services)
                 services.start_soon(rt.watch_signals, signals)
                 async with trio.open_nursery() as connections:
+                    await connections.start(links.run)  # pacing the link legs to the end
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(queue.run)
                         nursery.start_soon(listener.serve, connections)

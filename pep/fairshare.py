@@ -94,14 +94,15 @@ class ShareTable:
             self.dirty = True
 
     def wake(self, fid: int) -> float | None:
-        """pep is about to write into an idle flow's socket: it is active from now on, with an
-        equal share at once (the others follow at the next reshare, moments later). Returns
-        the cap to apply, or None when it is unchanged."""
+        """pep is about to write into an idle flow's socket: it is active from now on, with
+        its max-min share at once, as a backlogged flow among the others as last sampled (the
+        others' caps follow at the next reshare, moments later). Returns the cap to apply, or
+        None when it is unchanged."""
         flow = self.flows[fid]
         flow.active, flow.backlogged = True, True
         self.active[fid] = flow
         self.dirty = True
-        cap = self._equal(len(self.active))
+        cap = self._shares()[fid]
         if _changed(flow.cap, cap):
             flow.cap = cap
             return cap
@@ -110,13 +111,15 @@ class ShareTable:
     def sample(self, fid: int, sent: int, written: int, waiting: int, dt: float) -> None:
         """One tick's reading of an active flow: ``sent`` bytes sent by TCP so far, ``written``
         bytes pep wrote into the socket so far, ``waiting`` bytes in it not yet sent. A flow
-        that sent nothing, was given nothing to send and has nothing waiting is idle."""
+        with nothing waiting that pep gave nothing more to send since the last tick is idle:
+        what it sent is in flight, which pacing no longer governs (a response's last bytes
+        went out during the tick: its share is free from now on, not a tick later)."""
         flow = self.flows[fid]
         delta, fed = sent - flow.sent, written - flow.written
         flow.sent, flow.written = sent, written
         flow.rate = delta / dt if dt > 0 else 0.0
         flow.backlogged = waiting > 0
-        if flow.active and delta <= 0 and fed <= 0 and waiting == 0:
+        if flow.active and fed <= 0 and waiting == 0:
             flow.active = False
             del self.active[fid]
             self.dirty = True
@@ -124,14 +127,19 @@ class ShareTable:
     def reshare(self) -> dict[int, float]:
         """Water-fill the capacity over the active flows; returns the caps that changed."""
         self.dirty = False
-        active = list(self.active.values())
-        demands = [None if f.backlogged else f.rate * HEADROOM for f in active]
         changes = {}
-        for flow, cap in zip(active, fair_shares(self.capacity, demands, self.floor), strict=True):
+        for fid, cap in self._shares().items():
+            flow = self.active[fid]
             if _changed(flow.cap, cap):
                 flow.cap = cap
-                changes[flow.fid] = cap
+                changes[fid] = cap
         return changes
+
+    def _shares(self) -> dict[int, float]:
+        active = list(self.active.values())
+        demands = [None if f.backlogged else f.rate * HEADROOM for f in active]
+        caps = fair_shares(self.capacity, demands, self.floor)
+        return {f.fid: cap for f, cap in zip(active, caps, strict=True)}
 
     def resize(self, capacity: float, floor: float) -> None:
         """A reloaded [link]: new capacity, applied by the next reshare."""

@@ -1,17 +1,18 @@
 """Everything pep puts into the kernel, as one list of removal steps run best effort.
 
-pep owns its netfilter rules (:mod:`pep.iptables_setup`) and, in TPROXY mode, its policy rules
-and routes (:mod:`pep.routing`). On the way out each must go even when another fails: a
-netfilter error must not leave the policy routes behind, nor the other way round. :func:`remove`
-runs every step of :data:`STEPS` and then reports every failure at once. Another kind of
-kernel state pep comes to own is one more ``(name, remover)`` entry.
+pep owns its netfilter rules (:mod:`pep.iptables_setup`), in TPROXY mode its policy rules and
+routes (:mod:`pep.routing`), and with ``[link]`` the initial windows it set on the link's
+routes (:mod:`pep.linkctl`: put back as they were, not deleted). On the way out each must go
+even when another fails: a netfilter error must not leave the policy routes behind, nor the
+other way round. :func:`remove` runs every step of :data:`STEPS` and then reports every
+failure at once. Another kind of kernel state pep comes to own is one more entry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from pep import iptables_setup, routing
+from pep import iptables_setup, linkctl, routing
 
 __all__ = ["STEPS", "KernelStateError", "remove"]
 
@@ -21,6 +22,7 @@ Remover = Callable[[], int]  # removes one kind of pep's state; returns how many
 STEPS: tuple[tuple[str, Remover], ...] = (
     ("netfilter rules", iptables_setup.remove),
     ("policy routing", routing.remove),
+    ("link route metrics", linkctl.remove),
 )
 
 

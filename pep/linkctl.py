@@ -17,14 +17,16 @@ import dataclasses
 import socket
 from pathlib import Path
 
+import trio
+
 from pep import paths
 from pep.checks import ConfigError
-from pep.config import LegTuning
+from pep.config import Config, LegTuning
 from pep.link import Link
 from pep.link_routes import LinkRoutes
 from pep.linkshare import Sharer
 
-__all__ = ["LinkLegs", "check", "install", "remove", "routes", "show"]
+__all__ = ["LinkLegs", "check", "install", "listener_tuning", "remove", "routes", "show"]
 
 STATE_FILE = "link-routes.json"
 
@@ -62,6 +64,27 @@ def show() -> list[str]:
     return routes().show()
 
 
+def arrives_on_link(cfg: Config) -> bool:
+    """Whether connections arrive on the link interface (it is one of the ingress
+    interfaces, by name or by an iptables "+" wildcard): then accepted sockets are link legs."""
+    if cfg.link is None:
+        return False
+    name = cfg.link.interface
+    return any(i == name or (i.endswith("+") and name.startswith(i[:-1])) for i in cfg.interfaces)
+
+
+def listener_tuning(cfg: Config) -> LegTuning:
+    """The listening sockets' options. Accepted sockets inherit the buffers, and the receive
+    buffer in place when the SYN arrives caps the initial window the SYN-ACK offers (with
+    initrwnd): so when connections arrive on the link, the link's buffers go on the listener.
+    Congestion control is set per accepted link leg (pep.session), not inherited by all."""
+    if not arrives_on_link(cfg):
+        return cfg.client
+    assert cfg.link is not None
+    link = link_tuning(cfg.client, cfg.link)
+    return dataclasses.replace(cfg.client, sndbuf=link.sndbuf, rcvbuf=link.rcvbuf)
+
+
 def link_tuning(tuning: LegTuning, link: Link) -> LegTuning:
     """A link leg's tuning: what the leg's own table sets, else the link's BDP-sized buffers
     and congestion control."""
@@ -83,6 +106,7 @@ class LinkLegs:
     def __init__(self, link: Link | None) -> None:
         self.link: Link | None = None
         self.sharer: Sharer | None = None
+        self._sharing = trio.Event()  # set once there is a sharer to run
         self.configure(link)
 
     def configure(self, link: Link | None) -> None:
@@ -94,11 +118,26 @@ class LinkLegs:
         index, mtu = check(link)
         if self.sharer is None:
             self.sharer = Sharer(link, index, mtu)
+            self._sharing.set()
         elif link != self.sharer.link or index != self.sharer.ifindex:
             self.sharer.ifindex = index
             self.sharer.routes.forget()
             self.sharer.resize(link, mtu)
         self.link = link
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The sharer's task, once there is a link (at start, or from the reload that adds
+        one); until cancelled."""
+        task_status.started()
+        await self._sharing.wait()
+        assert self.sharer is not None
+        await self.sharer.run()
+
+    def snapshot(self) -> dict[str, object] | None:
+        """The link's part of pep status (None without [link])."""
+        if self.link is None or self.sharer is None:
+            return None
+        return self.sharer.snapshot()
 
     def faces(self, host: str) -> bool:
         """Whether the route to ``host`` leaves through the link interface."""

@@ -36,6 +36,7 @@ __all__ = ["SO_MAX_PACING_RATE", "LinkLeg", "LinkTotals", "Sharer"]
 log = logging.getLogger(__name__)
 
 SO_MAX_PACING_RATE = 47  # include/uapi/asm-generic/socket.h
+TCP_SYN_RECV = 3  # include/net/tcp_states.h
 # After a flow wakes or leaves, the others' caps are recomputed this much later, so a burst of
 # new flows costs one reshare, not one per flow (the waking flow has its own share at once).
 COALESCE = 0.005
@@ -44,13 +45,23 @@ COALESCE = 0.005
 class LinkLeg:
     """One link-leg socket in the sharer; ``flow.active`` is what the relay engine checks."""
 
-    __slots__ = ("flow", "info", "sharer", "sock", "stats", "up")
+    __slots__ = ("cappable", "flow", "info", "sharer", "sock", "stats", "up")
 
     def __init__(
         self, sharer: Sharer, flow: FlowShare, sock: socket.socket, stats: RelayStats, up: bool
     ) -> None:
         self.sharer, self.flow, self.sock, self.stats, self.up = sharer, flow, sock, stats, up
         self.info: tcpinfo.TcpInfo | None = None  # the last sample
+        # Whether a cap may be set now. A Fast Open child is relayed while still in SYN_RECV,
+        # and the kernel's pacing timer sends nothing in that state (tcp_tsq_write: established
+        # states only): a cap set before its first write would hold the first flight after 10
+        # unpaced segments until the handshake's ACK, a round trip later (measured: 30 KB took
+        # 1.2 s instead of 0.6 on GEO). With no cap when that ACK arrives, though, everything
+        # written meanwhile leaves in one burst at BBR's start-up rate (1 MB per flow at once:
+        # three flows overflowed the one-BDP modem queue). So such a leg is capped by the
+        # reshare just after its first write (COALESCE later): its first flight, bounded in
+        # SYN_RECV by the peer's SYN window, has left, and the ACK is a link RTT away.
+        self.cappable = True
 
     @property
     def written(self) -> int:
@@ -59,6 +70,9 @@ class LinkLeg:
 
     def wake(self) -> None:
         self.sharer.wake(self)
+
+    def close(self) -> None:
+        self.sharer.close(self)
 
 
 @dataclass(slots=True)
@@ -72,7 +86,7 @@ class LinkTotals:
 
 
 class Sharer:
-    """Shares ``link.egress_bps`` among this process's link-leg sockets."""
+    """Shares ``link.egress_rate`` among this process's link-leg sockets."""
 
     def __init__(self, link: Link, ifindex: int, mtu: int, routes: RouteCache | None = None):
         self.link, self.ifindex, self.mtu = link, ifindex, mtu
@@ -96,7 +110,10 @@ class Sharer:
         leg = LinkLeg(self, self.table.flows[fid], sock, stats, up)
         self.legs[fid] = leg
         self.totals.flows += 1
-        _set_cap(sock, cap)
+        with contextlib.suppress(OSError):
+            leg.info = tcpinfo.read(sock)
+            leg.cappable = leg.info.state != TCP_SYN_RECV
+        self._set_cap(leg, cap)
         return leg
 
     def close(self, leg: LinkLeg) -> None:
@@ -117,8 +134,8 @@ class Sharer:
     def wake(self, leg: LinkLeg) -> None:
         cap = self.table.wake(leg.flow.fid)
         if cap is not None:
-            _set_cap(leg.sock, cap)
-        self._wakeup.set()
+            self._set_cap(leg, cap)
+        self._wakeup.set()  # the others' caps follow; a Fast Open child gets its own then
 
     def resize(self, link: Link, mtu: int) -> None:
         """A reloaded [link] with another rate or RTT: the next reshare applies it."""
@@ -168,7 +185,19 @@ class Sharer:
         for fid, cap in caps.items():
             leg = self.legs.get(fid)
             if leg is not None:
-                _set_cap(leg.sock, cap)
+                self._set_cap(leg, cap)
+        for fid in self.table.active:  # Fast Open children past their first write (LinkLeg)
+            leg = self.legs.get(fid)
+            if leg is not None and not leg.cappable:
+                leg.cappable = True
+                self._set_cap(leg, leg.flow.cap)
+
+    @staticmethod
+    def _set_cap(leg: LinkLeg, cap: float) -> None:
+        """Pace the socket at ``cap`` payload bytes/s, when it may be (LinkLeg.cappable)."""
+        if leg.cappable:
+            with contextlib.suppress(OSError):  # closing: close() takes it out of the table
+                leg.sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, max(1, int(cap)))
 
     # --- status --------------------------------------------------------------------------------
 
@@ -178,8 +207,8 @@ class Sharer:
         return {
             "interface": self.link.interface,
             "rtt_s": self.link.rtt,
-            "egress_bps": self.link.egress_bps,
-            "ingress_bps": self.link.ingress_bps,
+            "egress_bps": self.link.egress_rate,
+            "ingress_bps": self.link.ingress_rate,
             "congestion": self.link.congestion,
             "pacing_capacity_bps": round(self.table.capacity * 8),
             "flows": len(self.legs),
@@ -189,12 +218,3 @@ class Sharer:
             "bytes_sent": self.totals.bytes_sent + sum(i.bytes_sent for i in live),
             "retransmits": self.totals.retransmits + sum(i.total_retrans for i in live),
         }
-
-    def share_of(self, leg: LinkLeg) -> dict[str, object]:
-        """One connection's share, for its row in pep status."""
-        return {"share_bps": round(leg.flow.cap * 8), "active": leg.flow.active}
-
-
-def _set_cap(sock: socket.socket, cap: float) -> None:
-    with contextlib.suppress(OSError):  # closing: close() takes it out of the table
-        sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, max(1, int(cap)))

@@ -21,6 +21,7 @@ import time
 import trio
 
 from pep.config import Config
+from pep.linkctl import listener_tuning
 from pep.relay import abort
 from pep.session import Sessions
 from pep.tuning import STREAM, apply_tuning, reset_if_killed, transparent
@@ -84,7 +85,7 @@ class Listener:
             transparent(sock)
         # Accepted sockets inherit buffers, congestion control and TCP_NODELAY from the
         # listener; buffers must be set here to count in the window scale of the SYN-ACK.
-        apply_tuning(sock, self.cfg.client)
+        apply_tuning(sock, listener_tuning(self.cfg))
         # And SO_LINGER 0: from accept on, a crash resets the client (see reset_if_killed).
         reset_if_killed(sock)
         if self.cfg.tcp_fastopen:

@@ -159,6 +159,7 @@ def families(doc: Doc) -> Iterator[Metric]:
             user.add_metric(q, kq["user_dropped"])
         yield from (waiting, dropped, user)
 
+    yield from _link_families(doc.get("link"))
     g = GaugeMetricFamily("pep_draining", "1 after SIGTERM while live connections finish.")
     g.add_metric([], 1 if doc["state"] == "draining" else 0)
     yield g
@@ -170,6 +171,41 @@ def families(doc: Doc) -> Iterator[Metric]:
     c.add_metric(["ok"], doc["reloads"]["ok"])
     c.add_metric(["failed"], doc["reloads"]["failed"])
     yield c
+
+
+def _link_families(link: dict[str, Any] | None) -> Iterator[Metric]:
+    """The [link] section (pep.linkshare's snapshot): nothing without a [link] table."""
+    if not link:
+        return
+    iface = [link["interface"]]
+    for name, key, text in (
+        ("pep_link_egress_rate_bits", "egress_bps", "[link] egress_rate: what pep may send."),
+        ("pep_link_ingress_rate_bits", "ingress_bps", "[link] ingress_rate."),
+        ("pep_link_pacing_capacity_bits", "pacing_capacity_bps", "Payload rate shared out."),
+        ("pep_link_send_rate_bits", "send_rate_bps", "Payload bit/s sent into the link now."),
+    ):
+        g = GaugeMetricFamily(name, text, labels=["interface"])
+        g.add_metric(iface, link[key])
+        yield g
+    g = GaugeMetricFamily("pep_link_rtt_seconds", "[link] rtt.", labels=["interface"])
+    g.add_metric(iface, link["rtt_s"])
+    yield g
+    g = GaugeMetricFamily(
+        "pep_link_legs",
+        "Link legs open, by whether they are sending.",
+        labels=["interface", "state"],
+    )
+    g.add_metric([*iface, "active"], link["flows_active"])
+    g.add_metric([*iface, "idle"], link["flows"] - link["flows_active"])
+    yield g
+    for name, key, text in (
+        ("pep_link_legs_opened", "flows_total", "Link legs opened."),
+        ("pep_link_sent_bytes", "bytes_sent", "Bytes the link legs sent (with retransmissions)."),
+        ("pep_link_retransmits", "retransmits", "Segments the link legs retransmitted."),
+    ):
+        c = CounterMetricFamily(name, text, labels=["interface"])
+        c.add_metric(iface, link[key])
+        yield c
 
 
 def _le(bound: float) -> str:

@@ -28,10 +28,14 @@ import os
 import select
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from pep.tuning import close_gracefully, reset_if_killed
+
+if TYPE_CHECKING:
+    from pep.linkshare import LinkLeg
 
 __all__ = ["PIPES", "PipePool", "RelayStats", "Relayer", "abort"]
 
@@ -141,10 +145,15 @@ class _Pump:
     """One direction, src -> pipe -> dst. ``pending`` bytes wait in the pipe for dst to take
     them; while any do, src is not read (the pipe is the only buffer: bounded)."""
 
-    __slots__ = ("dst", "dst_name", "eof", "pending", "pipe", "src", "src_name", "up")
+    __slots__ = ("dst", "dst_name", "eof", "leg", "pending", "pipe", "src", "src_name", "up")
 
     def __init__(
-        self, src: socket.socket, dst: socket.socket, names: tuple[str, str], up: bool
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        names: tuple[str, str],
+        up: bool,
+        leg: LinkLeg | None,
     ) -> None:
         self.src, self.dst = src, dst
         self.src_name, self.dst_name = names
@@ -152,6 +161,9 @@ class _Pump:
         self.pipe: tuple[int, int] | None = None  # borrowed from PIPES only while data moves
         self.pending = 0
         self.eof = False
+        # dst's place in the link's sharer (pep.linkshare) when dst sends into the link: woken
+        # before the first byte after an idle spell, so that byte already has its share.
+        self.leg = leg
 
 
 class _Conn:
@@ -183,11 +195,13 @@ class _Conn:
         stats: RelayStats,
         pipe_size: int,
         idle_timeout: float,
+        links: tuple[LinkLeg | None, LinkLeg | None] = (None, None),
     ) -> None:
         self.relayer = relayer
         self.cfd, self.ufd = client.fileno(), upstream.fileno()
-        self.up = _Pump(client, upstream, ("client", "upstream"), True)
-        self.down = _Pump(upstream, client, ("upstream", "client"), False)
+        link_client, link_upstream = links
+        self.up = _Pump(client, upstream, ("client", "upstream"), True, link_upstream)
+        self.down = _Pump(upstream, client, ("upstream", "client"), False, link_client)
         # fd -> (the pump reading it, the pump writing it)
         self.pumps = {self.cfd: (self.up, self.down), self.ufd: (self.down, self.up)}
         self.masks = {self.cfd: _IN, self.ufd: _IN}
@@ -249,6 +263,8 @@ class _Conn:
                 self._eof(p)
                 return
             p.pending = n
+            if p.leg is not None and not p.leg.flow.active:
+                p.leg.wake()
             self._flush(p)
             if p.pending or self.finished or n <= _BULK:
                 return
@@ -344,6 +360,9 @@ class _Conn:
         """FIN after the data on a clean end (see Listener.handle), RST to both otherwise."""
         self.relayer.forget(self)
         self.release()
+        for p in (self.up, self.down):
+            if p.leg is not None:  # out of the link's sharer while tcp_info is still readable
+                p.leg.close()
         client, upstream = self.up.src, self.down.src
         if clean:
             close_gracefully(client, upstream)
@@ -403,8 +422,11 @@ class Relayer:
         *,
         pipe_size: int = 1 << 20,
         idle_timeout: float = 0,
+        links: tuple[LinkLeg | None, LinkLeg | None] = (None, None),
     ) -> None:
         """Relay until both directions reach EOF, one side fails, or the connection idles out.
+        ``links``: the client's and the upstream socket's places in the link's sharer, for the
+        legs that send into the link.
 
         Always closes both sockets: with FIN after two clean EOFs or an idle timeout, with an
         RST to both when one side failed or the relay was cancelled (daemon stopping), because
@@ -412,7 +434,7 @@ class Relayer:
         """
         if not self.running:
             raise RuntimeError("Relayer.run is not running")
-        conn = _Conn(self, client, upstream, stats, pipe_size, idle_timeout)
+        conn = _Conn(self, client, upstream, stats, pipe_size, idle_timeout, links)
         clean = False
         try:
             self._add(conn)

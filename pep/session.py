@@ -22,9 +22,11 @@ import trio
 from pep.config import Config
 from pep.connections import ConnectionTable
 from pep.flows import FlowTable
+from pep.linkctl import LinkLegs
+from pep.linkshare import LinkLeg
 from pep.origdst import LocalAddresses, OriginalDst
 from pep.relay import Relayer, RelayStats, abort
-from pep.tuning import reset_if_killed
+from pep.tuning import apply_tuning, reset_if_killed
 from pep.upstream import UpstreamError, open_for
 
 __all__ = ["ListenerCounters", "Sessions"]
@@ -56,11 +58,13 @@ class Sessions:
     """Runs the session of every connection one listener accepts (``run``, one task each),
     and holds what they share: the flow table, the connection table, the relay engine."""
 
-    def __init__(self, cfg: Config, flows: FlowTable) -> None:
+    def __init__(self, cfg: Config, flows: FlowTable, links: LinkLegs | None = None) -> None:
         # The running config, read per connection (timeouts, pipe size, the upstream leg):
         # pep.control swaps it on SIGHUP, so live connections keep what they started with.
         self.cfg = cfg
         self.flows = flows
+        # The link (pep.linkctl): which legs cross it, their tuning and their pacing.
+        self.links = links if links is not None else LinkLegs(None)
         self.counters = ListenerCounters()
         self.table = ConnectionTable()  # live connections and totals: pep status, metrics
         self.relayer = Relayer()  # moves the bytes of every connection (pep.relay)
@@ -124,7 +128,8 @@ class Sessions:
             else:
                 if self.cfg.tcp_fastopen:
                     first = await self._first_bytes(client)
-                upstream = await open_for(self.cfg, dst, peer, flow.syn if flow else None, first)
+                syn = flow.syn if flow else None
+                upstream = await open_for(self.cfg, dst, peer, syn, first, links=self.links)
             if first:
                 await self._consume(client, len(first))
         except UpstreamError as e:
@@ -159,6 +164,8 @@ class Sessions:
         )
         stats = RelayStats(up=len(first))
         self.table.established(conn, stats, connect_ms / 1000)
+        legs = self._link_legs(client, peer, upstream, dst, stats)
+        conn.links = legs
         try:
             await self.relayer.relay(
                 client,
@@ -166,6 +173,7 @@ class Sessions:
                 stats,
                 pipe_size=self.cfg.pipe_size,
                 idle_timeout=self.cfg.idle_timeout,
+                links=legs,
             )
         finally:
             c.active -= 1
@@ -180,6 +188,31 @@ class Sessions:
                 stats.down,
                 stats.close_reason,
             )
+
+    def _link_legs(
+        self,
+        client: socket.socket,
+        peer: tuple[str, int],
+        upstream: socket.socket,
+        dst: tuple[str, int],
+        stats: RelayStats,
+    ) -> tuple[LinkLeg | None, LinkLeg | None]:
+        """The legs of this connection that send into the link, entered in its sharer: the
+        client leg when the client is reached through the link (its connection arrived on
+        it), the upstream leg when the destination is (its tuning was set before connect,
+        pep.upstream.open_for). A client leg gets the link's tuning here: its buffers are the
+        listener's (pep.listener sets them for connections arriving on the link)."""
+        links = self.links
+        if links.link is None or links.sharer is None:
+            return None, None
+        on_client = None
+        if links.faces(peer[0]):
+            apply_tuning(client, links.tuning(self.cfg.client))
+            on_client = links.sharer.open(client, stats, up=False)
+        on_upstream = None
+        if links.faces(dst[0]):
+            on_upstream = links.sharer.open(upstream, stats, up=True)
+        return on_client, on_upstream
 
     async def _first_bytes(self, client: socket.socket) -> bytes:
         """Peek at what the client sent first, waiting at most ``fastopen_wait``.

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pep import nfq_proc
+from pep import nfq_proc, units
 from pep.config import Config
 from pep.connections import ConnectionTable
 from pep.flows import FlowTable
@@ -92,28 +92,30 @@ def document(
     now: float | None = None,
     worker: int | None = None,
     reloads: Mapping[str, Any] | None = None,
+    link: Mapping[str, Any] | None = None,
 ) -> Doc:
-    """The status of one daemon process (``started``/``now`` are monotonic seconds)."""
+    """The status of one daemon process (``started``/``now`` are monotonic seconds);
+    ``link`` is the link sharer's snapshot (pep.linkshare), None without [link]."""
     now = table.clock() if now is None else now
     up, down = table.bytes_total()
     conns = []
     for c in table:
         s = c.stats
-        conns.append(
-            {
-                "client": hostport(c.client),
-                "dst": hostport(c.dst),
-                "flow": c.flow,
-                "age": round(now - c.started, 3),
-                "state": c.state,
-                "up": s.up if s else 0,
-                "down": s.down if s else 0,
-                "connect_ms": None
-                if c.connect_seconds is None
-                else round(c.connect_seconds * 1e3, 3),
-                "worker": worker,
-            }
-        )
+        row = {
+            "client": hostport(c.client),
+            "dst": hostport(c.dst),
+            "flow": c.flow,
+            "age": round(now - c.started, 3),
+            "state": c.state,
+            "up": s.up if s else 0,
+            "down": s.down if s else 0,
+            "connect_ms": None if c.connect_seconds is None else round(c.connect_seconds * 1e3, 3),
+            "worker": worker,
+        }
+        legs = _legs(c.links)
+        if legs is not None:  # its legs that send into the link, with their shares
+            row["link"] = legs
+        conns.append(row)
     hist = table.connect_latency
     return {
         "version": VERSION,
@@ -144,7 +146,30 @@ def document(
         "kernel_queues": kernel_queues,
         "kernel_queues_error": kernel_queues_error,
         "queue_portids": list(queue_portids),  # our netlink sockets: the proc file's "portid"
+        "link": dict(link) if link is not None else None,
     }
+
+
+def _legs(legs: tuple[Any, Any]) -> dict[str, Any] | None:
+    """A connection's legs that send into the link, with each one's share (bit/s)."""
+    out = {
+        name: {"share_bps": round(leg.flow.cap * 8), "active": leg.flow.active}
+        for name, leg in zip(("client", "upstream"), legs, strict=True)
+        if leg is not None
+    }
+    return out or None
+
+
+# The link section's counters, summed over workers; the rest (its settings) is the master's.
+_LINK_SUMS = (
+    "pacing_capacity_bps",
+    "flows",
+    "flows_active",
+    "flows_total",
+    "send_rate_bps",
+    "bytes_sent",
+    "retransmits",
+)
 
 
 def _add(into: dict[str, Any], more: Mapping[str, Any]) -> None:
@@ -159,7 +184,12 @@ def merge(master: Doc, workers: Iterable[tuple[int, Doc | str]]) -> Doc:
     its error (it is being restarted, and its queue is bypassed meanwhile)."""
     out = dict(master)
     out.update(
-        connections=[], workers=[], kernel_queues=[], kernel_queues_error=None, queue_portids=[]
+        connections=[],
+        workers=[],
+        kernel_queues=[],
+        kernel_queues_error=None,
+        queue_portids=[],
+        link=None,
     )
     for section in ("totals", "listener", "syn", "upstream_failures", "flows"):
         out[section] = {}
@@ -190,6 +220,11 @@ def merge(master: Doc, workers: Iterable[tuple[int, Doc | str]]) -> Doc:
         else:
             hist["counts"] = [a + b for a, b in zip(hist["counts"], lat["counts"], strict=True)]
             hist["sum"] += lat["sum"]
+        if doc.get("link"):
+            link = out.get("link") or {**doc["link"], **dict.fromkeys(_LINK_SUMS, 0)}
+            for k in _LINK_SUMS:
+                link[k] += doc["link"].get(k, 0)
+            out["link"] = link
         if doc["kernel_queues"] is not None:
             out["kernel_queues"].extend(doc["kernel_queues"])
         elif doc.get("kernel_queues_error"):
@@ -225,6 +260,21 @@ def _bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def _rate(bps: float) -> str:
+    return units.format_rate(bps)
+
+
+def _share(legs: Mapping[str, Any] | None) -> str:
+    """'upstream 6.7 Mbit/s' (idle legs in brackets), or '' for a connection off the link."""
+    if not legs:
+        return ""
+    parts = []
+    for name, leg in legs.items():
+        text = f"{name} {_rate(leg['share_bps'])}"
+        parts.append(text if leg["active"] else f"({text})")
+    return ", ".join(parts)
 
 
 def _duration(s: float) -> str:
@@ -268,6 +318,16 @@ def render(doc: Doc, limit: int = 200) -> str:
     lines.append(
         f"flow table: {fl['pending']} pending, {fl['evicted']} evicted, {fl['expired']} expired"
     )
+    link = doc.get("link")
+    if link:
+        lines.append(
+            f"link {link['interface']}: {link['rtt_s'] * 1000:g} ms RTT, egress "
+            f"{_rate(link['egress_bps'])}, ingress {_rate(link['ingress_bps'])}, "
+            f"{link['congestion'] or 'kernel default congestion control'}; sending "
+            f"{_rate(link['send_rate_bps'])} of {_rate(link['pacing_capacity_bps'])} "
+            f"(payload), {link['flows_active']} of {link['flows']} link legs active, "
+            f"{link['retransmits']} retransmitted segments"
+        )
     if doc["kernel_queues"] is None:
         lines.append(f"kernel queues: unavailable ({doc['kernel_queues_error']})")
     else:
@@ -279,17 +339,18 @@ def render(doc: Doc, limit: int = 200) -> str:
     conns = doc["connections"]
     if conns:
         rows = [("CLIENT", "DESTINATION", "AGE", "STATE", "UP", "DOWN")]
+        if link:  # each connection's share of the link, per leg that sends into it
+            rows[0] += ("LINK SHARE",)
         for c in sorted(conns, key=lambda c: -c["age"])[:limit]:
-            rows.append(
-                (
-                    c["client"],
-                    c["dst"],
-                    _duration(c["age"]),
-                    c["state"],
-                    _bytes(c["up"]),
-                    _bytes(c["down"]),
-                )
+            row = (
+                c["client"],
+                c["dst"],
+                _duration(c["age"]),
+                c["state"],
+                _bytes(c["up"]),
+                _bytes(c["down"]),
             )
+            rows.append(row + ((_share(c.get("link")),) if link else ()))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines.append("")
         for r in rows:

@@ -11,12 +11,16 @@ import contextlib
 import errno
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import trio
 
 from pep.config import Config, LegTuning
 from pep.syn import SynInfo
 from pep.tuning import STREAM, apply_tuning, mirror_syn, transparent
+
+if TYPE_CHECKING:
+    from pep.linkctl import LinkLegs
 
 __all__ = ["UpstreamError", "connect", "open_for"]
 
@@ -120,13 +124,18 @@ async def open_for(
     syn: SynInfo | None,
     first_bytes: bytes = b"",
     timeout: float | None = None,
+    links: LinkLegs | None = None,
 ) -> socket.socket:
-    """The upstream leg for one split flow, as configured: the per-destination tuning, the
-    client's address as source (``transparent_source``), and the client SYN's TOS and MSS
-    (``mirror_tos``, ``mirror_mss``) when the SYN reader recorded it."""
+    """The upstream leg for one split flow, as configured: the per-destination tuning (the
+    link's buffers and congestion control underneath, when the destination is routed through
+    the link: ``links``), the client's address as source (``transparent_source``), and the
+    client SYN's TOS and MSS (``mirror_tos``, ``mirror_mss``) when the SYN reader recorded it."""
+    tuning = cfg.upstream_tuning(dst[0])
+    if links is not None and links.faces(dst[0]):
+        tuning = links.tuning(tuning)
     return await connect(
         dst,
-        cfg.upstream_tuning(dst[0]),
+        tuning,
         cfg.connect_timeout if timeout is None else timeout,
         first_bytes,
         source=client if cfg.transparent_source else None,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pep import daemon, iptables_setup, kernel_state, routing
+from pep import daemon, iptables_setup, kernel_state, linkctl, routing
 from pep.config import Config
+from pep.link import Link
 
 
 def failing(error: Exception, calls: list[str], name: str) -> kernel_state.Remover:
@@ -55,6 +56,7 @@ def test_the_steps_cover_rules_and_routes() -> None:
     assert dict(kernel_state.STEPS) == {
         "netfilter rules": iptables_setup.remove,
         "policy routing": routing.remove,
+        "link route metrics": linkctl.remove,
     }
 
 
@@ -82,6 +84,7 @@ def test_install_rules_takes_its_routes_back_when_the_rules_fail(
 ) -> None:
     calls: list[str] = []
     error = iptables_setup.RulesError("cannot build rule `-t mangle -A PEP_SYN ...`")
+    monkeypatch.setattr(linkctl, "remove", counting(0, calls, "no link"))
     monkeypatch.setattr(routing, "install", lambda *a: calls.append("routes in"))
     monkeypatch.setattr(routing, "remove", counting(2, calls, "routes out"))
     monkeypatch.setattr(iptables_setup, "install", failing(error, calls, "rules in"))
@@ -89,7 +92,7 @@ def test_install_rules_takes_its_routes_back_when_the_rules_fail(
     with pytest.raises(iptables_setup.RulesError) as exc:
         daemon.install_rules(cfg)
     assert exc.value is error
-    assert calls == ["routes in", "rules in", "routes out"]
+    assert calls == ["no link", "routes in", "rules in", "routes out"]
 
     def refused() -> int:
         raise routing.RoutingError("`ip -4 rule del ...`: Operation not permitted")
@@ -98,3 +101,18 @@ def test_install_rules_takes_its_routes_back_when_the_rules_fail(
     with pytest.raises(iptables_setup.RulesError) as exc:
         daemon.install_rules(cfg)
     assert "removing the policy routes again also failed" in exc.value.__notes__[-1]
+
+
+def test_install_rules_puts_the_link_routes_back_when_a_later_step_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    error = iptables_setup.RulesError("cannot build rule `-t nat -A PEP_REDIRECT ...`")
+    monkeypatch.setattr(linkctl, "install", lambda link: calls.append("link in"))
+    monkeypatch.setattr(linkctl, "remove", counting(1, calls, "link out"))
+    monkeypatch.setattr(routing, "remove", counting(0, calls, "no tproxy"))
+    monkeypatch.setattr(iptables_setup, "install", failing(error, calls, "rules in"))
+    link = Link("sat0", 0.6, 20_000_000, 5_000_000, None)
+    with pytest.raises(iptables_setup.RulesError):
+        daemon.install_rules(Config(interfaces=("eth1",), link=link))
+    assert calls == ["link in", "no tproxy", "rules in", "link out"]

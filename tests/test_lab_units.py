@@ -122,23 +122,29 @@ def test_overrides_and_json_round_trip() -> None:
     assert PROFILES["leo"].with_overrides() is PROFILES["leo"]
 
 
-def test_route_metrics_one_bdp_each_way() -> None:
+def test_link_table_from_the_profile_each_node_its_direction() -> None:
     geo = PROFILES["geo"]
-    # pepb sends the downlink (1036 packets of 1448 bytes per RTT) and receives the uplink.
-    assert lab_mod.route_metrics(geo, "down") == {"initcwnd": 1036, "initrwnd": 259}
-    assert lab_mod.route_metrics(geo, "up") == {"initcwnd": 259, "initrwnd": 1036}
-    assert lab_mod.route_metrics(PROFILES["lan"], "down") == {}
-    tiny = geo.with_overrides(rtt_ms=1, down_bps=1_000_000, up_bps=1_000_000)
-    assert lab_mod.route_metrics(tiny, "down") == {"initcwnd": 10, "initrwnd": 10}
+    # pepb sends the downlink and receives the uplink; pepa the other way round.
+    assert lab_mod.link_table(geo, "down") == {
+        "interface": "sat0",
+        "rtt": "600ms",
+        "egress_rate": "20000000bit",
+        "ingress_rate": "5000000bit",
+    }
+    assert lab_mod.link_table(geo, "up")["egress_rate"] == "5000000bit"  # type: ignore[index]
+    assert lab_mod.link_table(PROFILES["lan"], "down") is None  # no delay, no rate
+    assert lab_mod.link_table(geo.with_overrides(up_bps=0), "down") is None  # unlimited
 
 
 def test_pep_config_is_accepted_by_pep_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    text = lab_mod.pep_config_text("sat0", "client", "cubic", "/run/pep-lab/x/pepb.sock")
+    link = lab_mod.link_table(PROFILES["geo"], "down")
+    text = lab_mod.pep_config_text("sat0", link, "/run/pep-lab/x/pepb.sock")
     path = tmp_path / "pepb.toml"
     path.write_text(text)
     cfg = config_mod.load(path, {})
     assert cfg.interfaces == ("sat0",)
-    assert cfg.client.congestion == "cubic"
+    assert cfg.link is not None and cfg.link.egress_rate == 20_000_000
+    assert (cfg.link.rtt, cfg.link.ingress_rate) == (0.6, 5_000_000)
     fields = {f.name for f in dataclasses.fields(config_mod.Config)}
     raw = tomllib.loads(text)
     assert raw.get("tcp_fastopen") is (True if "tcp_fastopen" in fields else None)
@@ -150,11 +156,12 @@ def test_pep_config_without_fastopen_fields(monkeypatch) -> None:  # type: ignor
     real = dataclasses.fields
 
     def older(cls):  # type: ignore[no-untyped-def]
-        newer = ("tcp_fastopen", "fastopen_wait", "drain_timeout", "status_socket")
+        newer = ("tcp_fastopen", "fastopen_wait", "drain_timeout", "status_socket", "link")
         return tuple(f for f in real(cls) if f.name not in newer)
 
     monkeypatch.setattr(lab_mod.dataclasses, "fields", older)
-    raw = tomllib.loads(lab_mod.pep_config_text("lan0", "upstream", None, "/run/x/pepa.sock"))
+    link = lab_mod.link_table(PROFILES["geo"], "up")
+    raw = tomllib.loads(lab_mod.pep_config_text("lan0", link, "/run/x/pepa.sock"))
     assert raw == {"interfaces": ["lan0"], "log_level": "info"}
 
 

@@ -97,8 +97,9 @@ def test_pacing_capacity_counts_payload_of_ethernet_frames() -> None:
 
 
 def test_tick_and_floor_follow_the_rtt() -> None:
-    assert GEO_PEPB.tick == pytest.approx(0.1)
-    assert Link("x", 0.04, 1, 1, None).tick == pytest.approx(0.02)
+    assert GEO_PEPB.tick == pytest.approx(0.05)
+    assert Link("x", 0.04, 1, 1, None).tick == pytest.approx(0.01)
+    assert Link("x", 0.3, 1, 1, None).tick == pytest.approx(0.025)
     assert GEO_PEPB.min_share == pytest.approx(2 * 1448 / 0.6)
 
 
@@ -170,6 +171,20 @@ def test_shares_add_up_and_respect_demands(capacity: float, demands: list[float 
         assert s >= min(d if d is not None else fair, fair) - 1e-6 * capacity  # max-min
 
 
+def test_table_a_waking_flow_gets_its_max_min_share_at_once() -> None:
+    t = ShareTable(capacity=6000.0)
+    for fid in (1, 2):
+        t.add(fid)
+        t.wake(fid)
+    t.reshare()
+    t.sample(1, sent=100, written=200, waiting=0, dt=0.1)  # 1000 B/s and being fed
+    t.sample(2, sent=1000, written=2000, waiting=900, dt=0.1)  # backlogged
+    t.reshare()
+    t.add(3)
+    cap = t.wake(3)  # takes from the backlogged flow, not from the slow one
+    assert cap == pytest.approx((6000.0 - 1000 * HEADROOM) / 2)
+
+
 def test_table_new_flow_gets_its_share_at_once_and_others_follow() -> None:
     t = ShareTable(capacity=60.0)
     assert t.add(1) == 60.0  # alone: the whole link, before its first byte
@@ -189,10 +204,10 @@ def test_table_idle_flow_gives_its_share_back() -> None:
         t.wake(fid)
     t.reshare()
     t.sample(1, sent=1000, written=1000, waiting=500, dt=0.1)  # backlogged
-    t.sample(2, sent=10, written=10, waiting=0, dt=0.1)  # 100 B/s, nothing waiting
+    t.sample(2, sent=10, written=20, waiting=0, dt=0.1)  # 100 B/s, fed more, none waiting
     slow = 10 / 0.1 * HEADROOM
     assert t.reshare() == {1: pytest.approx(6000.0 - slow), 2: pytest.approx(slow)}
-    t.sample(2, sent=10, written=10, waiting=0, dt=0.1)  # nothing sent or written: idle
+    t.sample(2, sent=20, written=20, waiting=0, dt=0.1)  # sent the rest, given nothing: idle
     assert list(t.active) == [1]
     assert t.reshare() == {1: 6000.0}
 

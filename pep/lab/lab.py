@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pep.lab.profiles import LinkProfile
+from pep.link import default_congestion
 
 __all__ = [
     "CLIENT_IP",
@@ -59,7 +60,8 @@ _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,23}$")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 # Settings on the PEP nodes (what a satellite PEP operator sets; README "Lab" explains each).
-PEP_TCP_MEM = "4096 4194304 33554432"  # 4 MiB initial so initrwnd is not capped; 32 MiB max
+# The link itself (initial windows, buffers, congestion control, pacing) is pep's job: each
+# PEP node's config gets a [link] table made from the profile (link_table).
 # End hosts keep the kernel's initial sizes and get the maximum raised, or the no-PEP baseline
 # would be limited by its buffers rather than by the link (DESIGN.md).
 HOST_TCP_RMEM = "4096 131072 33554432"
@@ -67,10 +69,6 @@ HOST_TCP_WMEM = "4096 16384 33554432"
 # Client and server TFO enabled (1|2), data in SYN without a cookie (4), server accepts data
 # without a cookie (0x200): the PEP-PEP leg needs no cookie exchange round trip.
 TFO_SYSCTL = 0x207
-INITCWND_MAX = 4096
-# Congestion controls a satellite link leg wants, best first: BBR ignores random loss and
-# paces; Hybla was made for long RTTs; otherwise the kernel default (cubic).
-LINK_CONGESTION = ("bbr", "hybla")
 
 
 class LabError(RuntimeError):
@@ -133,42 +131,34 @@ def plan(topology: str) -> tuple[list[str], list[tuple[Iface, Iface]], dict[str,
     return nodes, links, routes
 
 
-# pep nodes: node -> (interface connections arrive on, leg facing the link, direction it sends)
-PEP_NODES = {"pepa": ("lan0", "upstream", "up"), "pepb": ("sat0", "client", "down")}
+# pep nodes: node -> (interface connections arrive on, direction it sends into the link). Which
+# leg faces the link pep derives itself (pepa: the upstream leg, pepb: the client leg).
+PEP_NODES = {"pepa": ("lan0", "up"), "pepb": ("sat0", "down")}
 
 
-def pick_congestion() -> str | None:
-    try:
-        available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text()
-    except OSError:
-        return None
-    for name in LINK_CONGESTION:
-        if name in available.split():
-            return name
-    return None
-
-
-def route_metrics(profile: LinkProfile, sends: str) -> dict[str, int]:
-    """initcwnd/initrwnd for a PEP node's link-facing route: one BDP of the direction it sends
-    (so the first flight fills the pipe) and of the direction it receives (so the peer's first
-    flight is not window-limited). Empty when the link has no BDP (no delay or no rate)."""
+def link_table(profile: LinkProfile, sends: str) -> dict[str, str] | None:
+    """The [link] table of a PEP node that sends ``sends`` ("up" or "down") into the link and
+    receives the other direction; None when the profile has no delay or an unlimited rate
+    (nothing for pep to size or share)."""
     receives = "up" if sends == "down" else "down"
-    cwnd, rwnd = profile.bdp_packets(sends), profile.bdp_packets(receives)
-    if cwnd is None or rwnd is None:
-        return {}
+    egress, ingress = profile.rate(sends), profile.rate(receives)
+    if profile.rtt_ms < 1 or egress is None or ingress is None:
+        return None
     return {
-        "initcwnd": min(INITCWND_MAX, max(10, cwnd)),
-        "initrwnd": min(INITCWND_MAX, max(10, rwnd)),
+        "interface": "sat0",
+        "rtt": f"{profile.rtt_ms:g}ms",
+        "egress_rate": f"{egress}bit",
+        "ingress_rate": f"{ingress}bit",
     }
 
 
 def pep_config_text(
-    interface: str, leg: str, congestion: str | None, status_socket: str | None = None
+    interface: str, link: dict[str, str] | None, status_socket: str | None = None
 ) -> str:
     """The TOML for one PEP node's ``pep run --config``.
 
-    Keys newer than the lab (Fast Open, drain, status socket) are written only when this pep's
-    Config knows them: an older pep refuses unknown keys, so the lab works with both.
+    Keys newer than the lab (Fast Open, drain, status socket, [link]) are written only when
+    this pep's Config knows them: an older pep refuses unknown keys, so the lab works with both.
     """
     from pep.config import Config
 
@@ -182,13 +172,14 @@ def pep_config_text(
         ("drain_timeout", "2.0", "seconds live connections get after SIGTERM"),
     ]
     if status_socket is not None:
-        # The default path is shared by every namespace on the machine: one per PEP node.
+        # One per PEP node, beside its log (pep's own default is per namespace too).
         optional.append(("status_socket", f'"{status_socket}"', "one per PEP node"))
     for key, value, why in optional:
         if key in fields:
             lines.append(f"{key} = {value}  # {why}")
-    if congestion:
-        lines += ["", f"[{leg}]  # the leg that crosses the link", f'congestion = "{congestion}"']
+    if link is not None and "link" in fields:
+        lines += ["", "[link]  # the emulated satellite link, as the profile describes it"]
+        lines += [f'{key} = "{value}"' for key, value in link.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -479,19 +470,13 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
         lab.nodes[a.node][a.name] = a.addr
         lab.nodes[b.node][b.name] = b.addr
     peps = [n for n in PEP_NODES if n in nodes] if lab.pep else []
-    lab.congestion = pick_congestion() if peps else None
+    links = {node: link_table(profile, PEP_NODES[node][1]) for node in peps}
+    lab.congestion = default_congestion() if any(links.values()) else None
     for node, node_routes in routes.items():
-        notes = lab.settings.setdefault(node, [])
+        lab.settings.setdefault(node, [])
         for text in node_routes:
             dst, _, gw = text.partition(" via ")
-            metrics = route_metrics(profile, PEP_NODES[node][2]) if node in peps else {}
-            if metrics:
-                topo.route(node, dst, gw, metrics=metrics)
-                notes.append(
-                    f"route {text} initcwnd {metrics['initcwnd']} initrwnd {metrics['initrwnd']}"
-                )
-            else:
-                topo.route(node, dst, gw)
+            topo.route(node, dst, gw)
     for node in nodes:
         ns = lab.ns(node)
         notes = lab.settings.setdefault(node, [])
@@ -503,14 +488,8 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
             sysctl(ns, "net.ipv4.tcp_wmem", HOST_TCP_WMEM)
             notes += [f"tcp_rmem {HOST_TCP_RMEM}", f"tcp_wmem {HOST_TCP_WMEM}"]
         elif node in peps:
-            sysctl(ns, "net.ipv4.tcp_rmem", PEP_TCP_MEM)
-            sysctl(ns, "net.ipv4.tcp_wmem", PEP_TCP_MEM)
             sysctl(ns, "net.ipv4.tcp_fastopen", TFO_SYSCTL)
-            notes += [
-                f"tcp_rmem {PEP_TCP_MEM}",
-                f"tcp_wmem {PEP_TCP_MEM}",
-                f"tcp_fastopen {TFO_SYSCTL:#x}",
-            ]
+            notes.append(f"tcp_fastopen {TFO_SYSCTL:#x}")
     if profile.loss > 0:
         # The senders into the link hand it GSO packets of up to 64 KB; `-m statistic` would
         # drop one of those as one packet, i.e. up to 45 segments at a time and far fewer
@@ -544,17 +523,21 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
     lab.launch("server", "server", server_argv)
     waits.append(("server", "listening on"))
     for node in peps:
-        interface, leg, _ = PEP_NODES[node]
-        text = pep_config_text(
-            interface, leg, lab.congestion, status_socket=str(lab.dir / f"{node}.sock")
-        )
+        interface = PEP_NODES[node][0]
+        link = links[node]
+        text = pep_config_text(interface, link, status_socket=str(lab.dir / f"{node}.sock"))
         (lab.dir / f"{node}.toml").write_text(text)
         _validate_config(lab.dir / f"{node}.toml")
         say(f"starting pep on {node} (splitting {interface})")
         lab.launch(node, node, lab.pep_argv(node))
         waits.append((node, "ready:"))
-        if lab.congestion:
-            lab.settings[node].append(f"[{leg}] congestion {lab.congestion}")
+        if link is not None:
+            lab.settings[node].append(
+                "[link] "
+                + " ".join(f"{k} {v}" for k, v in link.items())
+                + " (pep: initcwnd/initrwnd on its routes, link-leg buffers and "
+                + f"{lab.congestion or 'default'} congestion control, pacing)"
+            )
     for name, marker in waits:
         lab.wait_ready(name, marker)
     lab.save()
