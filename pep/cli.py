@@ -175,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("# policy routing (TPROXY mode)")
                 for line in routing.show():
                     print(line)
+                from pep import linkctl
+
+                print("# initial windows on the link's routes ([link]; restored on exit)")
+                for line in linkctl.show():
+                    print(line)
         except (
             iptables_setup.RulesError,
             routing.RoutingError,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from pep.control import Runtime
 from pep.fdbudget import FdBudget
 from pep.flows import FlowTable
 from pep.linkctl import LinkLegs
+from pep.linkshare import SLOTS_ENV, WorkerSlots
 from pep.listener import Listener
 from pep.preconnect import PreConnector
 from pep.session import Sessions
@@ -122,7 +124,10 @@ async def serve(
     is worker N of a ``workers`` daemon (pep.workers): it reads queue ``queue + N``, shares the
     port, and leaves the rules to the master.
     """
-    links = LinkLegs(cfg.link)  # which legs cross the link, their tuning and pacing
+    # Which legs cross the link, their tuning and pacing; a worker shares the link with the
+    # other workers through the counts its master handed down (pep.linkshare.WorkerSlots).
+    slots = os.environ.get(SLOTS_ENV) if worker is not None else None
+    links = LinkLegs(cfg.link, WorkerSlots.inherit(slots, cfg.workers, worker) if slots else None)
     # strict mode's upstreams (opened as a session opens them): it closes those left unclaimed
     preconnect = PreConnector(functools.partial(open_for, links=links))
     flows = FlowTable(cfg.flow_table_size, cfg.flow_ttl, on_drop=preconnect.discard)

@@ -24,7 +24,7 @@ from pep.checks import ConfigError
 from pep.config import Config, LegTuning
 from pep.link import Link
 from pep.link_routes import LinkRoutes
-from pep.linkshare import Sharer
+from pep.linkshare import Sharer, WorkerSlots
 
 __all__ = ["LinkLegs", "check", "install", "listener_tuning", "remove", "routes", "show"]
 
@@ -103,9 +103,10 @@ class LinkLegs:
     behaves as it did before [link] existed.
     """
 
-    def __init__(self, link: Link | None) -> None:
+    def __init__(self, link: Link | None, slots: WorkerSlots | None = None) -> None:
         self.link: Link | None = None
         self.sharer: Sharer | None = None
+        self.slots = slots  # a worker's view of the other workers' link legs
         self._sharing = trio.Event()  # set once there is a sharer to run
         self.configure(link)
 
@@ -117,7 +118,7 @@ class LinkLegs:
             return
         index, mtu = check(link)
         if self.sharer is None:
-            self.sharer = Sharer(link, index, mtu)
+            self.sharer = Sharer(link, index, mtu, slots=self.slots)
             self._sharing.set()
         elif link != self.sharer.link or index != self.sharer.ifindex:
             self.sharer.ifindex = index

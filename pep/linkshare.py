@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
+import os
 import socket
+import struct
 from dataclasses import dataclass
 
 import trio
@@ -31,7 +34,7 @@ from pep.link import Link
 from pep.relay import RelayStats
 from pep.routequery import RouteCache
 
-__all__ = ["SO_MAX_PACING_RATE", "LinkLeg", "LinkTotals", "Sharer"]
+__all__ = ["SLOTS_ENV", "SO_MAX_PACING_RATE", "LinkLeg", "LinkTotals", "Sharer", "WorkerSlots"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,48 @@ TCP_SYN_RECV = 3  # include/net/tcp_states.h
 # After a flow wakes or leaves, the others' caps are recomputed this much later, so a burst of
 # new flows costs one reshare, not one per flow (the waking flow has its own share at once).
 COALESCE = 0.005
+
+
+SLOTS_ENV = "PEP_LINK_SLOTS"  # the workers' shared counts: "FD" (pep.workers passes it on)
+_SLOT = struct.Struct("=q")
+
+
+class WorkerSlots:
+    """How many link legs each worker has active, in memory the workers share (a memfd the
+    master creates and passes to every worker it starts). With ``workers = N`` each worker
+    shares its own flows, so each takes the part of the link that its active flows are of all
+    workers' (read at every reshare: a worker's count is at most a tick old): together they
+    still never send faster than the link, and one busy worker is not held to 1/N of it."""
+
+    def __init__(self, fd: int, n: int, index: int | None) -> None:
+        self.fd, self.n, self.index = fd, n, index
+        self._map = mmap.mmap(fd, _SLOT.size * n)
+
+    @classmethod
+    def create(cls, n: int) -> WorkerSlots:
+        """The master's: a fresh memfd of ``n`` zero counts, inherited by the workers."""
+        fd = os.memfd_create("pep-link-slots")  # close-on-exec: pass_fds hands it on
+        os.ftruncate(fd, _SLOT.size * n)
+        return cls(fd, n, None)
+
+    @classmethod
+    def inherit(cls, spec: str, n: int, index: int) -> WorkerSlots:
+        return cls(int(spec), n, index)
+
+    def publish(self, active: int) -> None:
+        assert self.index is not None
+        _SLOT.pack_into(self._map, self.index * _SLOT.size, active)
+
+    def others(self) -> int:
+        return sum(
+            _SLOT.unpack_from(self._map, i * _SLOT.size)[0]
+            for i in range(self.n)
+            if i != self.index
+        )
+
+    def reset(self, index: int) -> None:
+        """The master's, before (re)starting worker ``index``: a dead worker's count goes."""
+        _SLOT.pack_into(self._map, index * _SLOT.size, 0)
 
 
 class LinkLeg:
@@ -88,8 +133,16 @@ class LinkTotals:
 class Sharer:
     """Shares ``link.egress_rate`` among this process's link-leg sockets."""
 
-    def __init__(self, link: Link, ifindex: int, mtu: int, routes: RouteCache | None = None):
+    def __init__(
+        self,
+        link: Link,
+        ifindex: int,
+        mtu: int,
+        routes: RouteCache | None = None,
+        slots: WorkerSlots | None = None,
+    ) -> None:
         self.link, self.ifindex, self.mtu = link, ifindex, mtu
+        self.slots = slots  # with workers: the others' active counts
         self.table = ShareTable(link.pacing_capacity(mtu), link.min_share)
         self.routes = routes if routes is not None else RouteCache()
         self.legs: dict[int, LinkLeg] = {}
@@ -132,6 +185,7 @@ class Sharer:
             self._wakeup.set()
 
     def wake(self, leg: LinkLeg) -> None:
+        self._rescale(len(self.table.active) + 1)
         cap = self.table.wake(leg.flow.fid)
         if cap is not None:
             self._set_cap(leg, cap)
@@ -165,7 +219,17 @@ class Sharer:
                 self._sample(now - last)
                 last, next_tick = now, now + self.link.tick
             if ticked or self.table.dirty:
+                self._rescale(len(self.table.active))
                 self._apply(self.table.reshare())
+
+    def _rescale(self, active: int) -> None:
+        """With workers, this worker's part of the link: in proportion to its active legs."""
+        if self.slots is None:
+            return
+        self.slots.publish(active)
+        full = self.link.pacing_capacity(self.mtu)
+        others = self.slots.others()
+        self.table.capacity = full * active / (active + others) if active else full
 
     def _sample(self, dt: float) -> None:
         sent = 0

@@ -46,6 +46,7 @@ from pep.config import Config, ConfigError, log_level_number
 from pep.connections import ConnectionTable
 from pep.control import Services, plan_reload, watch_signals
 from pep.flows import FlowTable
+from pep.linkshare import SLOTS_ENV, WorkerSlots
 
 __all__ = ["MASTER_PID_ENV", "WorkerError", "WorkerProcess", "supervise"]
 
@@ -73,8 +74,12 @@ class WorkerProcess:
     worker starts.
     """
 
-    def __init__(self, cmd: Sequence[str], env: dict[str, str]) -> None:
-        self._popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    def __init__(
+        self, cmd: Sequence[str], env: dict[str, str], pass_fds: Sequence[int] = ()
+    ) -> None:
+        self._popen = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds)
+        )
         self.pid = self._popen.pid
         self._pidfd: int | None = os.pidfd_open(self.pid)
         self._wait_lock = trio.Lock()
@@ -114,6 +119,8 @@ class Master:
         self.reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last_error": None}
         self.stopping = trio.Event()
         self.services = Services(cfg.status_socket, cfg.metrics_listen, self.get_document)
+        # The workers' link legs, counted where each sees the others' ([link] sharing).
+        self.slots = WorkerSlots.create(self.n)
 
     @property
     def queues(self) -> tuple[int, int]:
@@ -126,7 +133,10 @@ class Master:
         env.pop("NOTIFY_SOCKET", None)  # only the master talks to systemd
         env[MASTER_PID_ENV] = str(os.getpid())
         cmd = [sys.executable, "-m", "pep.cli", *self.argv, "--worker", str(i)]
-        proc = WorkerProcess(cmd, env)  # from this (the main) thread: see WorkerProcess
+        self.slots.reset(i)  # a restarted worker starts with no link legs
+        env[SLOTS_ENV] = str(self.slots.fd)
+        # From this (the main) thread: see WorkerProcess.
+        proc = WorkerProcess(cmd, env, pass_fds=(self.slots.fd,))
         self.procs[i] = proc
         log.debug("worker %d started (pid %d)", i, proc.pid)
         return proc
