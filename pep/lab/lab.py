@@ -470,8 +470,8 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
         lab.nodes[a.node][a.name] = a.addr
         lab.nodes[b.node][b.name] = b.addr
     peps = [n for n in PEP_NODES if n in nodes] if lab.pep else []
-    links = {node: link_table(profile, PEP_NODES[node][1]) for node in peps}
-    lab.congestion = default_congestion() if any(links.values()) else None
+    tables = {node: link_table(profile, PEP_NODES[node][1]) for node in peps}
+    lab.congestion = default_congestion() if any(tables.values()) else None
     for node, node_routes in routes.items():
         lab.settings.setdefault(node, [])
         for text in node_routes:
@@ -524,7 +524,7 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
     waits.append(("server", "listening on"))
     for node in peps:
         interface = PEP_NODES[node][0]
-        link = links[node]
+        link = tables[node]
         text = pep_config_text(interface, link, status_socket=str(lab.dir / f"{node}.sock"))
         (lab.dir / f"{node}.toml").write_text(text)
         _validate_config(lab.dir / f"{node}.toml")
