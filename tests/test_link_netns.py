@@ -25,19 +25,17 @@ import trio
 from pep import paths
 from pep.link import Link
 from pep.topology import Topology
+from tests.daemon import PepProcess, StartPep, status_json
 from tests.netenv import (
     INGRESS,
     SERVER_IP,
-    PepProcess,
     connect,
-    gateway_topology,
     listen,
     recv_to_eof,
     rules_in,
     send_all,
     sha,
 )
-from tests.opsenv import status_json
 
 pytestmark = pytest.mark.netns
 
@@ -52,16 +50,16 @@ ingress_rate = "20mbit"
 SINK_PORT = 8090
 
 
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    with gateway_topology("lk") as t:
-        # Routes through the "link" with a gateway: what pep puts its initial windows on.
-        t.run("gw", ["ip", "route", "add", "10.99.0.0/16", "via", SERVER_IP, "metric", "50"])
-        t.run("gw", ["ip", "-6", "route", "add", "fd99::/32", "via", "fd77:2::2"])
-        try:
-            yield t
-        finally:
-            shutil.rmtree(paths.runtime_dir_for(t.ns("gw")), ignore_errors=True)
+@pytest.fixture(autouse=True)
+def link_routes(topo: Topology) -> Iterator[None]:
+    """Routes through the "link" with a gateway: what pep puts its initial windows on; and
+    the gateway's runtime directory (the route state file) removed afterwards."""
+    topo.run("gw", ["ip", "route", "add", "10.99.0.0/16", "via", SERVER_IP, "metric", "50"])
+    topo.run("gw", ["ip", "-6", "route", "add", "fd99::/32", "via", "fd77:2::2"])
+    try:
+        yield
+    finally:
+        shutil.rmtree(paths.runtime_dir_for(topo.ns("gw")), ignore_errors=True)
 
 
 def routes(topo: Topology) -> str:
@@ -74,10 +72,12 @@ def routes(topo: Topology) -> str:
     return "\n".join(out)
 
 
-def start(topo: Topology, tmp_path: Path, rtt: str = "600ms", egress: str = "8mbit") -> PepProcess:
-    conf = tmp_path / "pep.toml"
-    conf.write_text(LINK.format(rtt=rtt, egress=egress))
-    return PepProcess(topo, "gw", ["--config", str(conf), "--interface", INGRESS]).start()
+def start(
+    start_pep: StartPep, tmp_path: Path, rtt: str = "600ms", egress: str = "8mbit", extra: str = ""
+) -> PepProcess:
+    conf = tmp_path / "pep.toml"  # the same file each time: the SIGHUP test rewrites it
+    conf.write_text(extra + LINK.format(rtt=rtt, egress=egress))
+    return start_pep(config=conf)
 
 
 def expected_metrics(topo: Topology, rtt: float, egress: int) -> dict[int, dict[str, int]]:
@@ -107,10 +107,10 @@ def pep_cli(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_routes_carry_the_link_metrics_and_are_restored_exactly_on_sigterm(
-    topo: Topology, tmp_path: Path
+    topo: Topology, start_pep: StartPep, tmp_path: Path
 ) -> None:
     before = routes(topo)
-    pep = start(topo, tmp_path)
+    pep = start(start_pep, tmp_path)
     try:
         assert_tagged_with(routes(topo), expected_metrics(topo, 0.6, 8_000_000))
         shown = pep_cli(topo, "rules", "show")
@@ -123,24 +123,23 @@ def test_routes_carry_the_link_metrics_and_are_restored_exactly_on_sigterm(
 
 
 def test_kill_9_leaves_the_metrics_for_the_next_start_or_rules_remove(
-    topo: Topology, tmp_path: Path
+    topo: Topology, start_pep: StartPep, tmp_path: Path
 ) -> None:
     before = routes(topo)
     metrics = expected_metrics(topo, 0.6, 8_000_000)
-    pep = start(topo, tmp_path)
+    pep = start(start_pep, tmp_path)
     pep.signal(signal.SIGKILL)
     pep.wait(10)
-    pep.stop()
     assert_tagged_with(routes(topo), metrics)  # still there: nobody put them back yet
     r = pep_cli(topo, "rules", "remove")
     assert r.returncode == 0, r.stderr
     assert routes(topo) == before
 
-    pep = start(topo, tmp_path)  # crash again, then a new start replaces what it finds
+    pep = start(start_pep, tmp_path)  # crash again, then a new start replaces what it finds
     pep.signal(signal.SIGKILL)
     pep.wait(10)
     pep.stop()
-    pep = start(topo, tmp_path, egress="16mbit")
+    pep = start(start_pep, tmp_path, egress="16mbit")
     try:
         assert_tagged_with(routes(topo), expected_metrics(topo, 0.6, 16_000_000))
         pep.signal(signal.SIGTERM)
@@ -150,9 +149,11 @@ def test_kill_9_leaves_the_metrics_for_the_next_start_or_rules_remove(
         pep.stop()
 
 
-def test_sighup_follows_a_changed_link_and_its_removal(topo: Topology, tmp_path: Path) -> None:
+def test_sighup_follows_a_changed_link_and_its_removal(
+    topo: Topology, start_pep: StartPep, tmp_path: Path
+) -> None:
     before = routes(topo)
-    pep = start(topo, tmp_path)
+    pep = start(start_pep, tmp_path)
     try:
         conf = tmp_path / "pep.toml"
         conf.write_text(LINK.format(rtt="300ms", egress="16mbit"))
@@ -185,8 +186,10 @@ def max_pacing_rates(topo: Topology, port: int) -> list[int]:
     return [int(bps) // 8 for _, bps in re.findall(r"pacing_rate (\d+)bps/(\d+)bps", r.stdout)]
 
 
-async def test_the_upstream_link_leg_is_paced_and_reported(topo: Topology, tmp_path: Path) -> None:
-    pep = start(topo, tmp_path, egress="8mbit")
+async def test_the_upstream_link_leg_is_paced_and_reported(
+    topo: Topology, start_pep: StartPep, tmp_path: Path
+) -> None:
+    pep = start(start_pep, tmp_path, egress="8mbit")
     try:
         data = os.urandom(4 * 1024 * 1024)  # about 4 s at 8 Mbit/s: ss sees it on the way
         got: dict[str, tuple[str, int]] = {}
@@ -254,13 +257,13 @@ def test_link_share_units() -> None:
         os.close(master.fd)
 
 
-async def test_workers_share_one_link_between_them(topo: Topology, tmp_path: Path) -> None:
+async def test_workers_share_one_link_between_them(
+    topo: Topology, start_pep: StartPep, tmp_path: Path
+) -> None:
     """workers = 2: twelve uploads spread over both workers (all on one: odds 1 in 2048); the
     caps of all active link legs together stay within the link (each worker takes its
     active legs' part of it)."""
-    conf = tmp_path / "pep.toml"
-    conf.write_text("workers = 2\n" + LINK.format(rtt="600ms", egress="40mbit"))
-    pep = PepProcess(topo, "gw", ["--config", str(conf), "--interface", INGRESS]).start()
+    pep = start(start_pep, tmp_path, egress="40mbit", extra="workers = 2\n")
     try:
         data = os.urandom(2 * 1024 * 1024)  # 24 MB in all: about 5 s at 40 Mbit/s
         uploads_n = 12
