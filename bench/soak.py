@@ -237,7 +237,7 @@ async def soak(duration: float, out: Path | None) -> int:
         out.write_text(text)
     summary = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(summary, indent=1))
-    # The relay keeps returned splice pipes for reuse (relay.PipePool): a few idle pipes,
+    # The relay keeps returned splice pipes for reuse (pep.pipes.PipePool): a few idle pipes,
     # two descriptors each, may stay open after the traffic stops.
     passed = not stats.failed and rss_growth < 16 << 10 and fds_end <= fds0 + 16
     print("PASS" if passed else "FAIL")

@@ -22,9 +22,8 @@ import trio
 
 from pep.config import Config
 from pep.linkctl import listener_tuning
-from pep.relay import abort
 from pep.session import Sessions
-from pep.tuning import STREAM, apply_tuning, reset_if_killed, transparent
+from pep.tuning import STREAM, abort, apply_tuning, reset_if_killed, transparent
 
 __all__ = ["ACCEPT_BACKOFF", "ACCEPT_CAPACITY_ERRNOS", "Listener"]
 

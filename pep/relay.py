@@ -1,7 +1,8 @@
 """Moving bytes between the two legs of every split connection, zero-copy with ``os.splice``.
 
 socket -> pipe -> socket keeps the payload in kernel pages: the prototype measured 12.3 Gbit/s
-this way against 3.4 with recv/send (DESIGN.md).
+this way against 3.4 with recv/send (DESIGN.md). The pipes are lent by one pool per process,
+``pep.pipes.PIPES``, only while bytes are moving.
 
 One engine per process, ``Relayer``, moves the bytes of all its connections: one
 level-triggered epoll set, read by one trio task, in which each socket is registered once.
@@ -22,7 +23,6 @@ SO_LINGER 0): a truncated transfer must not look like a clean end to the peer.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import select
@@ -32,16 +32,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from pep.tuning import close_gracefully, reset_if_killed
+from pep.pipes import PIPES
+from pep.tuning import abort, close_gracefully
 
 if TYPE_CHECKING:
     from pep.linkshare import LinkLeg
 
-__all__ = ["PIPES", "PipePool", "RelayStats", "Relayer", "abort"]
+__all__ = ["RelayStats", "Relayer"]
 
 log = logging.getLogger(__name__)
 
-F_SETPIPE_SZ = 1031  # include/uapi/linux/fcntl.h (F_LINUX_SPECIFIC_BASE + 7)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP  # always reported, whatever the registered mask
@@ -61,84 +61,6 @@ class RelayStats:
     # The FIN read from one side has been passed on (half-closed), for `pep status`.
     up_eof: bool = False
     down_eof: bool = False
-
-
-def abort(sock: socket.socket) -> None:
-    """Close with an RST (SO_LINGER 0), so the peer sees a failure, not an orderly EOF."""
-    reset_if_killed(sock)  # SO_LINGER 0
-    sock.close()
-
-
-class PipePool:
-    """Splice pipes lent to pumps only while data is moving, kept for reuse when returned.
-
-    A pipe costs two fds and up to ``size`` bytes of kernel memory; an idle connection holds
-    none (two socket fds in all, against six with a pipe per direction: 10,000 idle
-    connections fit a 20,000-fd limit). Reuse also saves the pipe2 + F_SETPIPE_SZ syscalls per
-    burst. A returned pipe must be empty; one that may still hold bytes (its relay failed
-    mid-way) is closed instead.
-    """
-
-    def __init__(self, keep: int = 256) -> None:
-        self.keep = keep  # idle pipes kept per size; more are closed
-        self._free: dict[int, list[tuple[int, int]]] = {}
-        self.created = 0
-        self.lent = 0
-
-    def get(self, size: int) -> tuple[int, int]:
-        free = self._free.get(size)
-        if free:
-            pipe = free.pop()
-        else:
-            pipe = _make_pipe(size)  # may raise EMFILE: then nothing is lent
-            self.created += 1
-        self.lent += 1
-        return pipe
-
-    def put(self, size: int, pipe: tuple[int, int]) -> None:
-        self.lent -= 1
-        free = self._free.setdefault(size, [])
-        if len(free) < self.keep:
-            free.append(pipe)
-        else:
-            _close_pipe(pipe)
-
-    def discard(self, pipe: tuple[int, int]) -> None:
-        self.lent -= 1
-        _close_pipe(pipe)
-
-    def idle(self) -> int:
-        return sum(len(free) for free in self._free.values())
-
-
-def _close_pipe(pipe: tuple[int, int]) -> None:
-    os.close(pipe[0])
-    os.close(pipe[1])
-
-
-PIPES = PipePool()  # one per process: pumps of every connection share it
-
-
-def _make_pipe(size: int) -> tuple[int, int]:
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    # Over /proc/sys/fs/pipe-max-size or the per-user pipe budget the default 64 KiB pipe
-    # still works, only with more syscalls per byte.
-    try:
-        fcntl.fcntl(w, F_SETPIPE_SZ, size)
-    except OSError as e:
-        global _pipe_warned
-        if not _pipe_warned:  # once per process: it is a setting to fix, not an event
-            _pipe_warned = True
-            log.warning(
-                "splice pipes stay small (F_SETPIPE_SZ %d: %s): over fs.pipe-max-size, or, "
-                "not running as root, over fs.pipe-user-pages-soft (see deploy/pep-sysctl.conf)",
-                size,
-                e.strerror,
-            )
-    return r, w
-
-
-_pipe_warned = False
 
 
 class _Pump:

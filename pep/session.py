@@ -25,8 +25,8 @@ from pep.flows import FlowTable
 from pep.linkctl import LinkLegs
 from pep.linkshare import LinkLeg
 from pep.origdst import LocalAddresses, OriginalDst
-from pep.relay import Relayer, RelayStats, abort
-from pep.tuning import apply_tuning, reset_if_killed
+from pep.relay import Relayer, RelayStats
+from pep.tuning import abort, apply_tuning, reset_if_killed
 from pep.upstream import UpstreamError, open_for
 
 __all__ = ["ListenerCounters", "Sessions"]

@@ -9,6 +9,7 @@ from pep.config import LegTuning
 
 __all__ = [
     "STREAM",
+    "abort",
     "apply_tuning",
     "close_gracefully",
     "mirror_syn",
@@ -110,3 +111,9 @@ def close_gracefully(*socks: socket.socket) -> None:
     for sock in socks:
         _set_linger(sock, _LINGER_DEFAULT)
         sock.close()
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), so the peer sees a failure, not an orderly EOF."""
+    reset_if_killed(sock)  # SO_LINGER 0
+    sock.close()

@@ -7,7 +7,7 @@ import os
 import pytest
 import trio
 
-from pep.relay import PipePool
+from pep.pipes import PipePool
 from pep.topology import Topology
 from tests.daemon import StartPep
 from tests.netenv import ADDRS, PORT, connect, exchange, serving
