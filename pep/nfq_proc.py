@@ -6,7 +6,7 @@ dropped, user dropped, last packet id, and a constant 1. The file is per network
 namespace of the process that opens it) and 0440 root:root.
 
 ``pep status`` (pep.status), the lab's delay line (pep.lab.delayline) and the tests
-(tests/relenv.py) all read it: ``parse`` is the one place that knows its layout.
+(tests/daemon.py) all read it: ``parse`` is the one place that knows its layout.
 """
 
 from __future__ import annotations
