@@ -1,6 +1,6 @@
 """One netfilter rule, described once: rendered to iptables-save text and to python-iptables.
 
-pep's rules (:mod:`pep.rule_plan`) and the lab link's (:mod:`pep.lab.delayline`) are
+pep's rules (:mod:`pep.rule_plan`) and the lab link's (:mod:`pep.lab.link_rules`) are
 :class:`NfRule` values. :meth:`NfRule.line` is the line ``pep rules show`` prints for the rule
 once installed, :meth:`NfRule.build` the python-iptables object that installs it, and
 :mod:`pep.rule_show` reads an installed rule back into an :class:`NfRule`, so what is planned,

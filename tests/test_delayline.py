@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pep.lab.delayline import DelayLine, LinkRules, queue_sizing, simulate
+from pep.lab.delay_schedule import DelayLine, queue_sizing, simulate
+from pep.lab.link_rules import LinkRules
 from tests.netenv import in_ns, ipt
 
 
@@ -136,12 +137,12 @@ def test_link_rules_install_builds_what_lines_say_and_remove_leaves_nothing(
     what the kernel then holds, read by iptables-legacy, is exactly those lines."""
     ipt(netns, "-A", "FORWARD", "-p", "udp", "-j", "ACCEPT")  # not the link's: stays
     user = ["-A FORWARD -p udp -j ACCEPT"]
-    install = f"from pep.lab.delayline import LinkRules\n{rules!r}.install()"
+    install = f"from pep.lab.link_rules import LinkRules\n{rules!r}.install()"
     in_ns(netns, install)
     in_ns(netns, install)  # again: replaced, not doubled
     saved = [line for line in ipt(netns, "-S") if not line.startswith("-P ")]
     assert saved == ["-N LAB_LINK", rules.lines()[0], *user, *rules.lines()[1:]]
-    in_ns(netns, "from pep.lab.delayline import LinkRules\nLinkRules.remove()")
+    in_ns(netns, "from pep.lab.link_rules import LinkRules\nLinkRules.remove()")
     assert [line for line in ipt(netns, "-S") if not line.startswith("-P ")] == user
 
 

@@ -6,9 +6,12 @@ made here: the link namespace's FORWARD chain queues every packet, one queue per
 verdict per wake-up releases exactly the packets that are due). Each packet id is held for the
 one-way delay of its direction. Rate (tbf) is applied by the kernel after this, on egress.
 
-Split as elsewhere in pep: :class:`DelayLine` is the pure scheduling core (arrivals in,
-batch verdicts out, no clock of its own), :class:`Direction` the trio shell around one
-:class:`pep.nfq_socket.QueueSocket`. Run as its own process inside the link namespace::
+Split as elsewhere in pep: :class:`pep.lab.delay_schedule.DelayLine` is the pure scheduling
+core (arrivals in, batch verdicts out, no clock of its own), :mod:`pep.lab.link_rules` the
+netfilter rules (loss, then the queues), and this module the IO runner: :class:`Direction`
+is the trio shell around one :class:`pep.nfq_socket.QueueSocket` with its timerfd, and
+:func:`main` the process (SCHED_FIFO, the stats file). Run as its own process inside the link
+namespace::
 
     ip netns exec LAB-link python -m pep.lab.delayline --up-if cl0 --down-if sv0 \
         --delay-ms 300 --up-rate 5000000 --down-rate 20000000 --loss 0.005 --stats FILE
@@ -26,260 +29,28 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 import trio
 
 from pep import nfq_codec as nfq
 from pep import nfq_proc
+from pep.lab.delay_schedule import DelayLine, Lateness, queue_sizing
+from pep.lab.link_rules import LinkRules
 from pep.nfq_socket import QueueError, QueueSocket
-from pep.nfrule import NfRule, comment, ext
-from pep.rule_show import fresh_table
 
-__all__ = [
-    "DelayLine",
-    "Direction",
-    "LinkRules",
-    "main",
-    "queue_sizing",
-    "simulate",
-]
+__all__ = ["Direction", "main", "read_proc_queues", "serve"]
 
 log = logging.getLogger("pep.lab.delayline")
 
-FILTER = "filter"
-CHAIN = "LAB_LINK"
-COMMENT = "pep-lab"
-# Per queued packet, the netlink message (META copy: headers and attributes, ~100 bytes) is
-# charged to the socket at its skb truesize, about 1 KiB; that is what rcvbuf must hold.
-MSG_TRUESIZE = 1024
-# Default for an unlimited rate (nothing to size from): DESIGN.md's checked "large" value.
-UNSIZED_MAXLEN = 65536
 # Batch widening (DelayLine.slack), seconds. 0: with the timerfd and the learned lead, each
 # wake-up releases what is due and no packet leaves early; an experiment may trade accuracy
 # for fewer wake-ups with PEP_LAB_SLACK=0.0005.
 SLACK = float(os.environ.get("PEP_LAB_SLACK", "0"))
-
-
-@dataclass(slots=True)
-class DelayLine:
-    """Which batch verdicts to send when, for one FIFO queue with a constant delay.
-
-    Arrival order is queue order (ids increase), and every packet waits the same ``delay``, so
-    release order is arrival order and the packets due at any moment are a prefix of the held
-    ones: releasing them is one VERDICT_BATCH naming the last id of that prefix.
-
-    A timer never fires exactly on time: on this project's VMs a wake-up from idle came
-    0.2-0.8 ms late, which is 4 % of a 40 ms LEO round trip. So the line learns how late its
-    timer fires (``woke``: a moving average, the ``lead``) and aims that much early; the
-    packet then leaves on time on average instead of always late. ``slack`` widens each
-    batch to packets due that much later (fewer wake-ups, at most ``slack`` early).
-    """
-
-    delay: float
-    slack: float = 0.0
-    lead: float = 0.0
-    held: deque[tuple[float, int]] = field(default_factory=deque)
-    arrived: int = 0
-    released: int = 0
-    batches: int = 0
-    max_held: int = 0
-
-    LEAD_GAIN: ClassVar[float] = 1 / 16  # moving-average weight of one observed wake-up
-    LEAD_MAX: ClassVar[float] = 0.005  # a wake-up later than this is an outlier, not the norm
-
-    def arrive(self, packet_id: int, now: float) -> None:
-        self.held.append((now + self.delay, packet_id))
-        self.arrived += 1
-        if len(self.held) > self.max_held:
-            self.max_held = len(self.held)
-
-    def deadline(self) -> float | None:
-        """When to wake next (None: nothing held, wait for an arrival)."""
-        return self.held[0][0] - self.slack - self.lead if self.held else None
-
-    def woke(self, target: float, now: float) -> None:
-        """The timer set for ``target`` fired at ``now``: learn its lateness."""
-        late = min(max(now - target, 0.0), self.LEAD_MAX)
-        self.lead += (late - self.lead) * self.LEAD_GAIN
-
-    def release(self, now: float) -> int | None:
-        """Forget every packet due by ``now``; the id for one batch verdict, or None."""
-        held = self.held
-        early = self.slack + self.lead
-        last = None
-        n = 0
-        # Same arithmetic as deadline(): waking at the deadline always releases something.
-        while held and held[0][0] - early <= now:
-            last = held.popleft()[1]
-            n += 1
-        if last is not None:
-            self.released += n
-            self.batches += 1
-        return last
-
-    def release_all(self) -> int | None:
-        """Shutting down: everything goes now (a held packet with no verdict would be lost)."""
-        return self.release(math.inf)
-
-    def __len__(self) -> int:
-        return len(self.held)
-
-
-@dataclass(slots=True)
-class Lateness:
-    """How late (negative: early) the first packet of each batch left, against its due time:
-    the delay line's own accuracy, reported in its stats."""
-
-    count: int = 0
-    total: float = 0.0
-    worst: float = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.count += 1
-        self.total += seconds
-        self.worst = max(self.worst, seconds)
-
-    def as_ms(self) -> dict[str, float]:
-        mean = self.total / self.count if self.count else 0.0
-        return {"mean_ms": round(mean * 1000, 3), "max_ms": round(self.worst * 1000, 3)}
-
-
-def simulate(
-    arrivals: Iterable[tuple[int, float]], delay: float, slack: float = 0.0
-) -> list[tuple[float, int]]:
-    """The shell's schedule on an ideal clock: ``(time, batch id)`` for each verdict sent.
-
-    ``arrivals`` are ``(packet id, time)`` in queue order. The shell wakes at each deadline
-    and releases what is due; an arrival at the same instant as a wake-up is received first
-    (the shell reads the socket before its timer fires when both are ready).
-    """
-    line = DelayLine(delay, slack)
-    out: list[tuple[float, int]] = []
-    pending = deque(arrivals)
-    while pending or len(line):
-        wake = line.deadline()
-        if pending and (wake is None or pending[0][1] <= wake):
-            packet_id, t = pending.popleft()
-            line.arrive(packet_id, t)
-            continue
-        assert wake is not None
-        last = line.release(wake)
-        if last is not None:
-            out.append((wake, last))
-    return out
-
-
-def queue_sizing(
-    rate_bps: int | None,
-    reverse_rate_bps: int | None,
-    delay_s: float,
-    buffer_s: float,
-    margin: float = 4.0,
-) -> tuple[int, int]:
-    """Kernel queue length and netlink receive buffer for one direction's queue.
-
-    What the queue holds at once is bounded by what the senders keep in flight on this
-    direction's hop: the data of this direction (rate x (delay + the tbf buffer behind it))
-    in packets of one MSS, plus at most one ACK per data packet of the reverse direction.
-    ``margin`` covers senders' bursts (an initial window leaves all at once) and small packets.
-    With an unlimited rate there is nothing to size from: DESIGN.md's 65536.
-    """
-    if rate_bps is None or reverse_rate_bps is None:
-        maxlen = UNSIZED_MAXLEN
-    else:
-        span = delay_s + buffer_s
-        packets = (rate_bps + reverse_rate_bps) / 8 * span / 1448
-        maxlen = min(1 << 20, max(1024, math.ceil(packets * margin)))
-    rcvbuf = min(1 << 30, max(4 << 20, maxlen * MSG_TRUESIZE))
-    return maxlen, rcvbuf
-
-
-# --------------------------------------------------------------------------------------------
-# the link's netfilter rules (python-iptables; this process is alone in the link namespace)
-
-
-@dataclass(frozen=True, slots=True)
-class LinkRules:
-    """``FORWARD -j LAB_LINK``; in LAB_LINK per direction: random DROP (loss), then NFQUEUE.
-
-    Dropping before queueing keeps lost packets out of the delay line. Only this process
-    writes the link namespace's rules, so the chain is ours; still, removal touches only it.
-    The rules are described once (:meth:`rules`); the log's lines and the python-iptables
-    objects are both rendered from that.
-    """
-
-    directions: tuple[tuple[str, int, bool], ...]  # (ingress interface, queue, delayed?)
-    loss: float
-
-    def rules(self) -> list[NfRule]:
-        """The jump from FORWARD, then LAB_LINK's content in order."""
-        out = [NfRule(FILTER, "FORWARD", ext(CHAIN), (comment(COMMENT),))]
-        for ifname, queue, delayed in self.directions:
-            if self.loss > 0:
-                random = ext("statistic", mode="random", probability=_probability(self.loss))
-                out.append(NfRule(FILTER, CHAIN, ext("DROP"), (random,), in_interface=ifname))
-            if delayed:
-                queued = ext("NFQUEUE", queue_num=str(queue))
-                out.append(NfRule(FILTER, CHAIN, queued, in_interface=ifname))
-        return out
-
-    def lines(self) -> list[str]:
-        """The rules as ``iptables-legacy -S`` prints them once installed (for the log)."""
-        return [rule.save_line() for rule in self.rules()]
-
-    def install(self) -> None:
-        import iptc
-
-        jump, *content = self.rules()
-        with fresh_table(FILTER) as table:
-            if not table.is_chain(CHAIN):
-                table.create_chain(CHAIN)
-            table.flush_entries(CHAIN)
-            chain = iptc.Chain(table, CHAIN)
-            for rule in content:
-                chain.append_rule(rule.build(iptc))
-            _drop_jumps(iptc.Chain(table, "FORWARD"))
-            iptc.Chain(table, "FORWARD").insert_rule(jump.build(iptc))  # CHAIN exists by now
-            table.commit()
-
-    @staticmethod
-    def remove() -> None:
-        import iptc
-
-        with fresh_table(FILTER) as table:
-            _drop_jumps(iptc.Chain(table, "FORWARD"))
-            if table.is_chain(CHAIN):
-                table.flush_entries(CHAIN)
-                table.delete_chain(CHAIN)
-            table.commit()
-
-
-# xt_statistic keeps a random probability as a fraction of 2**31 (libxt_statistic.c parses it
-# with lround(p * 0x80000000) and saves it with "%.11f").
-STATISTIC_SCALE = 0x80000000
-
-
-def _probability(loss: float) -> str:
-    """``--probability`` as iptables-save prints it (0.005 is saved as 0.00499999989)."""
-    return f"{math.floor(loss * STATISTIC_SCALE + 0.5) / STATISTIC_SCALE:.11f}"
-
-
-def _drop_jumps(forward: Any) -> None:
-    for rule in [r for r in forward.rules if r.target and r.target.name == CHAIN]:
-        forward.delete_rule(rule)
-
-
-# --------------------------------------------------------------------------------------------
-# the trio shell
 
 
 class Timer:
