@@ -24,14 +24,17 @@ from pyroute2 import netns
 
 from pep.lab import bench, objects
 from pep.lab import lab as lab_mod
+from pep.lab.plan import SERVER_IP, SERVER_PORT, LabSpec
 from pep.lab.profiles import PROFILES
+from pep.lab.state import STATE_ROOT, Lab, pid_running
+from pep.lab.status import status_text
 from pep.topology import Topology, ns_socket
 from tests.daemon import REPO
 from tests.netenv import unique_prefix
 
 pytestmark = pytest.mark.netns
 
-SERVER = (lab_mod.SERVER_IP, lab_mod.SERVER_PORT)
+SERVER = (SERVER_IP, SERVER_PORT)
 
 
 @pytest.fixture
@@ -59,7 +62,7 @@ def _pep_lab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 
 
 def _alive(pid: int) -> bool:
-    return lab_mod.pid_running(pid)
+    return pid_running(pid)
 
 
 def _rules(ns: str, table: str) -> str:
@@ -75,7 +78,7 @@ def _rules(ns: str, table: str) -> str:
 def test_cli_up_status_exec_split_down_leaves_nothing(prefix: str) -> None:
     r = _pep_lab("up", "--profile", "leo", "--prefix", prefix)
     assert r.returncode == 0, r.stderr
-    lab = lab_mod.Lab.load(prefix)
+    lab = Lab.load(prefix)
     assert lab is not None
     pids = {name: int(info["pid"]) for name, info in lab.procs.items()}  # type: ignore[call-overload]
     assert set(pids) == {"delayline", "server", "pepa", "pepb"}
@@ -91,7 +94,7 @@ def test_cli_up_status_exec_split_down_leaves_nothing(prefix: str) -> None:
     assert "initcwnd" in r.stdout and "tcp_fastopen 0x207" in r.stdout
 
     r = _pep_lab("exec", "--prefix", prefix, "server", "--", "ip", "-4", "-o", "addr")
-    assert r.returncode == 0 and lab_mod.SERVER_IP in r.stdout
+    assert r.returncode == 0 and SERVER_IP in r.stdout
 
     r = _pep_lab("up", "--profile", "leo", "--prefix", prefix)
     assert r.returncode == 1 and "already exists" in r.stderr and "pep lab down" in r.stderr
@@ -104,7 +107,7 @@ def test_cli_up_status_exec_split_down_leaves_nothing(prefix: str) -> None:
     r = _pep_lab("split", "on", "--prefix", prefix)
     assert r.returncode == 0, r.stderr
     assert _pep_lab("status", "--prefix", prefix).stdout.count("pep: running") == 2
-    lab = lab_mod.Lab.load(prefix)
+    lab = Lab.load(prefix)
     assert lab is not None
     pids |= {n: int(lab.procs[n]["pid"]) for n in ("pepa", "pepb")}  # type: ignore[call-overload]
 
@@ -112,22 +115,20 @@ def test_cli_up_status_exec_split_down_leaves_nothing(prefix: str) -> None:
     assert r.returncode == 0 and "removed lab" in r.stdout
     assert not _namespaces(prefix)
     assert not any(_alive(pid) for pid in pids.values())
-    assert not (lab_mod.STATE_ROOT / prefix).exists()
+    assert not (STATE_ROOT / prefix).exists()
     r = _pep_lab("status", "--prefix", prefix)
     assert r.returncode == 1 and "no lab" in r.stderr
 
 
 def test_down_cleans_up_after_crashes_and_half_built_labs(prefix: str) -> None:
-    lab = lab_mod.up(
-        lab_mod.LabSpec(PROFILES["leo"].with_overrides(loss=0.01), "one-ended", True, prefix)
-    )
+    lab = lab_mod.up(LabSpec(PROFILES["leo"].with_overrides(loss=0.01), "one-ended", True, prefix))
     assert set(lab.nodes) == {"client", "pepa", "link", "server"}
     pids = [int(info["pid"]) for info in lab.procs.values()]  # type: ignore[call-overload]
     # A crash: the delay line and pep die without cleaning up, the state file is lost.
     for name in ("delayline", "pepa"):
         os.kill(int(lab.procs[name]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
     (lab.dir / "lab.json").unlink()
-    assert "no state file" in lab_mod.status_text(prefix)
+    assert "no state file" in status_text(prefix)
     r = _pep_lab("down", "--prefix", prefix)
     assert r.returncode == 0, r.stderr
     assert not _namespaces(prefix)
@@ -166,7 +167,7 @@ async def _connect_rtt(ns: str) -> float:
 @pytest.mark.parametrize("name", ["leo", "meo"])
 def test_rtt_within_5_percent_of_the_profile(prefix: str, name: str) -> None:
     profile = PROFILES[name]
-    lab = lab_mod.up(lab_mod.LabSpec(profile, pep=False, prefix=prefix))
+    lab = lab_mod.up(LabSpec(profile, pep=False, prefix=prefix))
 
     async def measure() -> list[float]:
         with trio.fail_after(30):
@@ -188,7 +189,7 @@ def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
     flow loses a third of its segments in slow start on a drop-tail tbf queue (measured), which
     says more about cubic than about the emulated rate."""
     profile = PROFILES["leo"]  # 100 Mbit/s down, 20 up, 40 ms
-    lab = lab_mod.up(lab_mod.LabSpec(profile, prefix=prefix))
+    lab = lab_mod.up(LabSpec(profile, prefix=prefix))
 
     async def measure() -> tuple[objects.Transfer, objects.Transfer, objects.Transfer]:
         with trio.fail_after(45):
@@ -211,7 +212,7 @@ def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
 
 def test_data_is_byte_exact_through_both_peps_with_loss(prefix: str) -> None:
     profile = PROFILES["leo"].with_overrides(loss=0.01)
-    lab = lab_mod.up(lab_mod.LabSpec(profile, prefix=prefix))
+    lab = lab_mod.up(LabSpec(profile, prefix=prefix))
 
     async def transfers() -> None:
         with trio.fail_after(50):

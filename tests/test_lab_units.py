@@ -15,7 +15,7 @@ import trio
 
 from pep import config as config_mod
 from pep.lab import bench, objects
-from pep.lab import lab as lab_mod
+from pep.lab import plan as lab_plan
 from pep.lab.profiles import (
     PROFILES,
     LinkProfile,
@@ -125,20 +125,20 @@ def test_overrides_and_json_round_trip() -> None:
 def test_link_table_from_the_profile_each_node_its_direction() -> None:
     geo = PROFILES["geo"]
     # pepb sends the downlink and receives the uplink; pepa the other way round.
-    assert lab_mod.link_table(geo, "down") == {
+    assert lab_plan.link_table(geo, "down") == {
         "interface": "sat0",
         "rtt": "600ms",
         "egress_rate": "20000000bit",
         "ingress_rate": "5000000bit",
     }
-    assert lab_mod.link_table(geo, "up")["egress_rate"] == "5000000bit"  # type: ignore[index]
-    assert lab_mod.link_table(PROFILES["lan"], "down") is None  # no delay, no rate
-    assert lab_mod.link_table(geo.with_overrides(up_bps=0), "down") is None  # unlimited
+    assert lab_plan.link_table(geo, "up")["egress_rate"] == "5000000bit"  # type: ignore[index]
+    assert lab_plan.link_table(PROFILES["lan"], "down") is None  # no delay, no rate
+    assert lab_plan.link_table(geo.with_overrides(up_bps=0), "down") is None  # unlimited
 
 
 def test_pep_config_is_accepted_by_pep_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    link = lab_mod.link_table(PROFILES["geo"], "down")
-    text = lab_mod.pep_config_text("sat0", link, "/run/pep-lab/x/pepb.sock")
+    link = lab_plan.link_table(PROFILES["geo"], "down")
+    text = lab_plan.pep_config_text("sat0", link, "/run/pep-lab/x/pepb.sock")
     path = tmp_path / "pepb.toml"
     path.write_text(text)
     cfg = config_mod.load(path, {})
@@ -159,17 +159,17 @@ def test_pep_config_without_fastopen_fields(monkeypatch) -> None:  # type: ignor
         newer = ("tcp_fastopen", "fastopen_wait", "drain_timeout", "status_socket", "link")
         return tuple(f for f in real(cls) if f.name not in newer)
 
-    monkeypatch.setattr(lab_mod.dataclasses, "fields", older)
-    link = lab_mod.link_table(PROFILES["geo"], "up")
-    raw = tomllib.loads(lab_mod.pep_config_text("lan0", link, "/run/x/pepa.sock"))
+    monkeypatch.setattr(lab_plan.dataclasses, "fields", older)
+    link = lab_plan.link_table(PROFILES["geo"], "up")
+    raw = tomllib.loads(lab_plan.pep_config_text("lan0", link, "/run/x/pepa.sock"))
     assert raw == {"interfaces": ["lan0"], "log_level": "info"}
 
 
 def test_prefix_must_not_contain_a_dash() -> None:
-    with pytest.raises(lab_mod.LabError, match="letters, digits or '_'"):
-        lab_mod.LabSpec(PROFILES["geo"], prefix="lab-x")
-    with pytest.raises(lab_mod.LabError, match="topology"):
-        lab_mod.LabSpec(PROFILES["geo"], topology="ring")
+    with pytest.raises(lab_plan.LabError, match="letters, digits or '_'"):
+        lab_plan.LabSpec(PROFILES["geo"], prefix="lab-x")
+    with pytest.raises(lab_plan.LabError, match="topology"):
+        lab_plan.LabSpec(PROFILES["geo"], topology="ring")
 
 
 def test_table_round_trips_through_its_parser() -> None:

@@ -352,11 +352,12 @@ def test_a_lab_run_of_6_parallel_fetches_is_byte_exact() -> None:
     every byte checked (pep.lab.objects raises on a wrong body), nothing dropped unchecked."""
     from pep.lab import lab as lab_mod
     from pep.lab import workloads
+    from pep.lab.plan import LabSpec
     from pep.lab.profiles import PROFILES
     from tests.netenv import unique_prefix
 
     prefix = unique_prefix("lkl")
-    lab = lab_mod.up(lab_mod.LabSpec(PROFILES["leo"], prefix=prefix))
+    lab = lab_mod.up(LabSpec(PROFILES["leo"], prefix=prefix))
     try:
         for node in ("pepa", "pepb"):
             text = (lab.dir / f"{node}.toml").read_text()

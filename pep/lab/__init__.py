@@ -6,7 +6,11 @@ Pieces, each usable alone:
 - ``delayline``: the userspace delay line (this kernel has no netem), run as its own process;
   ``delay_schedule`` its pure scheduling core, ``link_rules`` the link's loss and queue rules;
 - ``objects``: a small HTTP-like object server and a fetch client that checks every byte;
-- ``lab``: builds, records, inspects and removes a lab (namespaces, tc, processes);
+- ``plan``: what a lab is made of (nodes, links, routes, addresses, each node's settings and
+  pep config), pure;
+- ``lab``: builds and removes a lab (namespaces, tc, sysctls, its processes started);
+- ``state``: a lab that exists: its state file and its processes; ``status`` reports on it;
+- ``workloads``: the traffic ``pep lab bench`` measures;
 - ``bench``: the with/without-PEP comparison behind ``pep lab demo`` and ``pep lab bench``;
 - ``cli``: the ``pep lab`` subcommands.
 """

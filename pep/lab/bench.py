@@ -29,7 +29,9 @@ import trio
 
 from pep.lab import lab as lab_mod
 from pep.lab import workloads as wl
+from pep.lab.plan import LabSpec
 from pep.lab.profiles import format_size
+from pep.lab.state import Lab
 
 __all__ = [
     "BenchRun",
@@ -213,7 +215,7 @@ def selected(
 
 
 def run(
-    spec: lab_mod.LabSpec,
+    spec: LabSpec,
     workloads: list[wl.Workload],
     reps: int = 1,
     timeout: float = 300.0,
@@ -253,9 +255,7 @@ def run(
     return result
 
 
-async def _timed(
-    w: wl.Workload, lab: lab_mod.Lab, mode: str, rep: int, timeout: float
-) -> list[wl.Sample]:
+async def _timed(w: wl.Workload, lab: Lab, mode: str, rep: int, timeout: float) -> list[wl.Sample]:
     with trio.fail_after(timeout):
         return await w.run(lab, mode, rep)
 

@@ -135,12 +135,12 @@ def _profile(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from pep.lab import lab as lab_mod
+    from pep.lab.plan import LabError
     from pep.lab.profiles import ParseError
 
     try:
         return _dispatch(args)
-    except (lab_mod.LabError, ParseError) as e:
+    except (LabError, ParseError) as e:
         print(f"pep lab: {e}", file=sys.stderr)
         return 2 if isinstance(e, ParseError) else 1
     except KeyboardInterrupt:
@@ -149,22 +149,25 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from pep.lab import lab as lab_mod
+    from pep.lab.lab import check_environment, down, up
+    from pep.lab.plan import LabError, LabSpec
+    from pep.lab.state import Lab
+    from pep.lab.status import status_text
 
     cmd = args.lab_command
     if cmd == "status":
-        print(lab_mod.status_text(args.prefix))
+        print(status_text(args.prefix))
         return 0
     if cmd in ("up", "demo", "bench"):
         prof = _profile(args)  # parse errors before anything else
-    lab_mod.check_environment()
+    check_environment()
     if cmd == "up":
-        spec = lab_mod.LabSpec(prof, args.topology, not args.no_pep, args.prefix)
-        lab_mod.up(spec, lambda msg: print(msg, file=sys.stderr, flush=True))
-        print(lab_mod.status_text(args.prefix))
+        spec = LabSpec(prof, args.topology, not args.no_pep, args.prefix)
+        up(spec, lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(status_text(args.prefix))
         return 0
     if cmd == "down":
-        removed = lab_mod.down(args.prefix)
+        removed = down(args.prefix)
         if removed:
             print(f"removed lab {args.prefix!r}: {', '.join(removed)}")
         else:
@@ -173,9 +176,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "exec":
         return _exec(args)
     if cmd == "split":
-        lab = lab_mod.Lab.load(args.prefix)
+        lab = Lab.load(args.prefix)
         if lab is None:
-            raise lab_mod.LabError(f"no lab with prefix {args.prefix!r}")
+            raise LabError(f"no lab with prefix {args.prefix!r}")
         lab.set_split(args.state == "on")
         print(f"pep {args.state} on {', '.join(lab.pep_nodes)}")
         return 0
@@ -183,7 +186,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _exec(args: argparse.Namespace) -> int:
-    from pep.lab import lab as lab_mod
+    from pep.lab.plan import LabError
+    from pep.lab.state import exists
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -193,17 +197,15 @@ def _exec(args: argparse.Namespace) -> int:
         return 2
     node = args.node.lower()
     ns = f"{args.prefix}-{node}"
-    if not lab_mod.exists(args.prefix) or not os.path.exists(f"/run/netns/{ns}"):
-        raise lab_mod.LabError(
-            f"no node {node!r} in lab {args.prefix!r} (nodes: {', '.join(NODES)})"
-        )
+    if not exists(args.prefix) or not os.path.exists(f"/run/netns/{ns}"):
+        raise LabError(f"no node {node!r} in lab {args.prefix!r} (nodes: {', '.join(NODES)})")
     os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
     return 1  # not reached
 
 
 def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-def]
     from pep.lab import bench, profiles
-    from pep.lab import lab as lab_mod
+    from pep.lab.plan import LabSpec
 
     sizes = profiles.parse_sizes(args.sizes)
     reps = getattr(args, "reps", 1)
@@ -219,7 +221,7 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
                 f"--workloads {args.workloads!r}: choose from {', '.join(WORKLOADS)}"
             )
         chosen = bench.selected(names, sizes)
-    spec = lab_mod.LabSpec(prof, args.topology, True, args.prefix)
+    spec = LabSpec(prof, args.topology, True, args.prefix)
     progress = bench.Progress()
     result = bench.run(spec, chosen, reps, args.timeout, progress)
     print(f"{prof.describe()}, {args.topology}" + (f", median of {reps}" if reps > 1 else ""))

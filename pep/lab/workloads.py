@@ -27,13 +27,14 @@ from typing import Any
 
 import trio
 
-from pep.lab import lab as lab_mod
 from pep.lab import objects
+from pep.lab.plan import SERVER_IP, SERVER_PORT
 from pep.lab.profiles import format_size
+from pep.lab.state import Lab
 
 __all__ = ["WORKLOADS", "Sample", "Workload", "page_objects"]
 
-SERVER = (lab_mod.SERVER_IP, lab_mod.SERVER_PORT)
+SERVER = (SERVER_IP, SERVER_PORT)
 PARALLEL = (1, 3, 6, 20)
 PARALLEL_SIZE = 1_000_000
 UPLOADS, UPLOAD_SIZE = 6, 1_000_000
@@ -60,7 +61,7 @@ class Sample:
 class Workload:
     name: str
     title: str
-    run: Callable[[lab_mod.Lab, str, int], Awaitable[list[Sample]]]
+    run: Callable[[Lab, str, int], Awaitable[list[Sample]]]
     loss: float = 0.0  # run in a lab with this much loss (the profile's otherwise)
 
 
@@ -71,7 +72,7 @@ def page_objects() -> list[int]:
 
 
 async def _measured(
-    lab: lab_mod.Lab,
+    lab: Lab,
     workload: str,
     case: str,
     mode: str,
@@ -106,7 +107,7 @@ def _spread(times: list[float]) -> dict[str, Any]:
     }
 
 
-async def single(lab: lab_mod.Lab, mode: str, rep: int, sizes: list[int]) -> list[Sample]:
+async def single(lab: Lab, mode: str, rep: int, sizes: list[int]) -> list[Sample]:
     out = []
     for size in sizes:
 
@@ -119,7 +120,7 @@ async def single(lab: lab_mod.Lab, mode: str, rep: int, sizes: list[int]) -> lis
     return out
 
 
-async def parallel(lab: lab_mod.Lab, mode: str, rep: int, counts: tuple[int, ...] = PARALLEL):
+async def parallel(lab: Lab, mode: str, rep: int, counts: tuple[int, ...] = PARALLEL):
     out = []
     for n in counts:
 
@@ -135,7 +136,7 @@ async def parallel(lab: lab_mod.Lab, mode: str, rep: int, counts: tuple[int, ...
     return out
 
 
-async def upload(lab: lab_mod.Lab, mode: str, rep: int) -> list[Sample]:
+async def upload(lab: Lab, mode: str, rep: int) -> list[Sample]:
     async def body() -> tuple[float, dict[str, Any], list[tuple[float, int]]]:
         times = await _together(
             UPLOADS, lambda: objects.upload(lab.ns("client"), SERVER, UPLOAD_SIZE)
@@ -148,7 +149,7 @@ async def upload(lab: lab_mod.Lab, mode: str, rep: int) -> list[Sample]:
     return [sample]
 
 
-async def page(lab: lab_mod.Lab, mode: str, rep: int) -> list[Sample]:
+async def page(lab: Lab, mode: str, rep: int) -> list[Sample]:
     """The HTML on the first connection; once it is in, the objects over six connections
     (the first one reused), each taking the next object as soon as its last one is in."""
 
@@ -184,7 +185,7 @@ async def page(lab: lab_mod.Lab, mode: str, rep: int) -> list[Sample]:
     return [sample]
 
 
-async def interactive(lab: lab_mod.Lab, mode: str, rep: int) -> list[Sample]:
+async def interactive(lab: Lab, mode: str, rep: int) -> list[Sample]:
     """Ten small requests on the idle link, then ten during a 50 MB download: how long a
     click waits while someone else downloads."""
 
@@ -222,14 +223,14 @@ async def interactive(lab: lab_mod.Lab, mode: str, rep: int) -> list[Sample]:
     return out
 
 
-async def loss(lab: lab_mod.Lab, mode: str, rep: int) -> list[Sample]:
+async def loss(lab: Lab, mode: str, rep: int) -> list[Sample]:
     samples = await single(lab, mode, rep, [10_000_000])
     for s in samples:
         s.workload, s.case = "loss", f"10 MB, {lab.profile.loss * 100:g} % loss"
     return samples
 
 
-def _single_default(lab: lab_mod.Lab, mode: str, rep: int) -> Awaitable[list[Sample]]:
+def _single_default(lab: Lab, mode: str, rep: int) -> Awaitable[list[Sample]]:
     return single(lab, mode, rep, [100_000, 1_000_000, 10_000_000])
 
 

@@ -1,0 +1,91 @@
+"""``pep lab status``: what a lab is, what runs in it and what its link has done, as text.
+
+Read from the state file (pep.lab.state) and the delay line's stats file; the namespaces that
+really exist are checked against what the state file says, so a half-removed or crashed lab
+shows as such.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from pep.lab.plan import PEP_NODES, SERVER_PORT, LabError
+from pep.lab.state import Lab, lab_namespaces
+
+__all__ = ["status_text"]
+
+
+def _age(created: str) -> str:
+    try:
+        then = dt.datetime.fromisoformat(created)
+    except ValueError:
+        return "?"
+    s = int((dt.datetime.now(dt.UTC) - then).total_seconds())
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _delayline_summary(lab: Lab) -> list[str]:
+    try:
+        stats = json.loads((lab.dir / "delayline.json").read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for name, d in stats.get("directions", {}).items():
+        overflow = d.get("queue_dropped", 0) + d.get("user_dropped", 0)
+        out.append(
+            f"    {name:<4} {d['interface']}: {d['arrived']} packets delayed "
+            f"{d['delay_ms']:g} ms, held now {d['held']} (max {d['max_held']} of "
+            f"{d['maxlen']}), overflow {overflow} (queue dropped {d.get('queue_dropped', 0)}, "
+            f"user dropped {d.get('user_dropped', 0)}, ENOBUFS {d.get('enobufs', 0)})"
+        )
+    return out
+
+
+def status_text(prefix: str) -> str:
+    """Human-readable state of the lab; raises LabError when there is no such lab."""
+    namespaces = lab_namespaces(prefix)
+    lab = Lab.load(prefix)
+    if lab is None:
+        if namespaces:
+            return (
+                f"lab {prefix!r}: namespaces {', '.join(namespaces)} exist but there is no "
+                f"state file (a crashed `pep lab up`?); remove them with "
+                f"`pep lab down --prefix {prefix}`"
+            )
+        raise LabError(f"no lab with prefix {prefix!r} (start one with `pep lab up`)")
+    p = lab.profile
+    mode = "PEP" if lab.pep else "no PEP"
+    lines = [
+        f"lab {prefix!r}: {p.name.upper()} {lab.topology}, {mode}, up {_age(lab.created)}",
+        f"link: {p.describe()}; {p.rtt_ms / 2:g} ms each way",
+    ]
+    if "delayline" in lab.procs:
+        state = "running" if lab.running("delayline") else "NOT RUNNING (link is down)"
+        lines.append(
+            f"  delay line: {state} (pid {lab.procs['delayline']['pid']}; "
+            "counters refreshed every second)"
+        )
+        lines += _delayline_summary(lab)
+    if lab.congestion:
+        lines.append(f"  link-leg congestion control on the PEP nodes: {lab.congestion}")
+    lines.append("nodes:")
+    for node, ifaces in lab.nodes.items():
+        ns = lab.ns(node)
+        present = "" if ns in namespaces else "  (namespace MISSING)"
+        addrs = ", ".join(f"{i} {a}" for i, a in ifaces.items())
+        lines.append(f"  {node:<7} {ns:<{len(prefix) + 8}} {addrs}{present}")
+        if node in PEP_NODES:
+            if not lab.pep:
+                lines.append("          pep: not used (--no-pep)")
+            elif node in lab.procs:
+                pid = lab.procs[node]["pid"]
+                state = f"running (pid {pid})" if lab.running(node) else "stopped"
+                lines.append(f"          pep: {state}, splitting {PEP_NODES[node][0]}")
+        if node == "server" and "server" in lab.procs:
+            state = "running" if lab.running("server") else "NOT RUNNING"
+            lines.append(f"          object server :{SERVER_PORT}: {state}")
+        for note in lab.settings.get(node, []):
+            lines.append(f"          {note}")
+    lines.append(f"logs and configs: {lab.dir}")
+    return "\n".join(lines)
