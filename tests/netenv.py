@@ -15,6 +15,7 @@ daemon is in tests/daemon.py, crafted packets in tests/packets.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -260,6 +261,20 @@ async def hash_to_eof(sock: trio.socket.SocketType) -> tuple[str, int]:
         if not b:
             return h.hexdigest(), total
         h.update(b)
+        total += len(b)
+
+
+async def read_until_end(sock: trio.socket.SocketType) -> tuple[str, int]:
+    """("eof" | "reset", bytes read) for a socket read to its end."""
+    total = 0
+    while True:
+        try:
+            b = await sock.recv(1 << 20)
+        except OSError as e:
+            assert e.errno in (errno.ECONNRESET, errno.EPIPE), e
+            return "reset", total
+        if not b:
+            return "eof", total
         total += len(b)
 
 
