@@ -38,6 +38,7 @@ __all__ = [
     "interface_names",
     "key",
     "nets",
+    "parse_listen_address",
     "ports",
     "rate",
     "reloadable",
@@ -270,3 +271,16 @@ def congestion(key: str, value: object) -> str:
             key, value, f"is not available on this kernel (available: {' '.join(available)})"
         )
     return value
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9560"`` or ``"[::1]:9560"`` -> (address, port); ValueError otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    else:
+        ipaddress.IPv4Address(host)
+    return host, int(port)

@@ -81,12 +81,24 @@ def _parser() -> argparse.ArgumentParser:
             "install the rules (replacing stale ones); nothing reads the queue, "
             "so SYNs pass unsplit until `pep run` starts",
         ),
-        ("remove", "remove every rule, chain and policy route pep installed"),
+        (
+            "remove",
+            "remove every rule, chain and policy route pep installed, and put back the routes "
+            "it gave initial windows ([link])",
+        ),
         ("show", "print pep's installed rules (iptables-save syntax) and routes, per family"),
     ):
         p = rules_sub.add_parser(name, help=text, description=text)
         if name == "install":
             _common(p)
+    peer = sub.add_parser("peer", help="[peer]: pre-connected legs between two PEPs")
+    peer_sub = peer.add_subparsers(dest="action", required=True, metavar="ACTION")
+    peer_sub.add_parser(
+        "keygen",
+        help="print a new shared key (hex); the same file at both ends, mode 0600",
+        description="Print a new 32-byte key as hex: `pep peer keygen > /etc/pep/peer.key && "
+        "chmod 600 /etc/pep/peer.key`, then copy that file to the other PEP.",
+    )
     from pep.lab import cli as lab_cli
 
     lab_cli.add_parser(sub)
@@ -156,6 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pep.lab import cli as lab_cli
 
         return lab_cli.main(args)
+    if args.command == "peer":  # keygen
+        from pep.peer import keygen
+
+        print(keygen())
+        return 0
     if args.command == "status":
         return _status(args)
     if args.command == "rules" and args.action in ("remove", "show"):
@@ -195,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pep import linkctl
 
             linkctl.check(cfg.link)  # a link interface that is not there: nothing installed
+        if cfg.peer is not None:
+            from pep.peer import load_key
+
+            load_key(cfg.peer.key_file)  # readable by others, or too short: nothing installed
     except config_mod.ConfigError as e:
         print(f"pep: {e}", file=sys.stderr)
         return 2

@@ -37,11 +37,13 @@ from pep.checks import (
     interface_names,
     key,
     nets,
+    parse_listen_address,
     seconds,
     table,
 )
 from pep.link import Link
 from pep.paths import default_status_socket
+from pep.peer import Peer
 from pep.policy import Rule, parse_rules
 
 __all__ = ["Config", "ConfigError", "LegTuning", "build", "load", "read_file"]
@@ -127,19 +129,6 @@ def _socket_path(key: str, value: object) -> str:
     if len(value.encode()) > 103:
         raise ConfigError(key, value, "is too long for a unix socket (at most 103 bytes)")
     return value
-
-
-def parse_listen_address(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:9560"`` or ``"[::1]:9560"`` -> (address, port); ValueError otherwise."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError("port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
-    else:
-        ipaddress.IPv4Address(host)
-    return host, int(port)
 
 
 def _listen_address(key: str, value: object) -> str:
@@ -263,6 +252,9 @@ class Config:
     # windows on its routes, sizes and paces the link legs, and shares the link among them.
     # None (no [link] table): none of that, as before the table existed.
     link: Link | None = key(None, table(Link), reload=True)  # noqa: RUF009
+    # Pooled connections to a far PEP (connect), or from near PEPs (listen) (pep.peer): flows
+    # across the link skip the PEP-to-PEP handshake. Restart to change: it owns sockets.
+    peer: Peer | None = key(None, table(Peer))  # noqa: RUF009
 
     def upstream_tuning(self, dst: str) -> LegTuning:
         """The upstream leg's tuning for this destination: first matching override, else default."""
@@ -314,6 +306,8 @@ def build(settings: Mapping[str, object]) -> Config:
         )
     if cfg.queue + cfg.workers - 1 > 65535:
         raise ConfigError("workers", cfg.workers, f"queue {cfg.queue} + workers - 1 exceeds 65535")
+    if cfg.peer is not None and (problem := cfg.peer.problem()) is not None:
+        raise ConfigError(*problem)
     if cfg.workers > 1 and not cfg.status_socket:
         raise ConfigError(
             "status_socket", "", "is needed with workers > 1 (the workers report through it)"

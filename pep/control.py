@@ -34,6 +34,7 @@ from pep.tuning import apply_tuning
 
 if TYPE_CHECKING:  # the data path's parts; the workers' master imports this module without them
     from pep.listener import Listener
+    from pep.peerserve import PeerListener
     from pep.session import Sessions
     from pep.syn_queue import SynQueue
 
@@ -182,9 +183,11 @@ class Runtime:
         queues: tuple[int, int],
         worker: int | None = None,
         reload: Callable[[], Config] | None = None,
+        peer_listener: PeerListener | None = None,
     ) -> None:
         self.cfg = cfg
         self.listener = listener
+        self.peer_listener = peer_listener
         self.sessions = sessions
         self.queue = queue
         self.flows = flows
@@ -222,7 +225,18 @@ class Runtime:
             worker=self.worker,
             reloads=self.reloads,
             link=self.sessions.links.snapshot(),
+            peer=self.peer_snapshot(),
         )
+
+    def peer_snapshot(self) -> dict[str, object] | None:
+        """[peer]'s part of pep status: the pool (near end), the listener (far end)."""
+        pool, far = self.sessions.pool, self.peer_listener
+        if pool is None and far is None:
+            return None
+        return {
+            "pool": pool.snapshot() if pool is not None else None,
+            "listener": far.snapshot() if far is not None else None,
+        }
 
     async def get_document(self) -> status.Doc:
         return self.document()

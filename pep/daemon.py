@@ -24,6 +24,9 @@ from pep.flows import FlowTable
 from pep.linkctl import LinkLegs
 from pep.linkshare import SLOTS_ENV, WorkerSlots
 from pep.listener import Listener
+from pep.peer import load_key
+from pep.peerpool import PeerPool
+from pep.peerserve import PeerListener
 from pep.preconnect import PreConnector
 from pep.session import Sessions
 from pep.syn_queue import SynQueue
@@ -131,8 +134,14 @@ async def serve(
     # strict mode's upstreams (opened as a session opens them): it closes those left unclaimed
     preconnect = PreConnector(functools.partial(open_for, links=links))
     flows = FlowTable(cfg.flow_table_size, cfg.flow_ttl, on_drop=preconnect.discard)
-    sessions = Sessions(cfg, flows, links)
+    # [peer]: connections to the far PEP kept ready (near end), and its listener (far end).
+    secret = load_key(cfg.peer.key_file) if cfg.peer is not None else b""
+    near = cfg.peer is not None and cfg.peer.connect
+    pool = PeerPool(cfg.peer, secret, cfg, links) if near and cfg.peer else None
+    sessions = Sessions(cfg, flows, links, pool)
     listener = Listener(cfg, sessions)
+    far = cfg.peer is not None and cfg.peer.listen
+    peer_listener = PeerListener(cfg.peer, secret, cfg, sessions) if far and cfg.peer else None
     mine = cfg.worker_queues(worker)
     queue = SynQueue(
         cfg,
@@ -152,10 +161,13 @@ async def serve(
         queues=(mine[0], mine[-1]),
         worker=worker,
         reload=reload,
+        peer_listener=peer_listener,
     )
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             listener.bind()
+            if peer_listener is not None:
+                peer_listener.bind()
             queue.open()
             await rt.services.open()
             if worker is None:
@@ -166,9 +178,13 @@ async def serve(
                 services.start_soon(rt.watch_signals, signals)
                 async with trio.open_nursery() as connections:
                     await connections.start(links.run)  # pacing the link legs to the end
+                    if pool is not None:
+                        await connections.start(pool.run)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(queue.run)
                         nursery.start_soon(listener.serve, connections)
+                        if peer_listener is not None:
+                            nursery.start_soon(peer_listener.serve, connections)
                         if worker is None:
                             log.info(
                                 "ready: splitting TCP from %s via queue %s to port %d",
@@ -189,6 +205,8 @@ async def serve(
                             await rt.accept_grace()  # handshakes redirected just before
                         nursery.cancel_scope.cancel()
                     listener.close()  # stop accepting
+                    if peer_listener is not None:
+                        peer_listener.close()
                     await rt.drain(connections.cancel_scope)
                 services.cancel_scope.cancel()
     finally:
@@ -196,6 +214,8 @@ async def serve(
             remove_rules()
         queue.close()
         listener.close()
+        if peer_listener is not None:
+            peer_listener.close()
         flows.clear()  # closes strict mode's unclaimed upstreams (PreConnector.discard)
         rt.services.close()
         q, lc = queue.counters, listener.counters

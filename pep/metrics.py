@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from pep.config import parse_listen_address
+from pep.checks import parse_listen_address
 
 __all__ = ["exposition", "families", "open_listeners", "reason_label", "serve_metrics"]
 
@@ -160,6 +160,7 @@ def families(doc: Doc) -> Iterator[Metric]:
         yield from (waiting, dropped, user)
 
     yield from _link_families(doc.get("link"))
+    yield from _peer_families(doc.get("peer"))
     g = GaugeMetricFamily("pep_draining", "1 after SIGTERM while live connections finish.")
     g.add_metric([], 1 if doc["state"] == "draining" else 0)
     yield g
@@ -206,6 +207,56 @@ def _link_families(link: dict[str, Any] | None) -> Iterator[Metric]:
         c = CounterMetricFamily(name, text, labels=["interface"])
         c.add_metric(iface, link[key])
         yield c
+
+
+def _peer_families(peer: dict[str, Any] | None) -> Iterator[Metric]:
+    """The [peer] section: the pool (near end) and the peer listener (far end)."""
+    if not peer:
+        return
+    if pool := peer.get("pool"):
+        for name, key, text in (
+            ("pep_peer_pool_target", "target", "Pooled connections the pool aims to keep ready."),
+            ("pep_peer_pool_ready", "ready", "Pooled connections ready for a flow."),
+            ("pep_peer_pool_in_use", "in_use", "Pooled connections carrying a flow."),
+        ):
+            g = GaugeMetricFamily(name, text)
+            g.add_metric([], pool[key])
+            yield g
+        for name, key, text in (
+            ("pep_peer_pool_opened", "opened", "Pooled connections opened and authenticated."),
+            ("pep_peer_fallback", "fallback", "Flows that went direct: no ready connection."),
+            ("pep_peer_died_idle", "died_idle", "Pooled connections lost while idle."),
+            ("pep_peer_connect_failures", "connect_failed", "Failed connects to the far PEP."),
+        ):
+            c = CounterMetricFamily(name, text)
+            c.add_metric([], pool[key])
+            yield c
+    c = CounterMetricFamily(
+        "pep_peer_auth_failures", "Handshakes that failed, by end.", labels=["side"]
+    )
+    if pool:
+        c.add_metric(["near"], pool["auth_failed"])
+    if far := peer.get("listener"):
+        c.add_metric(["far"], far["auth_failed"])
+        for name, key, text in (
+            ("pep_peer_accepted", "accepted", "Peer connections that proved the key."),
+            ("pep_peer_flows", "flows", "Flows the peer listener connected and relayed."),
+            (
+                "pep_peer_upstream_failures",
+                "upstream_failed",
+                "Peer flows whose destination failed.",
+            ),
+        ):
+            m = CounterMetricFamily(name, text)
+            m.add_metric([], far[key])
+            yield m
+        r = CounterMetricFamily(
+            "pep_peer_refused", "Peer connections closed unserved, by reason.", labels=["reason"]
+        )
+        for reason in ("not_allowed", "bad_header", "forbidden"):
+            r.add_metric([reason], far[reason])
+        yield r
+    yield c
 
 
 def _le(bound: float) -> str:

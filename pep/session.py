@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import trio
 
+from pep import peerwire
 from pep.config import Config
-from pep.connections import ConnectionTable
-from pep.flows import FlowTable
+from pep.connections import Connection, ConnectionTable
+from pep.flows import Flow, FlowTable
 from pep.linkctl import LinkLegs
 from pep.linkshare import LinkLeg
 from pep.origdst import LocalAddresses, OriginalDst
+from pep.peerpool import PeerGone, PeerPool, read_exactly, send_all
 from pep.relay import Relayer, RelayStats
 from pep.tuning import abort, apply_tuning, reset_if_killed
 from pep.upstream import UpstreamError, open_for
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # What one Fast Open SYN can carry is bounded by the MSS; more is sent after the handshake.
 _FIRST_BYTES_MAX = 64 * 1024
+# How much longer than connect_timeout a flow waits for the far PEP's STATUS: its own connect
+# is bounded by its connect_timeout, and the answer still has to cross the link (5 s: the
+# longest [link] rtt).
+PEER_STATUS_MARGIN = 5.0
 
 
 @dataclass(slots=True)
@@ -58,13 +64,20 @@ class Sessions:
     """Runs the session of every connection one listener accepts (``run``, one task each),
     and holds what they share: the flow table, the connection table, the relay engine."""
 
-    def __init__(self, cfg: Config, flows: FlowTable, links: LinkLegs | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        flows: FlowTable,
+        links: LinkLegs | None = None,
+        pool: PeerPool | None = None,
+    ) -> None:
         # The running config, read per connection (timeouts, pipe size, the upstream leg):
         # pep.control swaps it on SIGHUP, so live connections keep what they started with.
         self.cfg = cfg
         self.flows = flows
         # The link (pep.linkctl): which legs cross it, their tuning and their pacing.
         self.links = links if links is not None else LinkLegs(None)
+        self.pool = pool  # [peer] connect: pooled connections to the far PEP
         self.counters = ListenerCounters()
         self.table = ConnectionTable()  # live connections and totals: pep status, metrics
         self.relayer = Relayer()  # moves the bytes of every connection (pep.relay)
@@ -121,15 +134,13 @@ class Sessions:
         t0 = time.monotonic()
         conn = self.table.open(peer, dst, flow_text)
         upstream = None
+        first = b""
+        via = dst[0]  # where the upstream leg goes: the destination, or the far PEP
         try:
-            first = b""
             if flow is not None and flow.upstream is not None:
                 upstream = flow.upstream  # strict mode: opened before the SYN was let through
             else:
-                if self.cfg.tcp_fastopen:
-                    first = await self._first_bytes(client)
-                syn = flow.syn if flow else None
-                upstream = await open_for(self.cfg, dst, peer, syn, first, links=self.links)
+                upstream, first, via = await self._upstream(client, peer, dst, flow)
             if first:
                 await self._consume(client, len(first))
         except UpstreamError as e:
@@ -151,6 +162,89 @@ class Sessions:
             if upstream is not None:
                 abort(upstream)
             raise
+        pooled = via != dst[0]
+        if pooled:
+            self.pool.counters.in_use += 1  # type: ignore[union-attr]
+        try:
+            await self.relay(
+                conn, client, upstream, peer=peer, dst=dst, flow_text=flow_text, t0=t0,
+                first=len(first), client_via=peer[0], upstream_via=via,
+            )  # fmt: skip
+        finally:
+            if pooled:
+                self.pool.counters.in_use -= 1  # type: ignore[union-attr]
+
+    async def _upstream(
+        self,
+        client: socket.socket,
+        peer: tuple[str, int],
+        dst: tuple[str, int],
+        flow: Flow | None,
+    ) -> tuple[socket.socket, bytes, str]:
+        """The upstream leg, its Fast Open bytes (to be consumed from the client) and the
+        address it goes to: through a pooled connection to the far PEP when there is one for
+        this destination ([peer]), else direct (and counted a fallback when the pool had none,
+        or the one it had died before the far end answered). UpstreamError when the far end
+        or the destination refused."""
+        first = b""
+        pool = self.pool
+        if pool is not None and pool.serves(dst[0]):
+            first = await self._first_bytes(client)
+            sock = pool.take()
+            if sock is not None:
+                try:
+                    status = await self._open_flow(sock, dst, peer, first)
+                except PeerGone as e:
+                    log.info("peer connection for %s:%d -> %s:%d: %s; going direct", *peer, *dst, e)
+                    abort(sock)
+                else:
+                    if status == peerwire.CONNECTED:
+                        return sock, first, pool.address[0]
+                    abort(sock)
+                    raise UpstreamError(f"far end: {peerwire.STATUS_TEXT[status]}")
+            pool.counters.fallback += 1
+            if not self.cfg.tcp_fastopen:
+                first = b""  # peeked, not sent: it stays in the client's socket for the relay
+        elif self.cfg.tcp_fastopen:
+            first = await self._first_bytes(client)
+        syn = flow.syn if flow else None
+        upstream = await open_for(self.cfg, dst, peer, syn, first, links=self.links)
+        return upstream, first, dst[0]
+
+    async def _open_flow(
+        self, sock: socket.socket, dst: tuple[str, int], peer: tuple[str, int], first: bytes
+    ) -> int:
+        """Send the FLOW header and the client's first bytes on a pooled connection; the far
+        end's STATUS once it has tried the destination (its connect bounded by its own
+        connect_timeout: ours waits that long, plus a margin for the link)."""
+        transparent = self.cfg.transparent_source
+        header = peerwire.encode_flow(peerwire.Flow(dst, peer, transparent))
+        with trio.move_on_after(self.cfg.connect_timeout + PEER_STATUS_MARGIN) as waiting:
+            await send_all(sock, header + first)
+            status = peerwire.parse_status(await read_exactly(sock, 1))
+        if waiting.cancelled_caught:
+            raise PeerGone("no answer from the far end")
+        assert status is not None
+        return status
+
+    async def relay(
+        self,
+        conn: Connection,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        peer: tuple[str, int],
+        dst: tuple[str, int],
+        flow_text: str,
+        t0: float,
+        first: int,
+        client_via: str,
+        upstream_via: str,
+    ) -> None:
+        """Relay one split connection and account for it (the far end of [peer] relays its
+        pooled connections here too). ``first``: bytes the upstream SYN already carried;
+        ``client_via`` / ``upstream_via``: where each leg's socket goes, for the link."""
+        c = self.counters
         reset_if_killed(upstream)
         c.split += 1
         c.active += 1
@@ -162,9 +256,9 @@ class Sessions:
             flow_text,
             connect_ms,
         )
-        stats = RelayStats(up=len(first))
+        stats = RelayStats(up=first)
         self.table.established(conn, stats, connect_ms / 1000)
-        legs = self._link_legs(client, peer, upstream, dst, stats)
+        legs = self._link_legs(client, client_via, upstream, upstream_via, stats)
         conn.links = legs
         try:
             await self.relayer.relay(
@@ -192,9 +286,9 @@ class Sessions:
     def _link_legs(
         self,
         client: socket.socket,
-        peer: tuple[str, int],
+        client_via: str,
         upstream: socket.socket,
-        dst: tuple[str, int],
+        upstream_via: str,
         stats: RelayStats,
     ) -> tuple[LinkLeg | None, LinkLeg | None]:
         """The legs of this connection that send into the link, entered in its sharer: the
@@ -206,11 +300,11 @@ class Sessions:
         if links.link is None or links.sharer is None:
             return None, None
         on_client = None
-        if links.faces(peer[0]):
+        if links.faces(client_via):
             apply_tuning(client, links.tuning(self.cfg.client))
             on_client = links.sharer.open(client, stats, up=False)
         on_upstream = None
-        if links.faces(dst[0]):
+        if links.faces(upstream_via):
             on_upstream = links.sharer.open(upstream, stats, up=True)
         return on_client, on_upstream
 

@@ -93,6 +93,7 @@ def document(
     worker: int | None = None,
     reloads: Mapping[str, Any] | None = None,
     link: Mapping[str, Any] | None = None,
+    peer: Mapping[str, Any] | None = None,
 ) -> Doc:
     """The status of one daemon process (``started``/``now`` are monotonic seconds);
     ``link`` is the link sharer's snapshot (pep.linkshare), None without [link]."""
@@ -147,6 +148,7 @@ def document(
         "kernel_queues_error": kernel_queues_error,
         "queue_portids": list(queue_portids),  # our netlink sockets: the proc file's "portid"
         "link": dict(link) if link is not None else None,
+        "peer": dict(peer) if peer is not None else None,
     }
 
 
@@ -158,6 +160,24 @@ def _legs(legs: tuple[Any, Any]) -> dict[str, Any] | None:
         if leg is not None
     }
     return out or None
+
+
+def _merge_peer(into: dict[str, Any] | None, more: Mapping[str, Any]) -> dict[str, Any]:
+    """Workers' [peer] sections: each worker keeps its own pool and serves its own peer
+    connections; the counts add up, the addresses are the same."""
+    out: dict[str, Any] = {} if into is None else into
+    for part in ("pool", "listener"):
+        if more.get(part) is None:
+            out.setdefault(part, None)
+            continue
+        mine = out.get(part) or {k: v for k, v in more[part].items() if not _number(v)}
+        _add(mine, more[part])
+        out[part] = mine
+    return out
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 # The link section's counters, summed over workers; the rest (its settings) is the master's.
@@ -190,6 +210,7 @@ def merge(master: Doc, workers: Iterable[tuple[int, Doc | str]]) -> Doc:
         kernel_queues_error=None,
         queue_portids=[],
         link=None,
+        peer=None,
     )
     for section in ("totals", "listener", "syn", "upstream_failures", "flows"):
         out[section] = {}
@@ -220,6 +241,8 @@ def merge(master: Doc, workers: Iterable[tuple[int, Doc | str]]) -> Doc:
         else:
             hist["counts"] = [a + b for a, b in zip(hist["counts"], lat["counts"], strict=True)]
             hist["sum"] += lat["sum"]
+        if doc.get("peer"):
+            out["peer"] = _merge_peer(out.get("peer"), doc["peer"])
         if doc.get("link"):
             link = out.get("link") or {**doc["link"], **dict.fromkeys(_LINK_SUMS, 0)}
             for k in _LINK_SUMS:
@@ -318,6 +341,21 @@ def render(doc: Doc, limit: int = 200) -> str:
     lines.append(
         f"flow table: {fl['pending']} pending, {fl['evicted']} evicted, {fl['expired']} expired"
     )
+    peer = doc.get("peer") or {}
+    if pool := peer.get("pool"):
+        lines.append(
+            f"peer pool {pool['connect']}: {pool['ready']} ready of {pool['target']}, "
+            f"{pool['in_use']} in use; {pool['opened']} opened, {pool['fallback']} flows went "
+            f"direct, {pool['died_idle']} died idle, {pool['connect_failed']} connect and "
+            f"{pool['auth_failed']} authentication failures"
+        )
+    if far := peer.get("listener"):
+        lines.append(
+            f"peer listener {far['listen']}: {far['accepted']} authenticated, {far['flows']} "
+            f"flows; refused: {far['not_allowed']} not allowed, {far['auth_failed']} "
+            f"handshake, {far['bad_header']} header, {far['forbidden']} destination; "
+            f"{far['upstream_failed']} destinations failed"
+        )
     link = doc.get("link")
     if link:
         lines.append(

@@ -45,15 +45,20 @@ __all__ = [
 ]
 
 MODES = ("without", "with")
+# "without": pep stopped (routed end to end); "direct": pep splitting, but without the
+# pre-connected legs ([peer]); "with": pep as the lab runs it (with them, when it has them).
+ALL_MODES = ("without", "direct", "with")
+LABELS = {"without": "without PEP", "direct": "PEP, direct legs", "with": "with PEP"}
 
 
 @dataclass
 class Row:
-    """One single-fetch size: median seconds without and with pep."""
+    """One single-fetch size: median seconds without and with pep (and ``direct``)."""
 
     size: int
     without_s: float
     with_s: float
+    direct_s: float | None = None
 
     @property
     def speedup(self) -> float:
@@ -87,6 +92,7 @@ class BenchRun:
     workloads: list[str]
     reps: int
     samples: list[wl.Sample] = field(default_factory=list)
+    modes: tuple[str, ...] = MODES
     congestion: str | None = None
     date: str = ""
     elapsed: float = 0.0
@@ -103,7 +109,7 @@ class BenchRun:
         out = []
         for workload, case in self.cases():
             mine = [s for s in self.samples if (s.workload, s.case) == (workload, case)]
-            by_mode = {m: [s for s in mine if s.mode == m] for m in MODES}
+            by_mode = {m: [s for s in mine if s.mode == m] for m in self.modes}
             if not all(by_mode.values()):
                 continue
 
@@ -131,7 +137,9 @@ class BenchRun:
         for s in self.summaries():
             if s.workload == "single":
                 size = next(x.details["size"] for x in self.samples if x.case == s.case)
-                out.append(Row(size, s.seconds["without"], s.seconds["with"]))
+                out.append(
+                    Row(size, s.seconds["without"], s.seconds["with"], s.seconds.get("direct"))
+                )
         return out
 
     def trace(self, mode: str) -> list[tuple[float, int]]:
@@ -153,17 +161,15 @@ class BenchRun:
             "workloads": self.workloads,
             "reps": self.reps,
             "elapsed_s": round(self.elapsed, 1),
+            "modes": list(self.modes),
             "summary": [
                 {
                     "workload": s.workload,
                     "case": s.case,
-                    "without_s": round(s.seconds["without"], 4),
-                    "with_s": round(s.seconds["with"], 4),
                     "ratio": round(s.ratio, 3),
-                    "slowest_without_s": round(s.slowest["without"], 4),
-                    "slowest_with_s": round(s.slowest["with"], 4),
-                    "drops_without": s.drops["without"],
-                    "drops_with": s.drops["with"],
+                    **{f"{m}_s": round(s.seconds[m], 4) for m in self.modes},
+                    **{f"slowest_{m}_s": round(s.slowest[m], 4) for m in self.modes},
+                    **{f"drops_{m}": s.drops[m] for m in self.modes},
                 }
                 for s in self.summaries()
             ],
@@ -179,7 +185,7 @@ class BenchRun:
                 }
                 for s in self.samples
             ],
-            "trace": {mode: self.trace(mode) for mode in MODES},
+            "trace": {mode: self.trace(mode) for mode in self.modes},
         }
 
 
@@ -220,8 +226,10 @@ def run(
     reps: int = 1,
     timeout: float = 300.0,
     progress: Progress | None = None,
+    modes: tuple[str, ...] = MODES,
 ) -> BenchRun:
-    """Build the lab(s), measure, tear down (also on failure or Ctrl-C)."""
+    """Build the lab(s), measure, tear down (also on failure or Ctrl-C). The modes' order
+    turns round every repetition, so a slow drift of the machine cannot favour one."""
     p = progress or Progress()
     t0 = time.monotonic()
     result = BenchRun(
@@ -229,6 +237,7 @@ def run(
         spec.topology,
         [w.name for w in workloads],
         reps,
+        modes=modes,
         date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     variants: dict[float, list[wl.Workload]] = {}
@@ -240,14 +249,14 @@ def run(
         try:
             result.congestion = lab.congestion
             for rep in range(reps):
-                for mode in ("with", "without") if rep % 2 == 0 else ("without", "with"):
-                    p.say(f"pep {'on' if mode == 'with' else 'off'} (rep {rep + 1}/{reps})")
-                    lab.set_split(mode == "with")
+                for mode in modes[:: -1 if rep % 2 else 1]:
+                    p.say(f"{LABELS[mode]} (rep {rep + 1}/{reps})")
+                    lab.set_split(mode != "without", direct=mode == "direct")
                     for w in group:
                         samples = trio.run(_timed, w, lab, mode, rep, timeout)
                         for s in samples:
                             result.samples.append(s)
-                            p.say(f"{s.workload} {s.case} {mode} PEP: {_describe(s)}")
+                            p.say(f"{s.workload} {s.case}, {LABELS[mode]}: {_describe(s)}")
         finally:
             p.say("tearing down the lab")
             lab_mod.down(variant.prefix, lab)
@@ -273,23 +282,25 @@ def _describe(s: wl.Sample) -> str:
 # tables
 
 
-_HEADER = (
-    f"{'size':<10}{'without PEP':>13}{'with PEP':>11}{'speedup':>9}"
-    f"{'goodput without':>18}{'goodput with':>15}"
-)
 _ROW = re.compile(
-    r"^(?P<size>\S+ [KMG]?i?B)\s+(?P<without>[\d.]+) s\s+(?P<with>[\d.]+) s\s+"
-    r"(?P<speedup>[\d.]+)x\s+(?P<gw>[\d.]+) Mbit/s\s+(?P<gp>[\d.]+) Mbit/s$"
+    r"^(?P<size>\S+ [KMG]?i?B)\s+(?P<without>[\d.]+) s\s+(?:(?P<direct>[\d.]+) s\s+)?"
+    r"(?P<with>[\d.]+) s\s+(?P<speedup>[\d.]+)x\s+(?P<gw>[\d.]+) Mbit/s\s+(?P<gp>[\d.]+) Mbit/s$"
 )
 
 
 def format_table(rows: list[Row]) -> str:
-    """The single fetches (the demo's table)."""
-    lines = [_HEADER]
+    """The single fetches (the demo's table); with a "PEP direct" column when measured."""
+    direct = any(r.direct_s is not None for r in rows)
+    lines = [
+        f"{'size':<10}{'without PEP':>13}"
+        + (f"{'PEP direct':>12}" if direct else "")
+        + f"{'with PEP':>11}{'speedup':>9}{'goodput without':>18}{'goodput with':>15}"
+    ]
     for r in rows:
         lines.append(
-            f"{format_size(r.size):<10}{r.without_s:>11.2f} s{r.with_s:>9.2f} s"
-            f"{r.speedup:>8.1f}x{r.goodput_mbit('without'):>11.2f} Mbit/s"
+            f"{format_size(r.size):<10}{r.without_s:>11.2f} s"
+            + (f"{r.direct_s or 0:>10.2f} s" if direct else "")
+            + f"{r.with_s:>9.2f} s{r.speedup:>8.1f}x{r.goodput_mbit('without'):>11.2f} Mbit/s"
             f"{r.goodput_mbit('with'):>8.2f} Mbit/s"
         )
     return "\n".join(lines)
@@ -305,6 +316,7 @@ def parse_table(text: str) -> list[dict[str, object]]:
                 {
                     "size": m["size"],
                     "without_s": float(m["without"]),
+                    "direct_s": float(m["direct"]) if m["direct"] else None,
                     "with_s": float(m["with"]),
                     "speedup": float(m["speedup"]),
                     "goodput_without_mbit": float(m["gw"]),
@@ -314,18 +326,24 @@ def parse_table(text: str) -> list[dict[str, object]]:
     return out
 
 
+_SHORT = {"without": "w/o", "direct": "direct", "with": "with"}
+
+
 def format_summary(summaries: list[Summary]) -> str:
-    """Every case: medians without/with, the ratio, the slowest flow and the link's drops."""
-    lines = [
-        f"{'case':<40}{'without':>9}{'with':>9}{'ratio':>7}"
-        f"{'slowest w/o':>13}{'slowest with':>13}{'drops w/o':>11}{'drops with':>11}"
-    ]
+    """Every case: medians per mode, the ratio without/with, the slowest flow and the link's
+    drops per mode."""
+    if not summaries:
+        return ""
+    modes = list(summaries[0].seconds)
+    head = f"{'case':<40}" + "".join(f"{_SHORT[m]:>9}" for m in modes) + f"{'ratio':>7}"
+    head += "".join(f"{'slowest ' + _SHORT[m]:>15}" for m in modes)
+    head += "".join(f"{'drops ' + _SHORT[m]:>13}" for m in modes)
+    lines = [head]
     for s in summaries:
-        lines.append(
-            f"{s.case:<40}{s.seconds['without']:>7.2f} s{s.seconds['with']:>7.2f} s"
-            f"{s.ratio:>6.2f}x{s.slowest['without']:>11.2f} s{s.slowest['with']:>11.2f} s"
-            f"{s.drops['without']:>11g}{s.drops['with']:>11g}"
-        )
+        line = f"{s.case:<40}" + "".join(f"{s.seconds[m]:>7.2f} s" for m in modes)
+        line += f"{s.ratio:>6.2f}x" + "".join(f"{s.slowest[m]:>13.2f} s" for m in modes)
+        line += "".join(f"{s.drops[m]:>13g}" for m in modes)
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -342,9 +360,10 @@ def chart(result: BenchRun, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summaries = result.summaries()
-    colors = {"without": "#9a9a9a", "with": "#1f77b4"}
-    labels = {"without": "without PEP", "with": "with PEP"}
-    traces = {mode: result.trace(mode) for mode in MODES}
+    colors = {"without": "#9a9a9a", "direct": "#9ecae1", "with": "#1f77b4"}
+    labels = LABELS
+    modes = result.modes
+    traces = {mode: result.trace(mode) for mode in modes}
     wide = max(6.0, 1.1 * len(summaries))
     if any(traces.values()):
         fig, (bars, lines) = plt.subplots(
@@ -353,11 +372,11 @@ def chart(result: BenchRun, path: Path) -> None:
     else:
         fig, bars = plt.subplots(1, 1, figsize=(wide, 4.8))
         lines = None
-    width = 0.38
+    width = 0.76 / len(modes)
     xs = range(len(summaries))
-    for k, mode in enumerate(MODES):
+    for k, mode in enumerate(modes):
         values = [s.seconds[mode] for s in summaries]
-        pos = [x + (k - 0.5) * width for x in xs]
+        pos = [x + (k - (len(modes) - 1) / 2) * width for x in xs]
         drawn = bars.bar(pos, values, width, color=colors[mode], label=labels[mode])
         bars.bar_label(drawn, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
     top = max((max(s.seconds.values()) for s in summaries), default=1.0)

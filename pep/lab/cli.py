@@ -44,6 +44,12 @@ def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
         default="symmetric",
         help="client-pepa-link-pepb-server, or client-pepa-link-server (default symmetric)",
     )
+    g.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="symmetric topology: the PEPs without pre-connected legs ([peer]), which they "
+        "keep by default",
+    )
 
 
 def _prefix(p: argparse.ArgumentParser, default: str) -> None:
@@ -80,8 +86,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     _prefix(p, DEFAULT_PREFIX)
 
-    p = s.add_parser("split", help="start (on) or stop (off) pep on the PEP nodes")
-    p.add_argument("state", choices=("on", "off"))
+    p = s.add_parser(
+        "split",
+        help="start (on) or stop (off) pep on the PEP nodes; direct: pep without the "
+        "pre-connected legs",
+    )
+    p.add_argument("state", choices=("on", "off", "direct"))
     _prefix(p, DEFAULT_PREFIX)
 
     for name, prefix, sizes, text in (
@@ -116,6 +126,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                 "download), loss (10 MB at 0.5 %% loss, its own lab); default all",
             )
             p.add_argument("--reps", type=int, default=3, help="repetitions (median; default 3)")
+            p.add_argument(
+                "--compare-direct",
+                action="store_true",
+                help="also measure pep without its pre-connected legs (the demo always does)",
+            )
             p.add_argument("--json", type=Path, help="write all measurements here")
         _prefix(p, prefix)
 
@@ -162,7 +177,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         prof = _profile(args)  # parse errors before anything else
     check_environment()
     if cmd == "up":
-        spec = LabSpec(prof, args.topology, not args.no_pep, args.prefix)
+        spec = LabSpec(prof, args.topology, not args.no_pep, args.prefix, peer=not args.no_peer)
         up(spec, lambda msg: print(msg, file=sys.stderr, flush=True))
         print(status_text(args.prefix))
         return 0
@@ -179,7 +194,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         lab = Lab.load(args.prefix)
         if lab is None:
             raise LabError(f"no lab with prefix {args.prefix!r}")
-        lab.set_split(args.state == "on")
+        lab.set_split(args.state != "off", direct=args.state == "direct")
         print(f"pep {args.state} on {', '.join(lab.pep_nodes)}")
         return 0
     return _bench(args, prof)
@@ -221,9 +236,13 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
                 f"--workloads {args.workloads!r}: choose from {', '.join(WORKLOADS)}"
             )
         chosen = bench.selected(names, sizes)
-    spec = LabSpec(prof, args.topology, True, args.prefix)
+    spec = LabSpec(prof, args.topology, True, args.prefix, peer=not args.no_peer)
+    peered = spec.peer and spec.topology == "symmetric"
+    # The demo shows what the pre-connected legs add; bench does when asked.
+    compare = peered and (args.lab_command == "demo" or getattr(args, "compare_direct", False))
+    modes = bench.ALL_MODES if compare else bench.MODES
     progress = bench.Progress()
-    result = bench.run(spec, chosen, reps, args.timeout, progress)
+    result = bench.run(spec, chosen, reps, args.timeout, progress, modes)
     print(f"{prof.describe()}, {args.topology}" + (f", median of {reps}" if reps > 1 else ""))
     rows = result.rows()
     if rows:

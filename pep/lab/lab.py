@@ -24,11 +24,13 @@ from pep.lab.plan import (
     LabSpec,
     check_prefix,
     link_table,
+    peer_table,
     pep_config_text,
     plan,
 )
 from pep.lab.state import STATE_ROOT, Lab, exists, lab_namespaces
 from pep.link import default_congestion
+from pep.peer import keygen
 
 __all__ = ["check_environment", "delayline_argv", "down", "up"]
 
@@ -56,6 +58,7 @@ def up(spec: LabSpec, progress: Callable[[str], None] | None = None) -> Lab:
         topology=spec.topology,
         profile=spec.profile,
         pep=spec.pep,
+        peer=spec.peer and spec.pep and spec.topology == "symmetric",
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     shutil.rmtree(lab.dir, ignore_errors=True)  # a stale state dir without namespaces
@@ -140,12 +143,25 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
     server_argv = [sys.executable, "-m", "pep.lab.objects", "serve", "--port", str(SERVER_PORT)]
     lab.launch("server", "server", server_argv)
     waits.append(("server", "listening on"))
+    key_file = lab.dir / "peer.key"
+    if lab.peer and peps:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(keygen() + "\n")  # the same key for both ends, as an operator copies it
     for node in peps:
         interface = PEP_NODES[node][0]
         link = tables[node]
-        text = pep_config_text(interface, link, status_socket=str(lab.dir / f"{node}.sock"))
-        (lab.dir / f"{node}.toml").write_text(text)
-        _validate_config(lab.dir / f"{node}.toml")
+        sock = str(lab.dir / f"{node}.sock")
+        peer = peer_table(lab.topology, node, str(key_file)) if lab.peer else None
+        for path, table in ((lab.config(node), peer), (lab.config(node, direct=True), None)):
+            path.write_text(pep_config_text(interface, link, sock, peer=table))
+            _validate_config(path)
+        if peer is not None:
+            lab.settings[node].append(
+                "[peer] "
+                + " ".join(f"{k} {v}" for k, v in peer.items() if k != "key_file")
+                + " (pre-connected legs; `pep lab split direct`: without)"
+            )
         say(f"starting pep on {node} (splitting {interface})")
         lab.launch(node, node, lab.pep_argv(node))
         waits.append((node, "ready:"))

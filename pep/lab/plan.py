@@ -14,6 +14,7 @@ Addresses are 10.78.N.x inside the lab's own namespaces. Every namespace is name
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ __all__ = [
     "LabSpec",
     "check_prefix",
     "link_table",
+    "peer_table",
     "pep_config_text",
     "plan",
 ]
@@ -72,6 +74,8 @@ class LabSpec:
     topology: str = "symmetric"
     pep: bool = True
     prefix: str = "peplab"
+    # The symmetric topology's PEPs keep pre-connected legs ([peer]) unless told not to.
+    peer: bool = True
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -140,13 +144,33 @@ def link_table(profile: LinkProfile, sends: str) -> dict[str, str] | None:
     }
 
 
+# pepa keeps pooled connections to pepb's peer listener (on pepb's link-side address), which
+# takes them from pepa's side of the link only.
+PEER_PORT = 5001
+PEER_TABLES = {
+    "pepa": {"connect": f"10.78.3.1:{PEER_PORT}"},
+    "pepb": {"listen": f"10.78.3.1:{PEER_PORT}", "allow": ["10.78.2.0/24"]},
+}
+
+
+def peer_table(topology: str, node: str, key_file: str) -> dict[str, object] | None:
+    """A PEP node's [peer] table, or None where there is no PEP at the far end."""
+    if topology != "symmetric":
+        return None
+    return {"key_file": key_file, **PEER_TABLES[node]}
+
+
 def pep_config_text(
-    interface: str, link: dict[str, str] | None, status_socket: str | None = None
+    interface: str,
+    link: dict[str, str] | None,
+    status_socket: str | None = None,
+    peer: dict[str, object] | None = None,
 ) -> str:
     """The TOML for one PEP node's ``pep run --config``.
 
-    Keys newer than the lab (Fast Open, drain, status socket, [link]) are written only when
-    this pep's Config knows them: an older pep refuses unknown keys, so the lab works with both.
+    Keys newer than the lab (Fast Open, drain, status socket, [link], [peer]) are written only
+    when this pep's Config knows them: an older pep refuses unknown keys, so the lab works with
+    both.
     """
     from pep.config import Config
 
@@ -168,4 +192,7 @@ def pep_config_text(
     if link is not None and "link" in fields:
         lines += ["", "[link]  # the emulated satellite link, as the profile describes it"]
         lines += [f'{key} = "{value}"' for key, value in link.items()]
+    if peer is not None and "peer" in fields:
+        lines += ["", "[peer]  # pre-connected legs between the two PEPs"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in peer.items()]
     return "\n".join(lines) + "\n"

@@ -66,6 +66,7 @@ class Lab:
     topology: str
     profile: LinkProfile
     pep: bool
+    peer: bool = False  # the PEPs keep pre-connected legs ([peer])
     created: str = ""
     congestion: str | None = None
     nodes: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> {iface: addr}
@@ -92,6 +93,7 @@ class Lab:
             "topology": self.topology,
             "profile": self.profile.to_json(),
             "pep": self.pep,
+            "peer": self.peer,
             "created": self.created,
             "congestion": self.congestion,
             "nodes": self.nodes,
@@ -113,6 +115,7 @@ class Lab:
             topology=data["topology"],
             profile=LinkProfile.from_json(data["profile"]),
             pep=data["pep"],
+            peer=data.get("peer", False),
             created=data.get("created", ""),
             congestion=data.get("congestion"),
             nodes=data.get("nodes", {}),
@@ -203,19 +206,28 @@ class Lab:
             else:
                 proc.poll()
 
-    def pep_argv(self, node: str) -> list[str]:
-        return [sys.executable, "-m", "pep.cli", "run", "--config", str(self.dir / f"{node}.toml")]
+    def config(self, node: str, direct: bool = False) -> Path:
+        """A PEP node's config: with [peer] (if the lab has it), or without (``direct``)."""
+        return self.dir / (f"{node}-direct.toml" if direct else f"{node}.toml")
 
-    def set_split(self, on: bool) -> None:
-        """Start or stop pep on every PEP node (the demo's with/without switch)."""
+    def pep_argv(self, node: str, direct: bool = False) -> list[str]:
+        return [sys.executable, "-m", "pep.cli", "run", "--config", str(self.config(node, direct))]
+
+    def set_split(self, on: bool, direct: bool = False) -> None:
+        """Start or stop pep on every PEP node (the demo's with/without switch); ``direct``:
+        with pep, but without the pre-connected legs. A pep running the other way is
+        restarted."""
         if not self.pep:
             raise LabError(f"lab {self.prefix!r} was built with --no-pep: it has no pep to switch")
         if not on:
             self.stop(*self.pep_nodes)
             return
+        argv = {n: self.pep_argv(n, direct) for n in self.pep_nodes}
+        other = [n for n in self.pep_nodes if self.running(n) and self.procs[n]["argv"] != argv[n]]
+        self.stop(*other)
         starting = [n for n in self.pep_nodes if not self.running(n)]
         for node in starting:
-            self.launch(node, node, self.pep_argv(node))
+            self.launch(node, node, argv[node])
         for node in starting:
             self.wait_ready(node, "ready:")
 

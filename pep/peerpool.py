@@ -1,0 +1,273 @@
+"""The near end of ``[peer]``: authenticated connections to the far PEP, kept ready for flows.
+
+A flow that crosses to the far PEP takes one (``take``), sends its FLOW header and the client's
+first bytes at once, and waits for the far end's STATUS (pep.session): no handshake on the
+link, and the window is already scaled, so the far end's first flight is a whole initial
+window instead of the 64 KB an unscaled SYN window allows (RFC 7323 section 2.2). One flow per
+connection: it is not reused; the pool opens another in the background.
+
+The pool keeps ``pool`` connections ready and more while flows take them faster than they come
+back (up to ``pool_max``). Each ready connection is watched: one the far end closed or reset
+while it sat idle leaves the pool at once, and ``take`` checks again, so a dead one is never
+handed to a flow. Failures (refused, no answer, a wrong key) back off from 0.5 s to 30 s, so
+a far end that is down costs little, and the pool recovers by itself when it returns; flows
+meanwhile go direct (``fallback``, counted by the session).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+
+from pep import peerwire
+from pep.checks import parse_listen_address
+from pep.config import Config, LegTuning
+from pep.linkctl import LinkLegs
+from pep.peer import Peer
+from pep.tuning import STREAM, abort, apply_tuning, reset_if_killed
+
+__all__ = ["PeerGone", "PeerPool", "PoolCounters", "read_exactly", "send_all"]
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds for the four handshake messages: a few GEO round trips
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # seconds between failed attempts, doubling
+# Idle pooled connections are probed, so a far end that vanished (power, a routing change)
+# is found within about a minute rather than at the next flow (TCP_KEEPIDLE/INTVL/CNT).
+KEEPALIVE = LegTuning(keepalive=True, keepidle=30, keepintvl=10, keepcnt=3)
+DEMAND_WINDOW = 2.0  # seconds of recent takes the pool sizes itself for, above `pool`
+LOG_EVERY = 10.0  # at most one line per this many seconds about failures
+
+
+class PeerGone(Exception):
+    """The pooled connection died before the far end answered: the flow may go direct."""
+
+
+@dataclass(slots=True)
+class PoolCounters:
+    opened: int = 0  # connections authenticated and made ready
+    taken: int = 0  # handed to flows
+    in_use: int = 0  # carrying a flow now (the session counts)
+    fallback: int = 0  # flows that went direct: no ready connection, or it died meanwhile
+    died_idle: int = 0  # closed by the far end while waiting in the pool
+    connect_failed: int = 0
+    auth_failed: int = 0  # the far end did not prove the key, or did not accept ours
+
+
+class _Ready:
+    __slots__ = ("scope", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.scope = sock, trio.CancelScope()
+
+
+class PeerPool:
+    def __init__(self, peer: Peer, secret: bytes, cfg: Config, links: LinkLegs) -> None:
+        self.peer, self.secret, self.cfg, self.links = peer, secret, cfg, links
+        self.address = parse_listen_address(peer.connect)
+        self.counters = PoolCounters()
+        self.ready: deque[_Ready] = deque()
+        self.opening = 0
+        self._takes: deque[float] = deque()
+        self._changed = trio.Event()
+        self._backoff = 0.0
+        self._logged = -LOG_EVERY
+        self._nursery: trio.Nursery | None = None
+
+    # --- the session's side --------------------------------------------------------------------
+
+    def serves(self, host: str) -> bool:
+        """Whether a flow to ``host`` goes through the far PEP: its route leaves the way the
+        route to the far PEP does (a destination on this side of the link does not)."""
+        routes = self.links.routes
+        return routes.oif(host) == routes.oif(self.address[0])
+
+    def take(self) -> socket.socket | None:
+        """A ready connection, or None (the flow goes direct: counted by the caller)."""
+        while self.ready:
+            entry = self.ready.pop()  # the most recently opened: its windows the freshest
+            entry.scope.cancel()
+            if _alive(entry.sock):
+                self.counters.taken += 1
+                self._takes.append(time.monotonic())
+                self._changed.set()
+                return entry.sock
+            self.counters.died_idle += 1
+            entry.sock.close()
+        self._changed.set()
+        return None
+
+    @property
+    def target(self) -> int:
+        """``pool``, plus what flows took over the last DEMAND_WINDOW, up to ``pool_max``."""
+        now = time.monotonic()
+        while self._takes and self._takes[0] < now - DEMAND_WINDOW:
+            self._takes.popleft()
+        return min(self.peer.pool_max, self.peer.pool + len(self._takes))
+
+    # --- the task -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    while len(self.ready) + self.opening < self.target:
+                        self.opening += 1
+                        nursery.start_soon(self._open_one)
+                    self._changed = trio.Event()
+                    with trio.move_on_after(DEMAND_WINDOW):  # the target shrinks with time
+                        await self._changed.wait()
+                    if self._backoff:
+                        await trio.sleep(self._backoff)
+            finally:
+                for entry in self.ready:
+                    entry.sock.close()
+                self.ready.clear()
+
+    async def _open_one(self) -> None:
+        sock = None
+        try:
+            sock = await self._connect()
+            await self._handshake(sock)
+        except (OSError, PeerGone, peerwire.WireError, trio.TooSlowError) as e:
+            if sock is not None:
+                sock.close()
+            self._failed(e)
+            return
+        finally:
+            self.opening -= 1
+            self._changed.set()
+        self.counters.opened += 1
+        self._backoff = 0.0
+        entry = _Ready(sock)
+        self.ready.append(entry)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch, entry)
+
+    async def _connect(self) -> socket.socket:
+        host, port = self.address
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, STREAM)
+        try:
+            tuning = self.cfg.upstream_tuning(host)
+            if self.links.faces(host):
+                tuning = self.links.tuning(tuning)  # a link leg: the link's buffers and cc
+            apply_tuning(sock, tuning)
+            apply_tuning(sock, KEEPALIVE)
+            err = sock.connect_ex((host, port))
+            if err and err != errno.EINPROGRESS:
+                raise OSError(err, os.strerror(err))
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.counters.connect_failed += 1
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            sock.close()
+            raise
+        reset_if_killed(sock)  # if this pep dies, the far end sees an RST, not a flow's end
+        return sock
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        nonce = os.urandom(peerwire.NONCE_LEN)
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await send_all(sock, peerwire.encode_hello(nonce))
+            parsed = peerwire.parse_challenge(await read_exactly(sock, peerwire.CHALLENGE_LEN))
+            assert parsed is not None  # a whole message: never "need more"
+            challenge = parsed[0]
+            expected = peerwire.far_proof(self.secret, nonce, challenge.nonce)
+            if not peerwire.verify(expected, challenge.proof):
+                self.counters.auth_failed += 1
+                raise peerwire.WireError("the far end does not have our key")
+            await send_all(sock, peerwire.near_proof(self.secret, nonce, challenge.nonce))
+            try:
+                peerwire.parse_ready(await read_exactly(sock, len(peerwire.READY)))
+            except PeerGone:
+                self.counters.auth_failed += 1  # it closes on a proof it does not accept
+                raise PeerGone("the far end refused our key") from None
+
+    async def _watch(self, entry: _Ready) -> None:
+        """Until taken: readable here means the far end closed, reset or misbehaved."""
+        with entry.scope:
+            await trio.lowlevel.wait_readable(entry.sock)
+            with contextlib.suppress(ValueError):
+                self.ready.remove(entry)
+                self.counters.died_idle += 1
+                abort(entry.sock)
+                self._changed.set()
+
+    def _failed(self, error: BaseException) -> None:
+        self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
+        now = time.monotonic()
+        if now - self._logged >= LOG_EVERY:
+            self._logged = now
+            log.warning(
+                "peer %s:%d: %s; flows go direct meanwhile, retrying in %.1f s",
+                *self.address,
+                error or type(error).__name__,
+                self._backoff,
+            )
+
+    def snapshot(self) -> dict[str, object]:
+        c = self.counters
+        return {
+            "connect": self.peer.connect,
+            "target": self.target,
+            "ready": len(self.ready),
+            "opening": self.opening,
+            "in_use": c.in_use,
+            "opened": c.opened,
+            "taken": c.taken,
+            "fallback": c.fallback,
+            "died_idle": c.died_idle,
+            "connect_failed": c.connect_failed,
+            "auth_failed": c.auth_failed,
+        }
+
+
+def _alive(sock: socket.socket) -> bool:
+    """Nothing to read and no error: an idle pooled connection the far end has not closed."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return not p.poll(0)
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+        except OSError as e:
+            raise PeerGone(f"sending: {e.strerror}") from None
+
+
+async def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes; PeerGone on EOF or an error first. Exactly: every message's length is
+    known before it is read (pep.peerwire), and what follows the last one is the flow's own,
+    spliced by the relay as it stands in the socket."""
+    buf = b""
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(n - len(buf))
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as e:
+            raise PeerGone(f"receiving: {e.strerror}") from None
+        if not chunk:
+            raise PeerGone("closed by the far end")
+        buf += chunk
+    return buf
