@@ -25,6 +25,7 @@ from pep.config import Config, LegTuning
 from pep.link import Link
 from pep.link_routes import LinkRoutes
 from pep.linkshare import Sharer, WorkerSlots
+from pep.routequery import RouteCache
 
 __all__ = ["LinkLegs", "check", "install", "listener_tuning", "remove", "routes", "show"]
 
@@ -106,6 +107,9 @@ class LinkLegs:
     def __init__(self, link: Link | None, slots: WorkerSlots | None = None) -> None:
         self.link: Link | None = None
         self.sharer: Sharer | None = None
+        # "Which interface does this address route through": asked for the link legs and by
+        # the [peer] pool, one cache per process (pep.routequery).
+        self.routes = RouteCache()
         self.slots = slots  # a worker's view of the other workers' link legs
         self._sharing = trio.Event()  # set once there is a sharer to run
         self.configure(link)
@@ -118,11 +122,11 @@ class LinkLegs:
             return
         index, mtu = check(link)
         if self.sharer is None:
-            self.sharer = Sharer(link, index, mtu, slots=self.slots)
+            self.sharer = Sharer(link, index, mtu, routes=self.routes, slots=self.slots)
             self._sharing.set()
         elif link != self.sharer.link or index != self.sharer.ifindex:
             self.sharer.ifindex = index
-            self.sharer.routes.forget()
+            self.routes.forget()
             self.sharer.resize(link, mtu)
         self.link = link
 

@@ -95,8 +95,10 @@ def load_key(path: str) -> bytes:
     finally:
         os.close(fd)
     text = data.strip()
-    if len(text) >= 2 * KEY_BYTES and all(chr(c) in string.hexdigits for c in text):
-        secret = bytes.fromhex(text.decode())
+    # Hex text when it is all hex digits: 32 random bytes are that by chance with odds of
+    # (22/256)^32, about 1 in 10^34.
+    if text and all(chr(c) in string.hexdigits for c in text):
+        secret = bytes.fromhex(text.decode()) if len(text) % 2 == 0 else b""
     else:
         secret = data
     if len(secret) < KEY_BYTES:
