@@ -16,7 +16,7 @@ export DEBIAN_FRONTEND=noninteractive
 # iptables: the legacy backend python-iptables writes to; iproute2: `ip netns exec`;
 # gcc + python3-dev: python-iptables compiles a small extension; iperf3, haproxy, nginx-light,
 # wrk: the benchmarks' load and reference paths (bench/).
-pkgs=(iptables iproute2 gcc python3-dev python3-venv iperf3 haproxy nginx-light wrk)
+pkgs=(iptables iproute2 gcc python3-dev python3-venv iperf3 haproxy nginx-light wrk openssl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

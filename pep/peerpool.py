@@ -40,7 +40,7 @@ __all__ = ["PeerGone", "PeerPool", "PoolCounters", "read_exactly", "send_all"]
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds for the four handshake messages: a few GEO round trips
-BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # seconds between failed attempts, doubling
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0  # seconds between failed attempts, doubling
 # Idle pooled connections are probed, so a far end that vanished (power, a routing change)
 # is found within about a minute rather than at the next flow (TCP_KEEPIDLE/INTVL/CNT).
 KEEPALIVE = LegTuning(keepalive=True, keepidle=30, keepintvl=10, keepcnt=3)

@@ -253,7 +253,7 @@ async def test_peer_killed_flows_go_direct_peer_back_the_pool_refills(
             pool = (await status_json(near))["peer"]["pool"]
             assert pool["fallback"] >= 6 - pool["taken"] and pool["fallback"] >= 1
             far = start_pep(config=far_config(key), node="gw2", interfaces=("in0",))
-            refilled = await pool_ready(near, 4, timeout=45)  # back-off is at most 30 s
+            refilled = await pool_ready(near, 4, timeout=30)  # back-off is at most 10 s
             taken = refilled["taken"]
             payload = b"peer is back"
             assert await request(topo, SERVER, payload) == payload.upper()

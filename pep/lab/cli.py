@@ -20,7 +20,8 @@ BENCH_PREFIX = "pepbench"
 NODES = ("client", "pepa", "link", "pepb", "server")
 # The workloads of `pep lab bench` (pep.lab.workloads.WORKLOADS; named here to keep this
 # module light to import).
-WORKLOADS = ("single", "parallel", "upload", "page", "interactive", "loss")
+WORKLOADS = ("single", "parallel", "upload", "page", "interactive", "loss", "https", "idle")
+DEFAULT_WORKLOADS = ("single", "parallel", "upload", "page", "interactive", "loss", "https")
 
 
 def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
@@ -119,11 +120,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         if name == "bench":
             p.add_argument(
                 "--workloads",
-                default=",".join(WORKLOADS),
+                default=",".join(DEFAULT_WORKLOADS),
                 help="comma-separated, of: single (one fetch per size), parallel (1, 3, 6, 20 "
                 "x 1 MB at once), upload (6 x 1 MB at once), page (HTML + 40 objects over 6 "
                 "keep-alive connections), interactive (10 x 10 KB idle and during a 50 MB "
-                "download), loss (10 MB at 0.5 %% loss, its own lab); default all",
+                "download), loss (10 MB at 0.5 %% loss, its own lab), https (TLS 1.3, 100 KB and 1 "
+                "MB), idle (1 MB after 2 idle minutes); default all but idle",
             )
             p.add_argument("--reps", type=int, default=3, help="repetitions (median; default 3)")
             p.add_argument(

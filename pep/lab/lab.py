@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,8 @@ from pep.lab.plan import (
     PEP_NODES,
     SERVER_PORT,
     TFO_SYSCTL,
+    TLS_CERT,
+    TLS_PORT,
     LabError,
     LabSpec,
     check_prefix,
@@ -140,7 +143,11 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
         lab.launch("delayline", "link", delayline_argv(lab))
         waits.append(("delayline", "ready:"))
     say("starting the object server")
-    server_argv = [sys.executable, "-m", "pep.lab.objects", "serve", "--port", str(SERVER_PORT)]
+    cert, key = make_certificate(lab.dir)
+    server_argv = [
+        *(sys.executable, "-m", "pep.lab.objects", "serve", "--port", str(SERVER_PORT)),
+        *("--tls-port", str(TLS_PORT), "--cert", str(cert), "--key", str(key)),
+    ]
     lab.launch("server", "server", server_argv)
     waits.append(("server", "listening on"))
     key_file = lab.dir / "peer.key"
@@ -175,6 +182,21 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
     for name, marker in waits:
         lab.wait_ready(name, marker)
     lab.save()
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for the object server's HTTPS (name "lab", ECDSA P-256, two
+    days): the HTTPS workload checks it as its CA, so TLS is real, not skipped."""
+    cert, key = directory / TLS_CERT, directory / "tls-key.pem"
+    argv = [
+        *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+        *("-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=lab"),
+        *("-addext", "subjectAltName=DNS:lab"),
+    ]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise LabError(f"openssl could not make the lab's certificate: {r.stderr.strip()}")
+    return cert, key
 
 
 def disable_segmentation_offload(ns: str, ifname: str) -> None:

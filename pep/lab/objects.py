@@ -22,10 +22,12 @@ import logging
 import random
 import re
 import socket
+import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -36,6 +38,7 @@ __all__ = [
     "body",
     "body_sha256",
     "fetch",
+    "fetch_tls",
     "handle",
     "main",
     "serve",
@@ -70,7 +73,7 @@ def body_sha256(n: int) -> str:
 # server
 
 
-async def _read_head(stream: trio.SocketStream, buf: bytes) -> tuple[bytes, bytes] | None:
+async def _read_head(stream: trio.abc.Stream, buf: bytes) -> tuple[bytes, bytes] | None:
     """Read up to the blank line; returns (head, the bytes after it), or None when the client
     closed cleanly before starting another request (a keep-alive connection's normal end)."""
     while b"\r\n\r\n" not in buf:
@@ -86,12 +89,14 @@ async def _read_head(stream: trio.SocketStream, buf: bytes) -> tuple[bytes, byte
     return head + b"\r\n", rest
 
 
-async def handle(stream: trio.SocketStream) -> None:
-    """Serve one connection: one request (HTTP/1.0), or requests until the client closes
-    (HTTP/1.1 without ``Connection: close``)."""
+async def handle(stream: trio.abc.Stream) -> None:
+    """Serve one connection (plain or TLS): one request (HTTP/1.0), or requests until the
+    client closes (HTTP/1.1 without ``Connection: close``)."""
     peer = "?"
     try:
-        peer = "{}:{}".format(*stream.socket.getpeername())
+        sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+        if sock is not None:
+            peer = "{}:{}".format(*sock.getpeername())
         buf = b""
         while True:
             got_head = await _read_head(stream, buf)
@@ -123,7 +128,7 @@ async def handle(stream: trio.SocketStream) -> None:
 
 
 async def _receive_upload(
-    stream: trio.SocketStream, n: int, buf: bytes, minor: bytes
+    stream: trio.abc.Stream, n: int, buf: bytes, minor: bytes
 ) -> bytes | None:
     """Take a PUT's ``n`` bytes and answer with their sha256; returns what followed them, or
     None when the body was cut short (answered "short")."""
@@ -142,10 +147,25 @@ async def _receive_upload(
     return rest if got == n else None
 
 
-async def serve(port: int = PORT, host: str = "0.0.0.0") -> None:
-    """Serve forever; each connection in its own task, a failing one never stops the others."""
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
-    log.info("listening on %s:%d", host, port)
+async def serve(
+    port: int = PORT,
+    host: str = "0.0.0.0",
+    tls_port: int | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> None:
+    """Serve forever; each connection in its own task, a failing one never stops the others.
+    With ``tls_port``, also HTTPS there (TLS 1.3 only, the certificate in ``cert``)."""
+    listeners: list[trio.abc.Listener[Any]] = list(
+        await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    )
+    if tls_port is not None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(cert or "", key)
+        plain = await trio.open_tcp_listeners(tls_port, host=host, backlog=1024)
+        listeners += [trio.SSLListener(ln, ctx, https_compatible=True) for ln in plain]
+    log.info("listening on %s:%d" + (f" and TLS on {tls_port}" if tls_port else ""), host, port)
     await trio.serve_listeners(handle, listeners)
 
 
@@ -213,11 +233,11 @@ async def fetch(
     with sock:
         t_conn = time.monotonic() - t0
         await sock.send(b"GET /%d HTTP/1.0\r\n\r\n" % size)
-        return await _response(sock, size, t0, t_conn, on_progress)
+        return await _response(sock.recv, size, t0, t_conn, on_progress)
 
 
 async def _response(
-    sock: trio.socket.SocketType,
+    recv: Callable[[int], Awaitable[bytes]],
     size: int,
     t0: float,
     t_conn: float,
@@ -232,7 +252,7 @@ async def _response(
     samples: list[tuple[float, int]] = [(0.0, 0)]
     last_sample = 0.0
     while True:
-        chunk = await sock.recv(min(_RECV, size - got) if length is not None else _RECV)
+        chunk = await recv(min(_RECV, size - got) if length is not None else _RECV)
         now = time.monotonic() - t0
         if not chunk:
             break
@@ -265,6 +285,28 @@ async def _response(
     return Transfer("GET", size, seconds, first_byte, t_conn, samples)
 
 
+async def fetch_tls(
+    ns: str | None, dst: tuple[str, int], size: int, ca: str, name: str = "lab"
+) -> Transfer:
+    """GET ``size`` bytes over HTTPS (TLS 1.3, the server's certificate checked against
+    ``ca``) on a new connection; timed from connect() as ``fetch`` is, so the TLS handshake's
+    round trip counts as it does for a user."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    t0 = time.monotonic()
+    sock = await _connect(ns, dst)
+    stream = trio.SSLStream(
+        trio.SocketStream(sock), ctx, server_hostname=name, https_compatible=True
+    )
+    try:
+        await stream.do_handshake()
+        t_conn = time.monotonic() - t0
+        await stream.send_all(b"GET /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (size, name.encode()))
+        return await _response(stream.receive_some, size, t0, t_conn)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
 class Session:
     """One persistent HTTP/1.1 connection, as a browser keeps for the objects of a page."""
 
@@ -281,7 +323,7 @@ class Session:
         """GET ``size`` bytes on this connection, checked; timed from the request."""
         t0 = time.monotonic()
         await self.sock.send(b"GET /%d HTTP/1.1\r\nHost: lab\r\n\r\n" % size)
-        return await _response(self.sock, size, t0, 0.0)
+        return await _response(self.sock.recv, size, t0, 0.0)
 
     def close(self) -> None:
         self.sock.close()
@@ -318,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="serve objects until killed")
     s.add_argument("--port", type=int, default=PORT)
     s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--tls-port", type=int, help="also serve HTTPS (TLS 1.3) on this port")
+    s.add_argument("--cert", help="the TLS certificate chain (PEM)")
+    s.add_argument("--key", help="its private key (PEM)")
     f = sub.add_parser("fetch", help="fetch one object and print its timing")
     f.add_argument("host")
     f.add_argument("size", type=int)
@@ -328,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.cmd == "serve":
-            trio.run(serve, args.port, args.host)
+            trio.run(serve, args.port, args.host, args.tls_port, args.cert, args.key)
         else:
             t = trio.run(fetch, None, (args.host, args.port), args.size)
             print(

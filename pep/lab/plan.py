@@ -28,6 +28,8 @@ __all__ = [
     "SERVER_IP",
     "SERVER_PORT",
     "TFO_SYSCTL",
+    "TLS_CERT",
+    "TLS_PORT",
     "Iface",
     "LabError",
     "LabSpec",
@@ -41,6 +43,8 @@ __all__ = [
 CLIENT_IP = "10.78.1.2"
 SERVER_IP = "10.78.4.2"
 SERVER_PORT = 80
+TLS_PORT = 443  # the object server's HTTPS (pep.lab.lab.make_certificate)
+TLS_CERT = "tls-cert.pem"  # in the lab's directory
 TOPOLOGIES = ("symmetric", "one-ended")
 # A prefix never contains '-': namespace names are "{prefix}-{node}" and cleanup matches
 # "{prefix}-*", so "lab" must not match the namespaces of a lab called "lab-x".

@@ -13,7 +13,10 @@ flows overfilling the modem queue.
   HTTP/1.1 connections, as a browser fetches it;
 - ``interactive``: 10 small requests (10 KB, one after another, a new connection each) on the
   idle link, then again while a 50 MB download runs;
-- ``loss``: a 10 MB fetch over the link with 0.5 % random loss each way (its own lab).
+- ``loss``: a 10 MB fetch over the link with 0.5 % random loss each way (its own lab);
+- ``https``: TLS 1.3 fetches of 100 KB and 1 MB on fresh connections (the certificate checked);
+- ``idle``: 1 MB after the lab sat idle for two minutes (the pre-connected legs idle that
+  long: their first flight must still be a whole initial window). Not in the default set.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import trio
 
 from pep.lab import objects
-from pep.lab.plan import SERVER_IP, SERVER_PORT
+from pep.lab.plan import SERVER_IP, SERVER_PORT, TLS_CERT, TLS_PORT
 from pep.lab.profiles import format_size
 from pep.lab.state import Lab
 
@@ -223,6 +226,39 @@ async def interactive(lab: Lab, mode: str, rep: int) -> list[Sample]:
     return out
 
 
+async def https(lab: Lab, mode: str, rep: int) -> list[Sample]:
+    out = []
+    ca = str(lab.dir / TLS_CERT)
+    # One fetch first, not measured: the object server's first TLS handshake costs it
+    # ~0.1 s of CPU that a real, warm server does not spend.
+    await objects.fetch_tls(lab.ns("client"), (SERVER[0], TLS_PORT), 1000, ca)
+    await lab.settle()
+    for size in (100_000, 1_000_000):
+
+        async def body(size: int = size) -> tuple[float, dict[str, Any], list[tuple[float, int]]]:
+            t = await objects.fetch_tls(lab.ns("client"), (SERVER[0], TLS_PORT), size, ca)
+            return t.seconds, {"size": size, "handshake_s": round(t.connect, 4)}, []
+
+        out.append(await _measured(lab, "https", f"HTTPS {format_size(size)}", mode, rep, body))
+        await lab.settle()
+    return out
+
+
+IDLE = 120.0  # seconds the `idle` workload waits before its fetch
+
+
+async def idle(lab: Lab, mode: str, rep: int) -> list[Sample]:
+    await trio.sleep(IDLE)
+
+    async def body() -> tuple[float, dict[str, Any], list[tuple[float, int]]]:
+        t = await objects.fetch(lab.ns("client"), SERVER, 1_000_000)
+        return t.seconds, {"idle_s": IDLE, "first_byte_s": round(t.first_byte, 4)}, []
+
+    sample = await _measured(lab, "idle", f"1 MB after {IDLE:g} s idle", mode, rep, body)
+    await lab.settle()
+    return [sample]
+
+
 async def loss(lab: Lab, mode: str, rep: int) -> list[Sample]:
     samples = await single(lab, mode, rep, [10_000_000])
     for s in samples:
@@ -243,5 +279,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload("page", "web page over 6 keep-alive connections", page),
         Workload("interactive", "small requests, idle and during a download", interactive),
         Workload("loss", "10 MB at 0.5 % loss", loss, loss=LOSS),
+        Workload("https", "TLS 1.3 fetches", https),
+        Workload("idle", "1 MB after two idle minutes", idle),
     )
 }
