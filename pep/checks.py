@@ -36,6 +36,7 @@ __all__ = [
     "integer",
     "interface_name",
     "interface_names",
+    "ip_port",
     "key",
     "nets",
     "parse_listen_address",
@@ -222,32 +223,46 @@ def ports(key: str, value: object) -> tuple[tuple[int, int], ...]:
 
 def rate(lo: int, hi: int) -> Check:
     """A rate with its unit, "20mbit" (decimal, as tc counts): bit/s between ``lo`` and ``hi``."""
-
-    def check(key: str, value: object) -> int:
-        try:
-            bps = units.parse_rate(value)  # type: ignore[arg-type]
-        except ValueError as e:
-            raise ConfigError(key, value, str(e)) from None
-        if not lo <= bps <= hi:
-            between = f"between {units.format_rate(lo)} and {units.format_rate(hi)}"
-            raise ConfigError(key, value, f"must be {between}")
-        return bps
-
-    return check
+    return _measured(units.parse_rate, units.format_rate, lo, hi)
 
 
 def duration(lo: float, hi: float) -> Check:
     """A duration with its unit, "600ms" or "0.6s": seconds between ``lo`` and ``hi``."""
+    return _measured(units.parse_duration, units.format_duration, lo, hi)
 
-    def check(key: str, value: object) -> float:
+
+def _measured(
+    parse: Callable[[str], Any], fmt: Callable[[float], str], lo: float, hi: float
+) -> Check:
+    def check(key: str, value: object) -> Any:
         try:
-            s = units.parse_duration(value)  # type: ignore[arg-type]
+            parsed = parse(value)  # type: ignore[arg-type]
         except ValueError as e:
             raise ConfigError(key, value, str(e)) from None
-        if not lo <= s <= hi:
-            between = f"between {units.format_duration(lo)} and {units.format_duration(hi)}"
-            raise ConfigError(key, value, f"must be {between}")
-        return s
+        if not lo <= parsed <= hi:
+            raise ConfigError(key, value, f"must be between {fmt(lo)} and {fmt(hi)}")
+        return parsed
+
+    return check
+
+
+def ip_port(empty: str) -> Check:
+    """ "IPV4:PORT" or "[IPV6]:PORT" (numeric: no resolver), or "" meaning ``empty``."""
+
+    def check(key: str, value: object) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, 'must be a string "ADDRESS:PORT"')
+        if value:
+            try:
+                parse_listen_address(value)
+            except ValueError:
+                raise ConfigError(
+                    key,
+                    value,
+                    'must be "IPV4:PORT" or "[IPV6]:PORT" with a port 1-65535, e.g. '
+                    f'"127.0.0.1:9560", or "" for {empty}',
+                ) from None
+        return value
 
     return check
 

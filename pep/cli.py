@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from pep import config as config_mod
+from pep.entry import exit_code
 
 __all__ = ["main"]
 
@@ -250,27 +251,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(workers.MASTER_PID_ENV) != str(os.getppid()):
             logging.getLogger("pep").error("worker %d: its master is gone; exiting", worker)
             return 1
-    try:
+
+    def run() -> None:
         if cfg.workers > 1 and worker is None:
             trio.run(workers.supervise, cfg, argv, reload)
         else:
             trio.run(serve, cfg, reload, worker)
-    except (
+
+    daemon_errors = (
         iptables_setup.RulesError,
         routing.RoutingError,
         kernel_state.KernelStateError,  # remove_rules on the way out
         QueueError,
         StatusError,
         workers.WorkerError,
-    ) as e:
-        logging.getLogger("pep").error("%s", e)
-        return 1
-    except OSError as e:
-        logging.getLogger("pep").error("%s", e)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+        OSError,
+    )
+    return exit_code(run, daemon_errors, lambda e: logging.getLogger("pep").error("%s", e))
 
 
 if __name__ == "__main__":

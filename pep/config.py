@@ -35,9 +35,9 @@ from pep.checks import (
     congestion,
     integer,
     interface_names,
+    ip_port,
     key,
     nets,
-    parse_listen_address,
     seconds,
     table,
 )
@@ -131,22 +131,6 @@ def _socket_path(key: str, value: object) -> str:
     return value
 
 
-def _listen_address(key: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(key, value, 'must be a string "ADDRESS:PORT"')
-    if value:
-        try:
-            parse_listen_address(value)
-        except ValueError:
-            raise ConfigError(
-                key,
-                value,
-                'must be "IPV4:PORT" or "[IPV6]:PORT" with a port 1-65535, e.g. "127.0.0.1:9560"'
-                ', or "" for no metrics endpoint',
-            ) from None
-    return value
-
-
 def _log_level(key: str, value: object) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise ConfigError(key, value, f"must be one of {', '.join(LOG_LEVELS)}")
@@ -217,7 +201,7 @@ class Config:
     # peps in two namespaces of one host do not collide (pep.paths).
     status_socket: str = key(factory=default_status_socket, check=_socket_path)
     # "ADDRESS:PORT" of the Prometheus endpoint (e.g. "127.0.0.1:9560"); "" serves none.
-    metrics_listen: str = key("", _listen_address)
+    metrics_listen: str = key("", ip_port("no metrics endpoint"))
     # Processes sharing the listener (SO_REUSEPORT), each reading one queue of
     # queue .. queue + workers - 1. One is enough up to a few thousand new connections/s.
     workers: int = key(1, integer(1, 128))

@@ -174,89 +174,78 @@ def families(doc: Doc) -> Iterator[Metric]:
     yield c
 
 
+def _each(section: str, values: dict[str, Any], labels: dict[str, str]) -> Iterator[Metric]:
+    """One family per row of ``_SECTIONS`` for ``section``, its value from ``values``, each
+    with the same labels."""
+    for where, kind, name, key, text in _SECTIONS:
+        if where == section:
+            cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            m = cls(name, text, labels=list(labels))
+            m.add_metric(list(labels.values()), values[key])
+            yield m
+
+
+# The [link] and [peer] sections of the status document as metrics: (section, kind, name, the
+# document's key, help).
+_SECTIONS = (
+    ("link", "gauge", "pep_link_egress_rate_bits", "egress_bps", "[link] egress_rate."),
+    ("link", "gauge", "pep_link_ingress_rate_bits", "ingress_bps", "[link] ingress_rate."),
+    ("link", "gauge", "pep_link_pacing_capacity_bits", "pacing_capacity_bps", "Payload rate."),
+    ("link", "gauge", "pep_link_send_rate_bits", "send_rate_bps", "Payload bit/s sent now."),
+    ("link", "gauge", "pep_link_rtt_seconds", "rtt_s", "[link] rtt."),
+    ("link", "counter", "pep_link_legs_opened", "flows_total", "Link legs opened."),
+    ("link", "counter", "pep_link_sent_bytes", "bytes_sent", "Bytes sent, resends included."),
+    ("link", "counter", "pep_link_retransmits", "retransmits", "Segments retransmitted."),
+    ("pool", "gauge", "pep_peer_pool_target", "target", "Pooled connections aimed for."),
+    ("pool", "gauge", "pep_peer_pool_ready", "ready", "Pooled connections ready for a flow."),
+    ("pool", "gauge", "pep_peer_pool_in_use", "in_use", "Pooled connections carrying a flow."),
+    ("pool", "counter", "pep_peer_pool_opened", "opened", "Pooled connections authenticated."),
+    ("pool", "counter", "pep_peer_fallback", "fallback", "Flows that went direct."),
+    ("pool", "counter", "pep_peer_died_idle", "died_idle", "Pooled connections lost idle."),
+    ("pool", "counter", "pep_peer_connect_failures", "connect_failed", "Connects that failed."),
+    ("listener", "counter", "pep_peer_accepted", "accepted", "Peers that proved the key."),
+    ("listener", "counter", "pep_peer_flows", "flows", "Flows the peer listener relayed."),
+    ("listener", "counter", "pep_peer_upstream_failures", "upstream_failed", "Peer flows failed."),
+)
+
+
 def _link_families(link: dict[str, Any] | None) -> Iterator[Metric]:
     """The [link] section (pep.linkshare's snapshot): nothing without a [link] table."""
     if not link:
         return
-    iface = [link["interface"]]
-    for name, key, text in (
-        ("pep_link_egress_rate_bits", "egress_bps", "[link] egress_rate: what pep may send."),
-        ("pep_link_ingress_rate_bits", "ingress_bps", "[link] ingress_rate."),
-        ("pep_link_pacing_capacity_bits", "pacing_capacity_bps", "Payload rate shared out."),
-        ("pep_link_send_rate_bits", "send_rate_bps", "Payload bit/s sent into the link now."),
-    ):
-        g = GaugeMetricFamily(name, text, labels=["interface"])
-        g.add_metric(iface, link[key])
-        yield g
-    g = GaugeMetricFamily("pep_link_rtt_seconds", "[link] rtt.", labels=["interface"])
-    g.add_metric(iface, link["rtt_s"])
-    yield g
+    iface = {"interface": link["interface"]}
+    yield from _each("link", link, iface)
     g = GaugeMetricFamily(
         "pep_link_legs",
         "Link legs open, by whether they are sending.",
         labels=["interface", "state"],
     )
-    g.add_metric([*iface, "active"], link["flows_active"])
-    g.add_metric([*iface, "idle"], link["flows"] - link["flows_active"])
+    g.add_metric([link["interface"], "active"], link["flows_active"])
+    g.add_metric([link["interface"], "idle"], link["flows"] - link["flows_active"])
     yield g
-    for name, key, text in (
-        ("pep_link_legs_opened", "flows_total", "Link legs opened."),
-        ("pep_link_sent_bytes", "bytes_sent", "Bytes the link legs sent (with retransmissions)."),
-        ("pep_link_retransmits", "retransmits", "Segments the link legs retransmitted."),
-    ):
-        c = CounterMetricFamily(name, text, labels=["interface"])
-        c.add_metric(iface, link[key])
-        yield c
 
 
 def _peer_families(peer: dict[str, Any] | None) -> Iterator[Metric]:
     """The [peer] section: the pool (near end) and the peer listener (far end)."""
     if not peer:
         return
-    if pool := peer.get("pool"):
-        for name, key, text in (
-            ("pep_peer_pool_target", "target", "Pooled connections the pool aims to keep ready."),
-            ("pep_peer_pool_ready", "ready", "Pooled connections ready for a flow."),
-            ("pep_peer_pool_in_use", "in_use", "Pooled connections carrying a flow."),
-        ):
-            g = GaugeMetricFamily(name, text)
-            g.add_metric([], pool[key])
-            yield g
-        for name, key, text in (
-            ("pep_peer_pool_opened", "opened", "Pooled connections opened and authenticated."),
-            ("pep_peer_fallback", "fallback", "Flows that went direct: no ready connection."),
-            ("pep_peer_died_idle", "died_idle", "Pooled connections lost while idle."),
-            ("pep_peer_connect_failures", "connect_failed", "Failed connects to the far PEP."),
-        ):
-            c = CounterMetricFamily(name, text)
-            c.add_metric([], pool[key])
-            yield c
-    c = CounterMetricFamily(
+    pool, far = peer.get("pool"), peer.get("listener")
+    auth = CounterMetricFamily(
         "pep_peer_auth_failures", "Handshakes that failed, by end.", labels=["side"]
     )
     if pool:
-        c.add_metric(["near"], pool["auth_failed"])
-    if far := peer.get("listener"):
-        c.add_metric(["far"], far["auth_failed"])
-        for name, key, text in (
-            ("pep_peer_accepted", "accepted", "Peer connections that proved the key."),
-            ("pep_peer_flows", "flows", "Flows the peer listener connected and relayed."),
-            (
-                "pep_peer_upstream_failures",
-                "upstream_failed",
-                "Peer flows whose destination failed.",
-            ),
-        ):
-            m = CounterMetricFamily(name, text)
-            m.add_metric([], far[key])
-            yield m
-        r = CounterMetricFamily(
+        yield from _each("pool", pool, {})
+        auth.add_metric(["near"], pool["auth_failed"])
+    if far:
+        yield from _each("listener", far, {})
+        auth.add_metric(["far"], far["auth_failed"])
+        refused = CounterMetricFamily(
             "pep_peer_refused", "Peer connections closed unserved, by reason.", labels=["reason"]
         )
         for reason in ("not_allowed", "bad_header", "forbidden"):
-            r.add_metric([reason], far[reason])
-        yield r
-    yield c
+            refused.add_metric([reason], far[reason])
+        yield refused
+    yield auth
 
 
 def _le(bound: float) -> str:

@@ -15,6 +15,8 @@ import struct
 import time
 from collections.abc import Callable
 
+from pep.memo import Remembered
+
 __all__ = ["LocalAddresses", "OriginalDst", "is_local_address", "original_dst"]
 
 SO_ORIGINAL_DST = 80  # include/uapi/linux/netfilter_ipv4.h (IP6T_SO_ORIGINAL_DST is 80 too)
@@ -49,31 +51,18 @@ def is_local_address(host: str) -> bool:
     return True
 
 
-class LocalAddresses:
+class LocalAddresses(Remembered[bool]):
     """``is_local_address``, remembered for ``ttl`` seconds per address: the loop guard's
-    memory (``host in local``).
-
-    The loop guard asks for every connection, and three syscalls per connection buy nothing
-    when a gateway's addresses change a few times a day: an address added is guarded within
-    ``ttl``. Bounded: the memory is dropped whole at ``size`` addresses.
-    """
+    memory (``host in local``). The loop guard asks for every connection, and three syscalls
+    per connection buy nothing when a gateway's addresses change a few times a day: an address
+    added is guarded within ``ttl`` (pep.memo)."""
 
     def __init__(
         self, ttl: float = 1.0, size: int = 4096, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.ttl, self.size, self._clock = ttl, size, clock
-        self._known: dict[str, tuple[bool, float]] = {}
+        super().__init__(is_local_address, ttl, size, clock)
 
-    def __contains__(self, host: str) -> bool:
-        now = self._clock()
-        known = self._known.get(host)
-        if known is not None and known[1] > now:
-            return known[0]
-        if len(self._known) >= self.size:
-            self._known.clear()
-        local = is_local_address(host)
-        self._known[host] = (local, now + self.ttl)
-        return local
+    __contains__ = Remembered.__call__
 
 
 class OriginalDst:

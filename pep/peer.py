@@ -18,26 +18,11 @@ import stat
 import string
 from dataclasses import dataclass
 
-from pep.checks import ConfigError, Net, integer, key, nets, parse_listen_address
+from pep.checks import ConfigError, Net, integer, ip_port, key, nets
 
 __all__ = ["KEY_BYTES", "Peer", "keygen", "load_key"]
 
 KEY_BYTES = 32  # 256 bits, HMAC-SHA256's own block of strength (RFC 2104 section 3)
-
-
-def _address(key: str, value: object) -> str:
-    """ "IPV4:PORT" or "[IPV6]:PORT" (no names: a resolver is not something to wait on per
-    pooled connection, nor to trust with where flows go); "" = not set."""
-    if not isinstance(value, str):
-        raise ConfigError(key, value, 'must be a string "ADDRESS:PORT"')
-    if value:
-        try:
-            parse_listen_address(value)
-        except ValueError:
-            raise ConfigError(
-                key, value, 'must be "IPV4:PORT" or "[IPV6]:PORT" with a port 1-65535, or ""'
-            ) from None
-    return value
 
 
 def _path(key: str, value: object) -> str:
@@ -52,13 +37,15 @@ class Peer:
 
     key_file: str = key(check=_path)  # the shared secret (required)
     # Near end: the far PEP's peer listener, and how many connections to keep ready.
-    connect: str = key("", _address)
+    # Numeric addresses only: a resolver is not something to wait on per pooled connection,
+    # nor to trust with where flows go.
+    connect: str = key("", ip_port("no far end"))
     # Eight ready connections cover a browser's six per host with two to spare; more are
     # opened as flows take them faster than they come back, up to pool_max.
     pool: int = key(8, integer(1, 1024))
     pool_max: int = key(64, integer(1, 4096))
     # Far end: where to listen for near PEPs, and which source networks may connect.
-    listen: str = key("", _address)
+    listen: str = key("", ip_port("no peer listener"))
     allow: tuple[Net, ...] = key((), nets)
 
     def problem(self) -> tuple[str, object, str] | None:

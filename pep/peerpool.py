@@ -9,7 +9,7 @@ connection: it is not reused; the pool opens another in the background.
 The pool keeps ``pool`` connections ready and more while flows take them faster than they come
 back (up to ``pool_max``). Each ready connection is watched: one the far end closed or reset
 while it sat idle leaves the pool at once, and ``take`` checks again, so a dead one is never
-handed to a flow. Failures (refused, no answer, a wrong key) back off from 0.5 s to 30 s, so
+handed to a flow. Failures (refused, no answer, a wrong key) back off from 0.5 s to 10 s, so
 a far end that is down costs little, and the pool recovers by itself when it returns; flows
 meanwhile go direct (``fallback``, counted by the session).
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
-from pep import peerwire
+from pep import peerwire, tuning
 from pep.checks import parse_listen_address
 from pep.config import Config, LegTuning
 from pep.linkctl import LinkLegs
@@ -89,7 +89,8 @@ class PeerPool:
         """Whether a flow to ``host`` goes through the far PEP: its route leaves the way the
         route to the far PEP does (a destination on this side of the link does not)."""
         routes = self.links.routes
-        return routes.oif(host) == routes.oif(self.address[0])
+        via = routes.oif(self.address[0])
+        return via is not None and routes.oif(host) == via
 
     def take(self) -> socket.socket | None:
         """A ready connection, or None (the flow goes direct: counted by the caller)."""
@@ -144,16 +145,16 @@ class PeerPool:
             if sock is not None:
                 sock.close()
             self._failed(e)
-            return
+        else:
+            self.counters.opened += 1
+            self._backoff = 0.0
+            entry = _Ready(sock)
+            self.ready.append(entry)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch, entry)
         finally:
-            self.opening -= 1
+            self.opening -= 1  # after the connection is counted as ready: no extra opener
             self._changed.set()
-        self.counters.opened += 1
-        self._backoff = 0.0
-        entry = _Ready(sock)
-        self.ready.append(entry)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._watch, entry)
 
     async def _connect(self) -> socket.socket:
         host, port = self.address
@@ -244,14 +245,11 @@ def _alive(sock: socket.socket) -> bool:
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-        except OSError as e:
-            raise PeerGone(f"sending: {e.strerror}") from None
+    """pep.tuning.send_all, a failure being the peer's: PeerGone."""
+    try:
+        await tuning.send_all(sock, data)
+    except OSError as e:
+        raise PeerGone(f"sending: {e.strerror}") from None
 
 
 async def read_exactly(sock: socket.socket, n: int) -> bytes:

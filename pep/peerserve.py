@@ -30,6 +30,7 @@ import trio
 from pep import peerwire
 from pep.checks import parse_listen_address
 from pep.config import Config
+from pep.linkctl import link_tuning
 from pep.peer import Peer
 from pep.peerpool import PeerGone, read_exactly, send_all
 from pep.session import Sessions
@@ -74,7 +75,14 @@ class PeerListener:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.cfg.workers > 1:  # every worker listens, as on the split port
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            apply_tuning(sock, self.cfg.client)  # accepted sockets inherit it
+            # Accepted sockets inherit it, and the receive buffer in place when a near end's
+            # SYN arrives caps the window its pooled connection starts with: near ends come
+            # across the link, so with [link] that is the link's (its initrwnd then opens the
+            # window for a whole ingress BDP, before the first flow: uploads included).
+            tuning = self.cfg.client
+            if self.cfg.link is not None:
+                tuning = link_tuning(tuning, self.cfg.link)
+            apply_tuning(sock, tuning)
             sock.bind((host, port))
             sock.listen(self.cfg.backlog)
         except OSError as e:

@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "ANSWER_LEN",
@@ -86,14 +87,12 @@ class WireError(ValueError):
     """The bytes are not what this side of the protocol expects (garbage, another version)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(NamedTuple):
     version: int
     nonce: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Challenge:
+class Challenge(NamedTuple):
     version: int
     nonce: bytes
     proof: bytes

@@ -18,6 +18,8 @@ import struct
 import time
 from collections.abc import Callable
 
+from pep.memo import Remembered
+
 __all__ = ["RouteCache", "decode_oif", "encode_get"]
 
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
@@ -67,35 +69,20 @@ def _oif(buf: bytes, pos: int, end: int) -> int | None:
 
 
 class RouteCache:
-    """``oif(address)``, asking the kernel once per address per ``ttl`` seconds.
-
-    Bounded: past ``size`` addresses the memory is dropped whole (as pep.listener's
-    LocalAddresses does). A route change is seen within ``ttl``.
-    """
+    """``oif(address)``, asking the kernel once per address per ``ttl`` seconds (pep.memo):
+    a route change is seen within ``ttl``."""
 
     def __init__(
         self, ttl: float = 5.0, size: int = 4096, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.ttl, self.size, self._clock = ttl, size, clock
-        self._known: dict[str, tuple[int | None, float]] = {}
+        self.oif: Remembered[int | None] = Remembered(self._ask, ttl, size, clock)
         self._sock: socket.socket | None = None
         self._seq = 0
         self.asked = 0  # lookups that went to the kernel (the rest were remembered)
 
-    def oif(self, host: str) -> int | None:
-        now = self._clock()
-        known = self._known.get(host)
-        if known is not None and known[1] > now:
-            return known[0]
-        if len(self._known) >= self.size:
-            self._known.clear()
-        oif = self._ask(host)
-        self._known[host] = (oif, now + self.ttl)
-        return oif
-
     def forget(self) -> None:
         """Routes changed (pep itself changed them): ask again from now on."""
-        self._known.clear()
+        self.oif.forget()
 
     def _ask(self, host: str) -> int | None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

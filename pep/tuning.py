@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import struct
 
+import trio
+
 from pep.config import LegTuning
 
 __all__ = [
@@ -14,6 +16,7 @@ __all__ = [
     "close_gracefully",
     "mirror_syn",
     "reset_if_killed",
+    "send_all",
     "transparent",
 ]
 
@@ -117,3 +120,14 @@ def abort(sock: socket.socket) -> None:
     """Close with an RST (SO_LINGER 0), so the peer sees a failure, not an orderly EOF."""
     reset_if_killed(sock)  # SO_LINGER 0
     sock.close()
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Write all of ``data`` to a non-blocking socket, waiting with trio while it is full
+    (OSError as the socket raises it)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)

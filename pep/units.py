@@ -24,24 +24,29 @@ def parse_rate(text: str, default_unit: str | None = None) -> int:
     A bare number takes ``default_unit`` (one of bit, kbit, mbit, gbit); with none, a unit is
     required. Range checks are the caller's: what is sane differs (a link, a lab profile).
     """
-    t = text.strip().lower() if isinstance(text, str) else ""
-    m = re.fullmatch(_NUM + r"\s*([a-z]*?)(?:/s|ps)?", t)
-    unit = (m.group(2) or default_unit or "") if m else ""
-    if not m or unit not in _RATE_UNITS:
-        need = "a number with a unit" if default_unit is None else "a number"
-        raise ValueError(f"must be {need} such as 20mbit, 512kbit or 1gbit (decimal units)")
-    return round(float(m.group(1)) * _RATE_UNITS[unit])
+    value = _parse(text, r"([a-z]*?)(?:/s|ps)?", _RATE_UNITS, default_unit, _RATE_EXAMPLE)
+    return round(value)
 
 
 def parse_duration(text: str, default_unit: str | None = None) -> float:
     """``600ms``, ``0.6s`` -> seconds; a bare number takes ``default_unit`` (ms or s)."""
+    return _parse(text, r"(ms|s)?", _DURATION_UNITS, default_unit, "600ms or 0.6s")
+
+
+_RATE_EXAMPLE = "20mbit, 512kbit or 1gbit (decimal units)"
+
+
+def _parse(
+    text: str, unit_re: str, factors: dict[str, float], default_unit: str | None, example: str
+) -> float:
+    """A number and its unit (``unit_re``'s group), scaled by ``factors``."""
     t = text.strip().lower() if isinstance(text, str) else ""
-    m = re.fullmatch(_NUM + r"\s*(ms|s)?", t)
+    m = re.fullmatch(_NUM + r"\s*" + unit_re, t)
     unit = (m.group(2) or default_unit or "") if m else ""
-    if not m or unit not in _DURATION_UNITS:
+    if not m or unit not in factors:
         need = "a number with a unit" if default_unit is None else "a number"
-        raise ValueError(f"must be {need} such as 600ms or 0.6s")
-    return float(m.group(1)) * _DURATION_UNITS[unit]
+        raise ValueError(f"must be {need} such as {example}")
+    return float(m.group(1)) * factors[unit]
 
 
 def format_rate(bps: float) -> str:

@@ -17,7 +17,7 @@ import trio
 
 from pep.config import Config, LegTuning
 from pep.syn import SynInfo
-from pep.tuning import STREAM, apply_tuning, mirror_syn, transparent
+from pep.tuning import STREAM, apply_tuning, mirror_syn, send_all, transparent
 
 if TYPE_CHECKING:
     from pep.linkctl import LinkLegs
@@ -97,12 +97,7 @@ async def _handshake(sock: socket.socket, first_bytes: bytes) -> None:
     """Send the Fast Open bytes (the first write sends SYN+data; more waits for the
     handshake), then wait for the handshake to complete or fail: a SYN_SENT socket is not
     writable."""
-    view = memoryview(first_bytes)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
+    await send_all(sock, first_bytes)
     await trio.lowlevel.wait_writable(sock)
 
 

@@ -39,6 +39,7 @@ import trio
 
 from pep import nfq_codec as nfq
 from pep import nfq_proc
+from pep.entry import exit_code
 from pep.lab.delay_schedule import DelayLine, Lateness, queue_sizing
 from pep.lab.link_rules import LinkRules
 from pep.nfq_socket import QueueError, QueueSocket
@@ -368,14 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         down_queue=args.down_queue,
         stats=args.stats,
     )
-    try:
-        trio.run(serve, opts)
-    except QueueError as e:
-        log.error("%s", e)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return exit_code(lambda: trio.run(serve, opts), (QueueError,), lambda e: log.error("%s", e))
 
 
 if __name__ == "__main__":

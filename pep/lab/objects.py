@@ -31,6 +31,8 @@ from typing import Any
 
 import trio
 
+from pep.entry import exit_code
+
 __all__ = [
     "FetchError",
     "Session",
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
+
+    def run() -> None:
         if args.cmd == "serve":
             trio.run(serve, args.port, args.host, args.tls_port, args.cert, args.key)
         else:
@@ -379,12 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{t.size} bytes in {t.seconds:.3f} s ({t.goodput_bps / 1e6:.2f} Mbit/s), sha256 ok"
             )
-    except FetchError as e:
-        print(f"objects: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+
+    return exit_code(run, (FetchError,), lambda e: print(f"objects: {e}", file=sys.stderr))
 
 
 if __name__ == "__main__":
