@@ -34,7 +34,7 @@ from pep.linkctl import link_tuning
 from pep.peer import Peer
 from pep.peerpool import PeerGone, read_exactly, send_all
 from pep.session import Sessions
-from pep.tuning import STREAM, abort, apply_tuning, reset_if_killed
+from pep.tuning import STREAM, abort, apply_tuning, reset_if_killed, restart_congestion
 from pep.upstream import UpstreamError, open_for
 
 __all__ = ["PeerListener", "ServeCounters"]
@@ -154,6 +154,7 @@ class PeerListener:
             abort(conn)
             return
         assert parsed is not None
+        restart_congestion(conn)  # its flow starts as a new connection's would
         await self._relay(conn, near, parsed[0])
 
     async def _handshake(self, conn: socket.socket) -> None:

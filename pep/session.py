@@ -28,7 +28,7 @@ from pep.linkshare import LinkLeg
 from pep.origdst import LocalAddresses, OriginalDst
 from pep.peerpool import PeerGone, PeerPool, read_exactly, send_all
 from pep.relay import Relayer, RelayStats
-from pep.tuning import abort, apply_tuning, reset_if_killed
+from pep.tuning import abort, apply_tuning, reset_if_killed, restart_congestion
 from pep.upstream import UpstreamError, open_for
 
 __all__ = ["ListenerCounters", "Sessions"]
@@ -192,6 +192,7 @@ class Sessions:
             first = await self._first_bytes(client)
             sock = pool.take()
             if sock is not None:
+                restart_congestion(sock)
                 try:
                     status = await self._open_flow(sock, dst, peer, first)
                 except PeerGone as e:

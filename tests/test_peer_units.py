@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
+import time
 from pathlib import Path
 
 import pytest
 
-from pep import config, metrics, status
+from pep import config, metrics, status, tuning
 from pep.peer import KEY_BYTES, keygen, load_key
 from tests.test_ops_units import sample_doc
 
@@ -139,3 +142,45 @@ def test_workers_pools_add_up() -> None:
     assert merged["peer"]["pool"]["ready"] == 14
     assert merged["peer"]["pool"]["connect"] == "10.78.3.1:5001"
     assert merged["peer"]["listener"] is None
+
+
+TCP_CC_INFO = 26  # include/uapi/linux/tcp.h; struct tcp_bbr_info: bw_lo, bw_hi, min_rtt, gains
+
+
+def _bbr_info(sock: socket.socket) -> tuple[int, int]:
+    """(bandwidth estimate in bytes/s, pacing gain x 256) of a BBR socket."""
+    bw_lo, bw_hi, _, pacing_gain, _ = struct.unpack(
+        "5I", sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, 20)
+    )
+    return bw_hi << 32 | bw_lo, pacing_gain
+
+
+def test_a_pooled_connection_starts_its_flow_with_fresh_congestion_control() -> None:
+    """restart_congestion: BBR's state from before (a bandwidth estimate, a min-RTT filter
+    about to expire) is dropped; the module is still BBR, in STARTUP (gain 2.885)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.socket()
+        try:
+            a.setsockopt(socket.IPPROTO_TCP, tuning.TCP_CONGESTION, b"bbr")
+        except OSError:
+            pytest.skip("bbr is not available here")
+        with a:
+            a.connect(srv.getsockname())
+            b, _ = srv.accept()
+            with b:
+                data = os.urandom(1 << 20)
+                for _ in range(4):
+                    a.sendall(data)
+                    got = 0
+                    while got < len(data):
+                        got += len(b.recv(1 << 20))
+                assert _bbr_info(a)[0] > 0  # it has measured the path
+                tuning.restart_congestion(a)
+                name = a.getsockopt(socket.IPPROTO_TCP, tuning.TCP_CONGESTION, 16)
+                assert name.rstrip(b"\0") == b"bbr"
+                assert _bbr_info(a)[0] == 0  # the estimate is gone
+                a.sendall(b"still works")
+                assert b.recv(64) == b"still works"
+                time.sleep(0.1)  # its ACK: BBR sets its gains on the first one
+                assert _bbr_info(a)[1] == 739  # STARTUP's high gain, 2.885 x 256
+        tuning.restart_congestion(a)  # closed: no error (the flow's send reports it)

@@ -181,6 +181,8 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
             )
     for name, marker in waits:
         lab.wait_ready(name, marker)
+    for node in peps:
+        lab.wait_pool(node)  # the first fetch times the pool, not its fallback
     lab.save()
 
 

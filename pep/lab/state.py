@@ -230,6 +230,29 @@ class Lab:
             self.launch(node, node, argv[node])
         for node in starting:
             self.wait_ready(node, "ready:")
+        if not direct:
+            for node in starting:
+                self.wait_pool(node)
+
+    def wait_pool(self, node: str, timeout: float = 15) -> None:
+        """Until ``node``'s peer pool holds its target of ready connections (no pool: at
+        once). A pep just started opens them in the background, one handshake and one
+        challenge round trip across the link each; a measurement started before then would
+        time the fallback (direct legs), not the pool."""
+        from pep.status_socket import StatusError, fetch
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pool = (fetch(str(self.dir / f"{node}.sock")).get("peer") or {}).get("pool")
+            except StatusError:
+                pool = None  # not answering yet
+            else:
+                if not pool or pool["ready"] >= pool["target"]:
+                    return
+            if time.monotonic() > deadline:
+                raise LabError(f"pep on {node}: peer pool not ready after {timeout:g} s: {pool}")
+            time.sleep(0.05)
 
     def link_drops(self) -> int:
         """Packets the link's rate limiters (tbf, both directions) have dropped so far: the
