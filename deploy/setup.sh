@@ -15,8 +15,10 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 # iptables: the legacy backend python-iptables writes to; iproute2: `ip netns exec`;
 # gcc + python3-dev: python-iptables compiles a small extension; iperf3, haproxy, nginx-light,
-# wrk: the benchmarks' load and reference paths (bench/).
-pkgs=(iptables iproute2 gcc python3-dev python3-venv iperf3 haproxy nginx-light wrk openssl)
+# wrk: the benchmarks' load and reference paths (bench/); openssl: the lab's HTTPS certificate;
+# keepalived: VRRP for the lab's `ha` topology.
+pkgs=(iptables iproute2 gcc python3-dev python3-venv iperf3 haproxy nginx-light wrk openssl
+    keepalived)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -24,7 +24,7 @@ import trio
 
 from pep import paths
 from pep.link import Link
-from pep.topology import Topology
+from pep.topology import Topology, sysctl
 from tests.daemon import PepProcess, StartPep, status_json
 from tests.netenv import (
     INGRESS,
@@ -54,6 +54,8 @@ SINK_PORT = 8090
 def link_routes(topo: Topology) -> Iterator[None]:
     """Routes through the "link" with a gateway: what pep puts its initial windows on; and
     the gateway's runtime directory (the route state file) removed afterwards."""
+    # Not bbr by default here, so a link leg's bbr says [link] chose it.
+    sysctl(topo.ns("gw"), "net.ipv4.tcp_congestion_control", "cubic")
     topo.run("gw", ["ip", "route", "add", "10.99.0.0/16", "via", SERVER_IP, "metric", "50"])
     topo.run("gw", ["ip", "-6", "route", "add", "fd99::/32", "via", "fd77:2::2"])
     try:
@@ -180,9 +182,11 @@ def test_sighup_follows_a_changed_link_and_its_removal(
         pep.stop()
 
 
-def max_pacing_rates(topo: Topology, port: int) -> list[int]:
-    """SO_MAX_PACING_RATE of the gateway's sockets to ``port`` (ss prints rate/max in bps)."""
+def max_pacing_rates(topo: Topology, port: int, ccs: list[str]) -> list[int]:
+    """SO_MAX_PACING_RATE of the gateway's sockets to ``port`` (ss prints rate/max in bps);
+    their congestion control names go into ``ccs``."""
     r = topo.run("gw", ["ss", "-tin", f"( dport = :{port} )"])
+    ccs += re.findall(r"\b(bbr|cubic|reno)\b", r.stdout)
     return [int(bps) // 8 for _, bps in re.findall(r"pacing_rate (\d+)bps/(\d+)bps", r.stdout)]
 
 
@@ -194,6 +198,7 @@ async def test_the_upstream_link_leg_is_paced_and_reported(
         data = os.urandom(4 * 1024 * 1024)  # about 4 s at 8 Mbit/s: ss sees it on the way
         got: dict[str, tuple[str, int]] = {}
         seen: list[int] = []
+        ccs: list[str] = []
         doc: dict[str, object] = {}
         sink = await listen(topo.ns("server"), SERVER_IP, SINK_PORT)
 
@@ -218,7 +223,7 @@ async def test_the_upstream_link_leg_is_paced_and_reported(
         async def watch() -> None:
             while not seen:
                 await trio.sleep(0.1)
-                seen.extend(max_pacing_rates(topo, SINK_PORT))
+                seen.extend(max_pacing_rates(topo, SINK_PORT, ccs))
             doc.update(await status_json(pep))
 
         with trio.fail_after(60), sink:
@@ -231,6 +236,7 @@ async def test_the_upstream_link_leg_is_paced_and_reported(
         # The only link leg has the whole link: 8 Mbit/s of frames, in payload bytes/s.
         capacity = Link(LINK_IF, 0.6, 8_000_000, 20_000_000, None).pacing_capacity(1500)
         assert seen and all(abs(rate - capacity) < 0.05 * capacity for rate in seen), seen
+        assert set(ccs) == {"bbr"}, ccs  # [link]'s congestion control on the link leg
         link = doc["link"]
         assert isinstance(link, dict)
         assert link["interface"] == LINK_IF and link["egress_bps"] == 8_000_000

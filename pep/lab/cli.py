@@ -41,9 +41,10 @@ def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
     )
     g.add_argument(
         "--topology",
-        choices=("symmetric", "one-ended"),
+        choices=("symmetric", "one-ended", "ha", "ecmp"),
         default="symmetric",
-        help="client-pepa-link-pepb-server, or client-pepa-link-server (default symmetric)",
+        help="client-pepa-link-pepb-server, or client-pepa-link-server (default symmetric); "
+        "ha: two gateways with VRRP (keepalived), ecmp: a router spreading flows over two",
     )
     g.add_argument(
         "--no-peer",
@@ -127,11 +128,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                 "download), loss (10 MB at 0.5 %% loss, its own lab), https (TLS 1.3, 100 KB and 1 "
                 "MB), idle (1 MB after 2 idle minutes); default all but idle",
             )
-            p.add_argument("--reps", type=int, default=3, help="repetitions (median; default 3)")
+            p.add_argument(
+                "--reps",
+                type=int,
+                help="repetitions (median; default 3; with --topology ha: failovers, default 5)",
+            )
             p.add_argument(
                 "--compare-direct",
                 action="store_true",
                 help="also measure pep without its pre-connected legs (the demo always does)",
+            )
+            p.add_argument(
+                "--failover",
+                choices=("pep", "box", "link"),
+                default="pep",
+                help="--topology ha: what fails on the master: its pep killed (default), the "
+                "whole box (every process killed, links down), or its client-side link down",
             )
             p.add_argument("--json", type=Path, help="write all measurements here")
         _prefix(p, prefix)
@@ -204,7 +216,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _exec(args: argparse.Namespace) -> int:
     from pep.lab.plan import LabError
-    from pep.lab.state import exists
+    from pep.lab.state import Lab, exists
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -215,7 +227,9 @@ def _exec(args: argparse.Namespace) -> int:
     node = args.node.lower()
     ns = f"{args.prefix}-{node}"
     if not exists(args.prefix) or not os.path.exists(f"/run/netns/{ns}"):
-        raise LabError(f"no node {node!r} in lab {args.prefix!r} (nodes: {', '.join(NODES)})")
+        lab = Lab.load(args.prefix)
+        names = list(lab.nodes) if lab is not None else NODES
+        raise LabError(f"no node {node!r} in lab {args.prefix!r} (nodes: {', '.join(names)})")
     os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
     return 1  # not reached
 
@@ -224,10 +238,13 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
     from pep.lab import bench, profiles
     from pep.lab.plan import LabSpec
 
-    sizes = profiles.parse_sizes(args.sizes)
-    reps = getattr(args, "reps", 1)
-    if reps < 1:
+    reps = getattr(args, "reps", None)
+    if reps is not None and reps < 1:
         raise profiles.ParseError(f"--reps {reps}: must be at least 1")
+    if args.topology in ("ha", "ecmp"):
+        return _cluster_bench(args, prof)
+    reps = reps or (1 if args.lab_command == "demo" else 3)
+    sizes = profiles.parse_sizes(args.sizes)
     if args.lab_command == "demo":
         chosen = bench.selected(["single", "parallel"], sizes, parallel=(6,))
     else:
@@ -259,4 +276,66 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
         bench.write_json(result, args.json)
         print(f"json: {args.json}")
     progress.say(f"done in {result.elapsed:.0f} s")
+    return 0
+
+
+FAILED = {
+    "pep": "the master's pep killed",
+    "box": "the master box dead: its processes killed, its links down",
+    "link": "the master's client-side link down",
+}
+
+
+def _cluster_bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-def]
+    """The two-gateway labs' figures: failover (ha) or spread (ecmp), as JSON."""
+    import json
+
+    from pep.lab import cluster_bench
+    from pep.lab import lab as lab_mod
+    from pep.lab.plan import LabSpec
+
+    if args.lab_command != "bench":
+        raise lab_mod.LabError(f"--topology {args.topology}: `pep lab bench` (or `up`) only")
+    spec = LabSpec(prof, args.topology, True, args.prefix, peer=False)
+    lab = lab_mod.up(spec, lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        if args.topology == "ha":
+            result = cluster_bench.failover(lab, args.reps or 5, args.failover)
+            print(
+                f"failover ({FAILED[args.failover]} -> the first new connection split by the "
+                f"backup): median {result['failover_median_s']} s over {len(result['runs'])} "
+                f"runs (the addresses moved after {result['addresses_moved_median_s']} s); "
+                f"{result['failed_total']} connections failed, {result['slow_total']} took over "
+                f"0.5 s, {result['unsplit_total']} went through unsplit meanwhile"
+                + (
+                    f"; {result['no_failover']} runs did not fail over"
+                    if result["no_failover"]
+                    else ""
+                )
+            )
+            for r in result["runs"]:
+                print(
+                    f"  {r['failed_gateway']} failed: split by {r['backup']} after "
+                    f"{r['failover_s']} s, addresses moved after {r['addresses_moved_s']} s, "
+                    f"{r['failed']} failed, {r['slow']} slow, {r['succeeded_unsplit']} unsplit"
+                )
+        else:
+            result = cluster_bench.spread(lab)
+            print(
+                f"spread over {result['connections']} connections: "
+                + ", ".join(
+                    f"{gw} {n} ({result['share'][gw]:.0%})" for gw, n in result["split"].items()
+                )
+                + f"; {result['failed']} failed"
+            )
+            a = result["after_gwa_killed"]
+            print(
+                f"gwa's pep killed, {a['connections']} more: {a['failed']} failed, "
+                f"{a['split_by_gwb']} split by gwb, the rest through gwa unsplit"
+            )
+    finally:
+        lab_mod.down(spec.prefix, lab)
+    if getattr(args, "json", None):
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"json: {args.json}")
     return 0

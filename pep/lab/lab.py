@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pep.lab import cluster
 from pep.lab.plan import (
     HOST_TCP_RMEM,
     HOST_TCP_WMEM,
@@ -67,7 +68,10 @@ def up(spec: LabSpec, progress: Callable[[str], None] | None = None) -> Lab:
     shutil.rmtree(lab.dir, ignore_errors=True)  # a stale state dir without namespaces
     lab.dir.mkdir(parents=True)
     try:
-        _build(lab, say)
+        if lab.topology in cluster.CLUSTERS:
+            cluster.build(lab, say)
+        else:
+            _build(lab, say)
     except BaseException as e:
         down(spec.prefix, lab)
         if isinstance(e, LabError | OSError | ValueError):

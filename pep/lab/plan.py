@@ -45,7 +45,7 @@ SERVER_IP = "10.78.4.2"
 SERVER_PORT = 80
 TLS_PORT = 443  # the object server's HTTPS (pep.lab.lab.make_certificate)
 TLS_CERT = "tls-cert.pem"  # in the lab's directory
-TOPOLOGIES = ("symmetric", "one-ended")
+TOPOLOGIES = ("symmetric", "one-ended", "ha", "ecmp")
 # A prefix never contains '-': namespace names are "{prefix}-{node}" and cleanup matches
 # "{prefix}-*", so "lab" must not match the namespaces of a lab called "lab-x".
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,23}$")
@@ -84,7 +84,7 @@ class LabSpec:
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
         if self.topology not in TOPOLOGIES:
-            raise LabError(f"topology {self.topology!r}: choose {' or '.join(TOPOLOGIES)}")
+            raise LabError(f"topology {self.topology!r}: choose {', '.join(TOPOLOGIES)}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,13 @@ def plan(topology: str) -> tuple[list[str], list[tuple[Iface, Iface]], dict[str,
 
 # pep nodes: node -> (interface connections arrive on, direction it sends into the link). Which
 # leg faces the link pep derives itself (pepa: the upstream leg, pepb: the client leg).
-PEP_NODES = {"pepa": ("lan0", "up"), "pepb": ("sat0", "down")}
+PEP_NODES = {
+    "pepa": ("lan0", "up"),
+    "pepb": ("sat0", "down"),
+    # the two-gateway labs (pep.lab.cluster): no satellite link, no direction
+    "gwa": ("lan0", ""),
+    "gwb": ("lan0", ""),
+}
 
 
 def link_table(profile: LinkProfile, sends: str) -> dict[str, str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+from pep.lab.cluster import CLUSTERS, vips_held
 from pep.lab.plan import PEP_NODES, SERVER_PORT, LabError
 from pep.lab.state import Lab, lab_namespaces
 
@@ -56,10 +57,16 @@ def status_text(prefix: str) -> str:
         raise LabError(f"no lab with prefix {prefix!r} (start one with `pep lab up`)")
     p = lab.profile
     mode = "PEP" if lab.pep else "no PEP"
-    lines = [
-        f"lab {prefix!r}: {p.name.upper()} {lab.topology}, {mode}, up {_age(lab.created)}",
-        f"link: {p.describe()}; {p.rtt_ms / 2:g} ms each way",
-    ]
+    if lab.topology in CLUSTERS:
+        lines = [
+            f"lab {prefix!r}: {lab.topology}, two PEP gateways, {mode}, up {_age(lab.created)}",
+            "link: none emulated (veth at full speed): the topology is what is shown",
+        ]
+    else:
+        lines = [
+            f"lab {prefix!r}: {p.name.upper()} {lab.topology}, {mode}, up {_age(lab.created)}",
+            f"link: {p.describe()}; {p.rtt_ms / 2:g} ms each way",
+        ]
     if "delayline" in lab.procs:
         state = "running" if lab.running("delayline") else "NOT RUNNING (link is down)"
         lines.append(
@@ -73,7 +80,7 @@ def status_text(prefix: str) -> str:
     for node, ifaces in lab.nodes.items():
         ns = lab.ns(node)
         present = "" if ns in namespaces else "  (namespace MISSING)"
-        addrs = ", ".join(f"{i} {a}" for i, a in ifaces.items())
+        addrs = ", ".join(f"{i} {a}" for i, a in ifaces.items()) or "a switch (bridge br0)"
         lines.append(f"  {node:<7} {ns:<{len(prefix) + 8}} {addrs}{present}")
         if node in PEP_NODES:
             if not lab.pep:
@@ -82,10 +89,20 @@ def status_text(prefix: str) -> str:
                 pid = lab.procs[node]["pid"]
                 state = f"running (pid {pid})" if lab.running(node) else "stopped"
                 lines.append(f"          pep: {state}, splitting {PEP_NODES[node][0]}")
+        if f"keepalived-{node}" in lab.procs:
+            name = f"keepalived-{node}"
+            state = "running" if lab.running(name) else "NOT RUNNING"
+            held = vips_held(lab.ns(node))
+            role = f"MASTER, holds {', '.join(held)}" if held else "backup"
+            lines.append(f"          keepalived: {state} (pid {lab.procs[name]['pid']}), {role}")
         if node == "server" and "server" in lab.procs:
             state = "running" if lab.running("server") else "NOT RUNNING"
             lines.append(f"          object server :{SERVER_PORT}: {state}")
         for note in lab.settings.get(node, []):
             lines.append(f"          {note}")
+    conf = lab.dir / "keepalived-gwa.conf"
+    if conf.exists():
+        lines.append(f"keepalived.conf of gwa ({conf}; gwb's differs in priority only):")
+        lines += ["    " + line for line in conf.read_text().splitlines()]
     lines.append(f"logs and configs: {lab.dir}")
     return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""The lab's two-gateway topologies: a VRRP standby pair (``ha``) and ECMP spreading (``ecmp``).
+
+A hub-side PEP outgrows one box, and a terminal operator wants the service to survive a dead
+box, not only a dead process. Networks do that with routing machinery; these labs show pep
+behind it (docs/SCALING.md)::
+
+    ha:    client ── swl (bridge) ──┬── gwa (pep, keepalived) ──┬── sww (bridge) ── server
+                                    └── gwb (pep, keepalived) ──┘
+           10.79.1.10      VIP 10.79.1.1 on lan0 | VIP 10.79.2.1 on wan0        10.79.2.10
+
+    ecmp:  client ── rtr ──(multipath, L4 hash)──┬── gwa (pep) ──┬── sww (bridge) ── server
+                                                 └── gwb (pep) ──┘
+           10.80.1.10                                                              10.80.4.10
+
+``ha``: both gateways run pep all the time (hot standby) and keepalived, which holds the
+clients' gateway address and the servers' return address as one VRRP sync group (VRRPv3,
+adverts every 100 ms). keepalived tracks pep (``pep status``: exit 3 means no daemon), both
+interfaces, and its own peer: a dead pep, a dead box or a down link moves both addresses.
+``nopreempt``: a master that comes back stays backup, so the connections the new master
+split are not cut a second time.
+
+``ecmp``: a router spreads flows over both gateways by a hash of the 5-tuple
+(``fib_multipath_hash_policy = 1``); each pep runs in REDIRECT mode, so its upstream leg
+leaves from its own address and the replies come back to the box that holds the flow.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+
+from pep.lab.plan import LabError, pep_config_text
+from pep.lab.state import Lab
+
+__all__ = ["CLUSTERS", "build", "keepalived_conf", "master", "wait_master"]
+
+CLUSTERS = ("ha", "ecmp")
+GATEWAYS = ("gwa", "gwb")
+# VRRP (keepalived.conf): virtual router ids, priorities (gwa starts as master), the advert
+# interval. VRRPv3 allows centiseconds; 100 ms adverts make a dead master's backup take over
+# after 3 missed adverts plus skew, about 0.35 s (RFC 5798 section 6.1: Master_Down_Interval).
+VRID = {"lan0": 51, "wan0": 52}
+PRIORITY = {"gwa": 150, "gwb": 100}
+ADVERT = 0.1
+HA = {
+    "client": "10.79.1.10",
+    "server": "10.79.2.10",
+    "vip_lan": "10.79.1.1",
+    "vip_wan": "10.79.2.1",
+    "gwa": ("10.79.1.2", "10.79.2.2"),
+    "gwb": ("10.79.1.3", "10.79.2.3"),
+}
+ECMP = {
+    "client": "10.80.1.10",
+    "server": "10.80.4.10",
+    "rtr": ("10.80.1.1", "10.80.2.1", "10.80.3.1"),
+    "gwa": ("10.80.2.2", "10.80.4.2"),
+    "gwb": ("10.80.3.2", "10.80.4.3"),
+}
+
+
+def server_ip(topology: str) -> str:
+    return (HA if topology == "ha" else ECMP)["server"]  # type: ignore[return-value]
+
+
+def keepalived_conf(node: str, status_socket: str, python: str = sys.executable) -> str:
+    """One gateway's keepalived.conf: two instances (the clients' side, the servers' side) in
+    one sync group, both tracking pep and both interfaces.
+
+    pep is tracked by `pep status` (exit 3 when no daemon answers: dead or hung), once a
+    second, the shortest interval keepalived allows (whole seconds), one failure enough: a
+    dead pep's socket refuses at once, so the address moves within about a second. keepalived's
+    ``vrrp_track_process`` would hear a death at once, but it needs the kernel's process
+    connector, which answers only in the initial network namespace (checked: "Failed to
+    set/clear process event listen - errno 111" inside the lab's namespaces)."""
+    track = f"{python} -m pep.cli status --socket {status_socket}"
+    instances = []
+    for ifname, vip in (("lan0", HA["vip_lan"]), ("wan0", HA["vip_wan"])):
+        instances.append(
+            textwrap.dedent(
+                f"""\
+                vrrp_instance {ifname.upper()} {{
+                    state BACKUP
+                    nopreempt
+                    interface {ifname}
+                    virtual_router_id {VRID[ifname]}
+                    priority {PRIORITY[node]}
+                    advert_int {ADVERT}
+                    virtual_ipaddress {{
+                        {vip}/24 dev {ifname}
+                    }}
+                    track_interface {{
+                        lan0
+                        wan0
+                    }}
+                    track_script {{
+                        pep_alive
+                    }}
+                }}
+                """
+            )
+        )
+    head = textwrap.dedent(
+        f"""\
+        # keepalived.conf of {node}, written by `pep lab up --topology ha`
+        global_defs {{
+            router_id {node}
+            # real-time scheduling: adverts every 100 ms even on a busy box
+            max_auto_priority
+            script_user root
+            enable_script_security
+            vrrp_version 3
+        }}
+        # `pep status` exits 3 when no daemon answers (pep dead or hung): the address moves.
+        vrrp_script pep_alive {{
+            script "{track}"
+            interval 1
+            timeout 2
+            fall 1
+            rise 1
+        }}
+        vrrp_sync_group GATEWAY {{
+            group {{
+                LAN0
+                WAN0
+            }}
+        }}
+        """
+    )
+    return head + "".join(instances)
+
+
+def vips_held(ns: str) -> list[str]:
+    """The VRRP addresses this gateway's namespace holds now (keepalived adds them)."""
+    from pyroute2 import NetNS
+
+    vips = {str(HA["vip_lan"]), str(HA["vip_wan"])}
+    try:
+        with NetNS(ns) as ipr:
+            return sorted(
+                a.get_attr("IFA_ADDRESS")
+                for a in ipr.get_addr(family=2)
+                if a.get_attr("IFA_ADDRESS") in vips
+            )
+    except OSError:
+        return []
+
+
+def log_size(lab: Lab, gw: str) -> int:
+    """Where gw's keepalived log ends now: ``wait_state`` then looks only at what follows."""
+    log = lab.dir / f"keepalived-{gw}.log"
+    return log.stat().st_size if log.exists() else 0
+
+
+def wait_state(lab: Lab, gw: str, since: int, state: str = "BACKUP", timeout: float = 15) -> None:
+    """Wait until gw's keepalived logs that its instances entered ``state`` after ``since``."""
+    log = lab.dir / f"keepalived-{gw}.log"
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log, "rb") as f:
+            f.seek(since)
+            if f"(LAN0) Entering {state} STATE".encode() in f.read():
+                return
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace").splitlines()[-8:]
+            raise LabError(
+                f"keepalived on {gw}: not in {state} state after {timeout:g} s ({log}):"
+                + "".join("\n  " + line for line in tail)
+            )
+        time.sleep(0.05)
+
+
+def master(lab: Lab) -> str | None:
+    """The gateway that holds both VRRP addresses, if exactly one does."""
+    held = [gw for gw in GATEWAYS if len(vips_held(lab.ns(gw))) == 2]
+    return held[0] if len(held) == 1 else None
+
+
+def wait_master(lab: Lab, want: str | None = None, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while (now := master(lab)) is None or (want is not None and now != want):
+        if time.monotonic() > deadline:
+            said = [
+                f"keepalived on {gw}: {line}"
+                for gw in GATEWAYS
+                if (log := lab.dir / f"keepalived-{gw}.log").exists()
+                for line in log.read_text(errors="replace").splitlines()[-5:]
+            ]
+            raise LabError(
+                f"no gateway holds both VRRP addresses after {timeout:g} s "
+                f"(master now: {now})" + "".join("\n  " + line for line in said)
+            )
+        time.sleep(0.05)
+    return now
+
+
+def build(lab: Lab, say: Callable[[str], None]) -> None:
+    """Build an ``ha`` or ``ecmp`` lab (namespaces, bridges, routes), start its processes and
+    wait until they are ready (``ha``: until gwa holds the addresses)."""
+    from pep.topology import Topology, sysctl
+
+    topo = Topology(lab.prefix)
+    say(f"building {lab.topology} lab {lab.prefix!r}: two PEP gateways")
+    if lab.topology == "ha" and shutil.which("keepalived") is None:
+        raise LabError("`keepalived` is not installed (Debian package keepalived)")
+    nodes = ["client", "gwa", "gwb", "sww", "server"]
+    nodes += ["swl"] if lab.topology == "ha" else ["rtr"]
+    for node in nodes:
+        lab.nodes[node] = {}
+        topo.add_node(node, forwarding=node in ("gwa", "gwb", "rtr"))
+        lab.save()
+
+    def wire(a: str, a_if: str, a_addr: str | None, b: str, b_if: str, b_addr: str | None) -> None:
+        topo.link(a, a_if, [a_addr] if a_addr else [], b, b_if, [b_addr] if b_addr else [])
+        for node, ifname, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
+            if addr:
+                lab.nodes[node][ifname] = addr
+
+    if lab.topology == "ha":
+        _bridge(topo, "swl")
+        _bridge(topo, "sww")
+        wire("client", "eth0", f"{HA['client']}/24", "swl", "p-client", None)
+        for gw in GATEWAYS:
+            lan, wan = HA[gw]  # type: ignore[misc]
+            wire(gw, "lan0", f"{lan}/24", "swl", f"p-{gw}", None)
+            wire(gw, "wan0", f"{wan}/24", "sww", f"p-{gw}", None)
+        wire("server", "eth0", f"{HA['server']}/24", "sww", "p-server", None)
+        for sw in ("swl", "sww"):
+            _enslave(topo, sw)
+        topo.route("client", "default", str(HA["vip_lan"]))
+        topo.route("server", "10.79.1.0/24", str(HA["vip_wan"]))
+        ingress = "lan0"
+    else:
+        _bridge(topo, "sww")
+        c0, a0, b0 = ECMP["rtr"]  # type: ignore[misc]
+        wire("client", "eth0", f"{ECMP['client']}/24", "rtr", "c0", f"{c0}/24")
+        wire("rtr", "a0", f"{a0}/24", "gwa", "up0", f"{ECMP['gwa'][0]}/24")  # type: ignore[index]
+        wire("rtr", "b0", f"{b0}/24", "gwb", "up0", f"{ECMP['gwb'][0]}/24")  # type: ignore[index]
+        for gw in GATEWAYS:
+            wire(gw, "s0", f"{ECMP[gw][1]}/24", "sww", f"p-{gw}", None)  # type: ignore[index]
+        wire("server", "eth0", f"{ECMP['server']}/24", "sww", "p-server", None)
+        _enslave(topo, "sww")
+        topo.route("client", "default", str(c0))
+        hops = [("a0", ECMP["gwa"][0]), ("b0", ECMP["gwb"][0])]  # type: ignore[index]
+        _multipath(topo, "rtr", "default", hops)
+        sysctl(lab.ns("rtr"), "net.ipv4.fib_multipath_hash_policy", 1)  # L4: per flow
+        lab.settings.setdefault("rtr", []).append(
+            "default: nexthop via 10.80.2.2 dev a0, nexthop via 10.80.3.2 dev b0; "
+            "fib_multipath_hash_policy 1 (5-tuple)"
+        )
+        for gw, up in (("gwa", a0), ("gwb", b0)):
+            topo.route(gw, "10.80.1.0/24", str(up))
+        # Unsplit flows (a pep that is down fails open) return through either gateway.
+        back = [("eth0", ECMP["gwa"][1]), ("eth0", ECMP["gwb"][1])]  # type: ignore[index]
+        _multipath(topo, "server", "10.80.1.0/24", back)
+        ingress = "up0"
+    for node in nodes:
+        sysctl(lab.ns(node), "net.ipv4.tcp_no_metrics_save", 1)
+        lab.settings.setdefault(node, [])
+    lab.save()
+    say("starting the object server")
+    argv = [sys.executable, "-m", "pep.lab.objects", "serve", "--port", "80"]
+    lab.launch("server", "server", argv)
+    for gw in GATEWAYS:
+        sock = str(lab.dir / f"{gw}.sock")
+        lab.config(gw).write_text(pep_config_text(ingress, None, sock))
+        say(f"starting pep on {gw} (splitting {ingress})")
+        lab.launch(gw, gw, lab.pep_argv(gw))
+    lab.wait_ready("server", "listening on")
+    for gw in GATEWAYS:
+        lab.wait_ready(gw, "ready:")
+    if lab.topology == "ha":
+        # keepalived after pep is ready, gwa first: gwa (the higher priority) is master.
+        for gw in GATEWAYS:
+            conf = lab.dir / f"keepalived-{gw}.conf"
+            conf.write_text(keepalived_conf(gw, str(lab.dir / f"{gw}.sock")))
+            say(f"starting keepalived on {gw}")
+            lab.launch(f"keepalived-{gw}", gw, keepalived_argv(lab, gw))
+            lab.settings[gw].append(f"keepalived: {conf} (VRRPv3, {ADVERT * 1000:g} ms adverts)")
+            if gw == "gwa":
+                wait_master(lab, "gwa")
+            else:  # the backup ready to take over before anything relies on it
+                wait_state(lab, gw, 0)
+    lab.save()
+
+
+def keepalived_argv(lab: Lab, gw: str) -> list[str]:
+    run = lab.dir / f"keepalived-{gw}"
+    return [
+        *("keepalived", "--dont-fork", "--log-console", "--vrrp", "--use-file"),
+        str(lab.dir / f"keepalived-{gw}.conf"),
+        *("--pid", f"{run}.pid", "--vrrp_pid", f"{run}-vrrp.pid"),
+    ]
+
+
+def _bridge(topo: object, node: str) -> None:
+    from pyroute2 import NetNS
+
+    with NetNS(topo.ns(node)) as ipr:  # type: ignore[attr-defined]
+        ipr.link("add", ifname="br0", kind="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+
+
+def _enslave(topo: object, node: str) -> None:
+    """Every port of a switch node into its bridge."""
+    from pyroute2 import NetNS
+
+    with NetNS(topo.ns(node)) as ipr:  # type: ignore[attr-defined]
+        br = ipr.link_lookup(ifname="br0")[0]
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if name.startswith("p-"):
+                ipr.link("set", index=link["index"], master=br, state="up")
+
+
+def _multipath(topo: object, node: str, dst: str, hops: list[tuple[str, object]]) -> None:
+    from pyroute2 import NetNS
+
+    with NetNS(topo.ns(node)) as ipr:  # type: ignore[attr-defined]
+        nexthops = [
+            {"gateway": str(gw), "oif": ipr.link_lookup(ifname=dev)[0], "hops": 0}
+            for dev, gw in hops
+        ]
+        ipr.route("add", dst="0.0.0.0/0" if dst == "default" else dst, multipath=nexthops)
