@@ -133,7 +133,7 @@ def _setup_logging(level: str, tag: str = "") -> None:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from pep import status, status_socket
+    from pep import status, status_render, status_socket
 
     path = args.socket
     if path is None:
@@ -158,7 +158,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(status.render(doc), end="")
+        print(status_render.render(doc), end="")
     return 0
 
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from pep import metrics, nfq_proc, status, status_socket, systemd
+from pep import metrics, nfq_proc, status, status_render, status_socket, systemd
 from pep.config import Config, ConfigError, LegTuning, build, load
 from pep.connections import ConnectionTable, LatencyHistogram
 from pep.control import RELOADABLE, plan_reload
@@ -130,7 +130,7 @@ def test_document_config_with_networks_ranges_and_tables_is_json() -> None:
     assert doc["config"]["upstream"]["keepalive"] is True
     assert doc["config"]["client"] == dataclasses.asdict(LegTuning())
     assert doc["config"]["interfaces"] == ["eth1"]
-    assert "connections: 2 active" in status.render(doc)
+    assert "connections: 2 active" in status_render.render(doc)
 
 
 def test_half_close_states() -> None:
@@ -180,7 +180,7 @@ def test_merge_sums_workers_and_reports_a_dead_one() -> None:
 
 
 def test_render_shows_summary_and_table() -> None:
-    text = status.render(sample_doc())
+    text = status_render.render(sample_doc())
     assert "connections: 2 active, 2 split" in text
     assert "ECONNREFUSED" in text
     assert "SYN verdicts: 5 queued, 4 split, 1 not split (unparsable 1)" in text
@@ -190,7 +190,7 @@ def test_render_shows_summary_and_table() -> None:
     assert "10.0.0.2:40000" in text and "2.0 kB" in text
     doc = sample_doc()
     doc.update(kernel_queues=None, kernel_queues_error="x: Permission denied")
-    assert "kernel queues: unavailable (x: Permission denied)" in status.render(doc)
+    assert "kernel queues: unavailable (x: Permission denied)" in status_render.render(doc)
 
 
 def test_decode_rejects_other_versions() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pep import config, metrics, status, tuning
+from pep import config, metrics, status, status_render, tuning
 from pep.peer import KEY_BYTES, keygen, load_key
 from tests.test_ops_units import sample_doc
 
@@ -117,7 +117,7 @@ FAR = {
 def test_status_and_metrics_show_both_ends() -> None:
     doc = sample_doc()
     doc["peer"] = {"pool": POOL, "listener": FAR}
-    text = status.render(doc)
+    text = status_render.render(doc)
     assert (
         "peer pool 10.78.3.1:5001: 7 ready of 8, 2 in use; 120 opened, 3 flows went direct" in text
     )
