@@ -54,8 +54,9 @@ SINK_PORT = 8090
 def link_routes(topo: Topology) -> Iterator[None]:
     """Routes through the "link" with a gateway: what pep puts its initial windows on; and
     the gateway's runtime directory (the route state file) removed afterwards."""
-    # Not bbr by default here, so a link leg's bbr says [link] chose it.
-    sysctl(topo.ns("gw"), "net.ipv4.tcp_congestion_control", "cubic")
+    # Not bbr by default here, so a link leg's bbr says [link] chose it (reno: a namespace may
+    # default only to one in tcp_allowed_congestion_control, and cubic often is not).
+    sysctl(topo.ns("gw"), "net.ipv4.tcp_congestion_control", "reno")
     topo.run("gw", ["ip", "route", "add", "10.99.0.0/16", "via", SERVER_IP, "metric", "50"])
     topo.run("gw", ["ip", "-6", "route", "add", "fd99::/32", "via", "fd77:2::2"])
     try:
