@@ -105,6 +105,13 @@ def assert_tagged_with(text: str, metrics: dict[int, dict[str, int]]) -> None:
     assert len(lines) == 2, text  # connected routes and the other interface: untouched
 
 
+def stopped_and_restored(pep: PepProcess, topo: Topology, before: str) -> None:
+    """SIGTERM: pep exits 0 and every route is exactly as it was before pep started."""
+    pep.signal(signal.SIGTERM)
+    assert pep.wait(15) == 0, pep.log()
+    assert routes(topo) == before
+
+
 def pep_cli(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
     return topo.run("gw", [sys.executable, "-m", "pep.cli", *args], timeout=60)
 
@@ -118,9 +125,7 @@ def test_routes_carry_the_link_metrics_and_are_restored_exactly_on_sigterm(
         assert_tagged_with(routes(topo), expected_metrics(topo, 0.6, 8_000_000))
         shown = pep_cli(topo, "rules", "show")
         assert "10.99.0.0/16" in shown.stdout and "initcwnd" in shown.stdout, shown.stdout
-        pep.signal(signal.SIGTERM)
-        assert pep.wait(15) == 0, pep.log()
-        assert routes(topo) == before
+        stopped_and_restored(pep, topo, before)
     finally:
         pep.stop()
 
@@ -145,9 +150,7 @@ def test_kill_9_leaves_the_metrics_for_the_next_start_or_rules_remove(
     pep = start(start_pep, tmp_path, egress="16mbit")
     try:
         assert_tagged_with(routes(topo), expected_metrics(topo, 0.6, 16_000_000))
-        pep.signal(signal.SIGTERM)
-        assert pep.wait(15) == 0, pep.log()
-        assert routes(topo) == before
+        stopped_and_restored(pep, topo, before)
     finally:
         pep.stop()
 
@@ -176,9 +179,7 @@ def test_sighup_follows_a_changed_link_and_its_removal(
         while routes(topo) != before:
             assert time.monotonic() < deadline, pep.log()
             time.sleep(0.05)
-        pep.signal(signal.SIGTERM)
-        assert pep.wait(15) == 0, pep.log()
-        assert routes(topo) == before
+        stopped_and_restored(pep, topo, before)
     finally:
         pep.stop()
 
