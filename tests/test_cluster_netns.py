@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -184,6 +185,15 @@ async def test_ecmp_spreads_flows_and_a_dead_pep_fails_open(ecmp: Lab) -> None:
 
     await many(sizes)
     counts = {gw: splits(ecmp, gw) for gw in cluster.GATEWAYS}
+    # `pep lab split off` would leave no gateway splitting (ha: none holding the address).
+    r = subprocess.run(
+        [sys.executable, "-m", "pep.cli", "lab", "split", "off", "--prefix", ecmp.prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "two-gateway lab" in r.stderr, (r.returncode, r.stderr)
+    assert all(ecmp.running(gw) for gw in cluster.GATEWAYS)
     assert sum(counts.values()) == 400, counts
     assert min(counts.values()) >= 100, counts  # the hash spreads them (odds otherwise: nil)
     kill_pep(ecmp, "gwa")

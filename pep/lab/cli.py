@@ -208,6 +208,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         lab = Lab.load(args.prefix)
         if lab is None:
             raise LabError(f"no lab with prefix {args.prefix!r}")
+        if lab.topology in ("ha", "ecmp"):
+            raise LabError(
+                f"lab {args.prefix!r} is a two-gateway lab ({lab.topology}): its peps stay up "
+                f"(with both stopped, keepalived would hold no gateway address). Fail one "
+                f"instead: kill -9 its pep, `ip -n {args.prefix}-gwa link set lan0 down`, or "
+                f"`pep lab bench --topology {lab.topology}`"
+            )
         lab.set_split(args.state != "off", direct=args.state == "direct")
         print(f"pep {args.state} on {', '.join(lab.pep_nodes)}")
         return 0
