@@ -105,6 +105,24 @@ class Topology:
         with NetNS(self.ns(node)) as ipr:
             ipr.route("add", dst=dst, gateway=gateway, **attrs)
 
+    def bridge(self, node: str, ports: Sequence[str]) -> None:
+        """A switch: bridge ``br0`` in ``node`` with ``ports`` (veths already linked) in it."""
+        with NetNS(self.ns(node)) as ipr:
+            ipr.link("add", ifname="br0", kind="bridge")
+            br = ipr.link_lookup(ifname="br0")[0]
+            for port in ports:
+                ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=br, state="up")
+            ipr.link("set", index=br, state="up")
+
+    def multipath_route(self, node: str, dst: str, hops: Sequence[tuple[str, str]]) -> None:
+        """One route over several next hops, ``(interface, gateway)`` each, equal weights."""
+        with NetNS(self.ns(node)) as ipr:
+            nexthops = [
+                {"gateway": gw, "oif": ipr.link_lookup(ifname=dev)[0], "hops": 0}
+                for dev, gw in hops
+            ]
+            ipr.route("add", dst=dst, multipath=nexthops)
+
     def popen(self, node: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
         """Start a process inside a node (``ip netns exec`` also gives it the node's /sys)."""
         return subprocess.Popen(["ip", "netns", "exec", self.ns(node), *argv], **kwargs)  # type: ignore[call-overload]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -122,16 +121,12 @@ def closed_by_fin(sock: trio.socket.SocketType) -> bool:
     return state == TCP_CLOSE_WAIT
 
 
-def kill_pep(lab: Lab, gw: str) -> None:
-    os.kill(int(lab.procs[gw]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
-
-
 async def test_ha_a_dead_pep_moves_the_address_and_the_backup_splits(ha: Lab) -> None:
     first = wait_master(ha)
     other = next(gw for gw in cluster.GATEWAYS if gw != first)
     await fetch(ha)  # through the master: split there
     assert splits(ha, first) == 1
-    got, ended = await a_long_transfer_cut_by(ha, lambda: kill_pep(ha, first))
+    got, ended = await a_long_transfer_cut_by(ha, lambda: cluster.sigkill(ha, first))
     assert ended == "ConnectionResetError", (got, ended)  # an error, never a short "eof"
     assert 0 < got < 20_000_000
     wait_master(ha, other)
@@ -196,7 +191,7 @@ async def test_ecmp_spreads_flows_and_a_dead_pep_fails_open(ecmp: Lab) -> None:
     assert all(ecmp.running(gw) for gw in cluster.GATEWAYS)
     assert sum(counts.values()) == 400, counts
     assert min(counts.values()) >= 100, counts  # the hash spreads them (odds otherwise: nil)
-    kill_pep(ecmp, "gwa")
+    cluster.sigkill(ecmp, "gwa")
     ecmp.stop("gwa")
     await many([20_000 + i for i in range(100)])  # all succeed: gwa's share goes unsplit
     assert 0 < splits(ecmp, "gwb") - counts["gwb"] < 100

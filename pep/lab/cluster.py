@@ -26,7 +26,9 @@ leaves from its own address and the replies come back to the box that holds the 
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from pep.lab.plan import LabError, pep_config_text
 from pep.lab.state import Lab
 
-__all__ = ["CLUSTERS", "build", "keepalived_conf", "master", "wait_master"]
+__all__ = ["CLUSTERS", "build", "keepalived_conf", "master", "sigkill", "wait_master"]
 
 CLUSTERS = ("ha", "ecmp")
 GATEWAYS = ("gwa", "gwb")
@@ -45,25 +47,27 @@ GATEWAYS = ("gwa", "gwb")
 VRID = {"lan0": 51, "wan0": 52}
 PRIORITY = {"gwa": 150, "gwb": 100}
 ADVERT = 0.1
-HA = {
-    "client": "10.79.1.10",
-    "server": "10.79.2.10",
-    "vip_lan": "10.79.1.1",
-    "vip_wan": "10.79.2.1",
-    "gwa": ("10.79.1.2", "10.79.2.2"),
-    "gwb": ("10.79.1.3", "10.79.2.3"),
+# ha: the client, the server, each side's VRRP address (by the gateways' interface on that
+# side) and each gateway's own addresses there.
+HA_CLIENT, HA_SERVER = "10.79.1.10", "10.79.2.10"
+VIPS = {"lan0": "10.79.1.1", "wan0": "10.79.2.1"}
+HA_GW = {
+    "gwa": {"lan0": "10.79.1.2", "wan0": "10.79.2.2"},
+    "gwb": {"lan0": "10.79.1.3", "wan0": "10.79.2.3"},
 }
-ECMP = {
-    "client": "10.80.1.10",
-    "server": "10.80.4.10",
-    "rtr": ("10.80.1.1", "10.80.2.1", "10.80.3.1"),
-    "gwa": ("10.80.2.2", "10.80.4.2"),
-    "gwb": ("10.80.3.2", "10.80.4.3"),
+# ecmp: the router's interfaces (to the client, to gwa, to gwb), each gateway's (to the
+# router, to the servers' segment).
+ECMP_CLIENT, ECMP_SERVER = "10.80.1.10", "10.80.4.10"
+RTR = {"c0": "10.80.1.1", "a0": "10.80.2.1", "b0": "10.80.3.1"}
+ECMP_GW = {
+    "gwa": {"up0": "10.80.2.2", "s0": "10.80.4.2"},
+    "gwb": {"up0": "10.80.3.2", "s0": "10.80.4.3"},
 }
+RTR_PORT = {"gwa": "a0", "gwb": "b0"}  # the router's interface to each gateway
 
 
 def server_ip(topology: str) -> str:
-    return (HA if topology == "ha" else ECMP)["server"]  # type: ignore[return-value]
+    return HA_SERVER if topology == "ha" else ECMP_SERVER
 
 
 def keepalived_conf(node: str, status_socket: str, python: str = sys.executable) -> str:
@@ -78,7 +82,7 @@ def keepalived_conf(node: str, status_socket: str, python: str = sys.executable)
     set/clear process event listen - errno 111" inside the lab's namespaces)."""
     track = f"{python} -m pep.cli status --socket {status_socket}"
     instances = []
-    for ifname, vip in (("lan0", HA["vip_lan"]), ("wan0", HA["vip_wan"])):
+    for ifname, vip in VIPS.items():
         instances.append(
             textwrap.dedent(
                 f"""\
@@ -137,7 +141,7 @@ def vips_held(ns: str) -> list[str]:
     """The VRRP addresses this gateway's namespace holds now (keepalived adds them)."""
     from pyroute2 import NetNS
 
-    vips = {str(HA["vip_lan"]), str(HA["vip_wan"])}
+    vips = set(VIPS.values())
     try:
         with NetNS(ns) as ipr:
             return sorted(
@@ -171,6 +175,13 @@ def wait_state(lab: Lab, gw: str, since: int, state: str = "BACKUP", timeout: fl
                 + "".join("\n  " + line for line in tail)
             )
         time.sleep(0.05)
+
+
+def sigkill(lab: Lab, name: str, group: bool = False) -> None:
+    """Kill a lab process outright, as a crash would (``group``: with the children it forked,
+    e.g. keepalived's VRRP child; every lab process leads its own session)."""
+    pid = int(lab.procs[name]["pid"])  # type: ignore[call-overload]
+    (os.killpg if group else os.kill)(pid, signal.SIGKILL)
 
 
 def master(lab: Lab) -> str | None:
@@ -220,42 +231,37 @@ def build(lab: Lab, say: Callable[[str], None]) -> None:
                 lab.nodes[node][ifname] = addr
 
     if lab.topology == "ha":
-        _bridge(topo, "swl")
-        _bridge(topo, "sww")
-        wire("client", "eth0", f"{HA['client']}/24", "swl", "p-client", None)
-        for gw in GATEWAYS:
-            lan, wan = HA[gw]  # type: ignore[misc]
-            wire(gw, "lan0", f"{lan}/24", "swl", f"p-{gw}", None)
-            wire(gw, "wan0", f"{wan}/24", "sww", f"p-{gw}", None)
-        wire("server", "eth0", f"{HA['server']}/24", "sww", "p-server", None)
-        for sw in ("swl", "sww"):
-            _enslave(topo, sw)
-        topo.route("client", "default", str(HA["vip_lan"]))
-        topo.route("server", "10.79.1.0/24", str(HA["vip_wan"]))
+        wire("client", "eth0", f"{HA_CLIENT}/24", "swl", "p-client", None)
+        for gw, addrs in HA_GW.items():
+            for ifname, sw in (("lan0", "swl"), ("wan0", "sww")):
+                wire(gw, ifname, f"{addrs[ifname]}/24", sw, f"p-{gw}", None)
+        wire("server", "eth0", f"{HA_SERVER}/24", "sww", "p-server", None)
+        topo.bridge("swl", ["p-client", "p-gwa", "p-gwb"])
+        topo.bridge("sww", ["p-gwa", "p-gwb", "p-server"])
+        topo.route("client", "default", VIPS["lan0"])
+        topo.route("server", "10.79.1.0/24", VIPS["wan0"])
         ingress = "lan0"
     else:
-        _bridge(topo, "sww")
-        c0, a0, b0 = ECMP["rtr"]  # type: ignore[misc]
-        wire("client", "eth0", f"{ECMP['client']}/24", "rtr", "c0", f"{c0}/24")
-        wire("rtr", "a0", f"{a0}/24", "gwa", "up0", f"{ECMP['gwa'][0]}/24")  # type: ignore[index]
-        wire("rtr", "b0", f"{b0}/24", "gwb", "up0", f"{ECMP['gwb'][0]}/24")  # type: ignore[index]
-        for gw in GATEWAYS:
-            wire(gw, "s0", f"{ECMP[gw][1]}/24", "sww", f"p-{gw}", None)  # type: ignore[index]
-        wire("server", "eth0", f"{ECMP['server']}/24", "sww", "p-server", None)
-        _enslave(topo, "sww")
-        topo.route("client", "default", str(c0))
-        hops = [("a0", ECMP["gwa"][0]), ("b0", ECMP["gwb"][0])]  # type: ignore[index]
-        _multipath(topo, "rtr", "default", hops)
+        wire("client", "eth0", f"{ECMP_CLIENT}/24", "rtr", "c0", f"{RTR['c0']}/24")
+        for gw, addrs in ECMP_GW.items():
+            port = RTR_PORT[gw]
+            wire("rtr", port, f"{RTR[port]}/24", gw, "up0", f"{addrs['up0']}/24")
+            wire(gw, "s0", f"{addrs['s0']}/24", "sww", f"p-{gw}", None)
+            topo.route(gw, "10.80.1.0/24", RTR[port])
+        wire("server", "eth0", f"{ECMP_SERVER}/24", "sww", "p-server", None)
+        topo.bridge("sww", ["p-gwa", "p-gwb", "p-server"])
+        topo.route("client", "default", RTR["c0"])
+        hops = [(RTR_PORT[gw], addrs["up0"]) for gw, addrs in ECMP_GW.items()]
+        topo.multipath_route("rtr", "0.0.0.0/0", hops)
         sysctl(lab.ns("rtr"), "net.ipv4.fib_multipath_hash_policy", 1)  # L4: per flow
         lab.settings.setdefault("rtr", []).append(
-            "default: nexthop via 10.80.2.2 dev a0, nexthop via 10.80.3.2 dev b0; "
-            "fib_multipath_hash_policy 1 (5-tuple)"
+            "default: "
+            + ", ".join(f"nexthop via {via} dev {dev}" for dev, via in hops)
+            + "; fib_multipath_hash_policy 1 (5-tuple)"
         )
-        for gw, up in (("gwa", a0), ("gwb", b0)):
-            topo.route(gw, "10.80.1.0/24", str(up))
         # Unsplit flows (a pep that is down fails open) return through either gateway.
-        back = [("eth0", ECMP["gwa"][1]), ("eth0", ECMP["gwb"][1])]  # type: ignore[index]
-        _multipath(topo, "server", "10.80.1.0/24", back)
+        back = [("eth0", addrs["s0"]) for addrs in ECMP_GW.values()]
+        topo.multipath_route("server", "10.80.1.0/24", back)
         ingress = "up0"
     for node in nodes:
         sysctl(lab.ns(node), "net.ipv4.tcp_no_metrics_save", 1)
@@ -294,34 +300,3 @@ def keepalived_argv(lab: Lab, gw: str) -> list[str]:
         str(lab.dir / f"keepalived-{gw}.conf"),
         *("--pid", f"{run}.pid", "--vrrp_pid", f"{run}-vrrp.pid"),
     ]
-
-
-def _bridge(topo: object, node: str) -> None:
-    from pyroute2 import NetNS
-
-    with NetNS(topo.ns(node)) as ipr:  # type: ignore[attr-defined]
-        ipr.link("add", ifname="br0", kind="bridge")
-        ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
-
-
-def _enslave(topo: object, node: str) -> None:
-    """Every port of a switch node into its bridge."""
-    from pyroute2 import NetNS
-
-    with NetNS(topo.ns(node)) as ipr:  # type: ignore[attr-defined]
-        br = ipr.link_lookup(ifname="br0")[0]
-        for link in ipr.get_links():
-            name = link.get_attr("IFLA_IFNAME")
-            if name.startswith("p-"):
-                ipr.link("set", index=link["index"], master=br, state="up")
-
-
-def _multipath(topo: object, node: str, dst: str, hops: list[tuple[str, object]]) -> None:
-    from pyroute2 import NetNS
-
-    with NetNS(topo.ns(node)) as ipr:  # type: ignore[attr-defined]
-        nexthops = [
-            {"gateway": str(gw), "oif": ipr.link_lookup(ifname=dev)[0], "hops": 0}
-            for dev, gw in hops
-        ]
-        ipr.route("add", dst="0.0.0.0/0" if dst == "default" else dst, multipath=nexthops)

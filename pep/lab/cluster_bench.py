@@ -15,7 +15,6 @@ hashed to gwa cross it unsplit, and all must succeed.
 from __future__ import annotations
 
 import os
-import signal
 import statistics
 import subprocess
 import time
@@ -26,10 +25,11 @@ import trio
 from pep.lab import objects
 from pep.lab.cluster import (
     GATEWAYS,
-    HA,
+    VIPS,
     keepalived_argv,
     log_size,
     server_ip,
+    sigkill,
     vips_held,
     wait_master,
     wait_state,
@@ -71,9 +71,9 @@ def _fail(lab: Lab, gw: str, what: str) -> None:
         for ifname in ("lan0", "wan0") if what == "box" else ("lan0",):
             subprocess.run(["ip", "-n", lab.ns(gw), "link", "set", ifname, "down"], check=True)
     if what in ("pep", "box"):
-        os.kill(int(lab.procs[gw]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        sigkill(lab, gw)
     if what == "box":  # keepalived and its VRRP child: its own session (Lab.launch)
-        os.killpg(int(lab.procs[f"keepalived-{gw}"]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        sigkill(lab, f"keepalived-{gw}", group=True)
 
 
 def _repair(lab: Lab, gw: str, what: str) -> None:
@@ -83,7 +83,7 @@ def _repair(lab: Lab, gw: str, what: str) -> None:
     if what in ("box", "link"):
         for ifname in ("lan0", "wan0"):
             if what == "box":  # the addresses the killed keepalived left behind
-                for vip in (HA["vip_lan"], HA["vip_wan"]):
+                for vip in VIPS.values():
                     subprocess.run(
                         ["ip", "-n", lab.ns(gw), "addr", "del", f"{vip}/24", "dev", ifname],
                         capture_output=True,
@@ -211,7 +211,7 @@ def spread(lab: Lab, n: int = 400, parallel: int = 20, after: int = 100) -> dict
     failed = trio.run(_spread, lab, n, parallel)
     got = {gw: splits(lab, gw) - before[gw] for gw in GATEWAYS}
     # gwa's pep killed: the flows hashed to gwa cross it unsplit (fail-open).
-    os.kill(int(lab.procs["gwa"]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    sigkill(lab, "gwa")
     lab.stop("gwa")
     b0 = splits(lab, "gwb")
     failed_after = trio.run(_spread, lab, after, parallel)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import tomllib
 
 from pep.lab.cluster import CLUSTERS, vips_held
 from pep.lab.plan import PEP_NODES, SERVER_PORT, LabError
@@ -88,7 +89,7 @@ def status_text(prefix: str) -> str:
             elif node in lab.procs:
                 pid = lab.procs[node]["pid"]
                 state = f"running (pid {pid})" if lab.running(node) else "stopped"
-                lines.append(f"          pep: {state}, splitting {PEP_NODES[node][0]}")
+                lines.append(f"          pep: {state}, splitting {_interfaces(lab, node)}")
         if f"keepalived-{node}" in lab.procs:
             name = f"keepalived-{node}"
             state = "running" if lab.running(name) else "NOT RUNNING"
@@ -106,3 +107,11 @@ def status_text(prefix: str) -> str:
         lines += ["    " + line for line in conf.read_text().splitlines()]
     lines.append(f"logs and configs: {lab.dir}")
     return "\n".join(lines)
+
+
+def _interfaces(lab: Lab, node: str) -> str:
+    """What this pep was told to split: its config's ``interfaces`` (the lab wrote it)."""
+    try:
+        return ", ".join(tomllib.loads(lab.config(node).read_text())["interfaces"])
+    except (OSError, tomllib.TOMLDecodeError, KeyError):
+        return PEP_NODES[node][0]
