@@ -33,6 +33,7 @@ from pep.fairshare import FlowShare, ShareTable
 from pep.link import Link
 from pep.relay import RelayStats
 from pep.routequery import RouteCache
+from pep.tuning import restart_congestion
 
 __all__ = ["SLOTS_ENV", "SO_MAX_PACING_RATE", "LinkLeg", "LinkTotals", "Sharer", "WorkerSlots"]
 
@@ -40,6 +41,15 @@ log = logging.getLogger(__name__)
 
 SO_MAX_PACING_RATE = 47  # include/uapi/asm-generic/socket.h
 TCP_SYN_RECV = 3  # include/net/tcp_states.h
+TCP_CA_OPEN = 0  # tcpi_ca_state: not in recovery or loss (include/uapi/linux/tcp.h)
+# A link leg sending for longer than BBR's 10-s min-RTT window (tcp_bbr.c, bbr_min_rtt_win_sec)
+# gets its congestion control restarted this long after it joined or was last restarted, so it
+# never enters PROBE_RTT: cwnd 4 for at least 200 ms and a link round trip, nearly silent, which
+# is what six parallel uploads on GEO spent (pooled: 10.99-12.00 s for 10.64 s of serialisation;
+# refreshed: 10.64-10.82 s, docs/BENCHMARKS.md). PROBE_RTT exists to find the path's RTT under
+# a queue the flow built itself; pep's caps keep the link's queue empty, and the restarted BBR
+# takes TCP's own 5-minute minimum RTT (tcp_min_rtt_wlen), so nothing is lost by skipping it.
+BBR_REFRESH = 8.0
 # After a flow wakes or leaves, the others' caps are recomputed this much later, so a burst of
 # new flows costs one reshare, not one per flow (the waking flow has its own share at once).
 COALESCE = 0.005
@@ -90,7 +100,7 @@ class WorkerSlots:
 class LinkLeg:
     """One link-leg socket in the sharer; ``flow.active`` is what the relay engine checks."""
 
-    __slots__ = ("cappable", "flow", "info", "sharer", "sock", "stats", "up")
+    __slots__ = ("cappable", "flow", "fresh_at", "info", "sharer", "sock", "stats", "up")
 
     def __init__(
         self, sharer: Sharer, flow: FlowShare, sock: socket.socket, stats: RelayStats, up: bool
@@ -107,6 +117,7 @@ class LinkLeg:
         # reshare just after its first write (COALESCE later): its first flight, bounded in
         # SYN_RECV by the peer's SYN window, has left, and the ACK is a link RTT away.
         self.cappable = True
+        self.fresh_at = trio.current_time()  # when its congestion control last started
 
     @property
     def written(self) -> int:
@@ -127,6 +138,7 @@ class LinkTotals:
     flows: int = 0  # link-leg sockets opened
     bytes_sent: int = 0  # by closed link-leg sockets (live ones are added when reported)
     retransmits: int = 0  # segments, by closed link-leg sockets
+    congestion_restarts: int = 0  # BBR restarted before its PROBE_RTT (BBR_REFRESH)
     send_rate: float = 0.0  # payload bytes/s over the last tick, all active flows
 
 
@@ -233,6 +245,7 @@ class Sharer:
 
     def _sample(self, dt: float) -> None:
         sent = 0
+        now = trio.current_time()
         for flow in list(self.table.active.values()):
             leg = self.legs[flow.fid]
             try:
@@ -242,6 +255,10 @@ class Sharer:
             before = leg.info.bytes_sent if leg.info is not None else 0
             sent += info.bytes_sent - before
             leg.info = info
+            if now - leg.fresh_at >= BBR_REFRESH and info.ca_state == TCP_CA_OPEN:
+                leg.fresh_at = now  # not in recovery: BBR keeps its recovery cwnd until done
+                if restart_congestion(leg.sock, only=b"bbr"):
+                    self.totals.congestion_restarts += 1
             self.table.sample(flow.fid, info.bytes_sent, leg.written, info.notsent_bytes, dt)
         self.totals.send_rate = sent / dt if dt > 0 else 0.0
 
@@ -281,4 +298,5 @@ class Sharer:
             "send_rate_bps": round(self.totals.send_rate * 8),
             "bytes_sent": self.totals.bytes_sent + sum(i.bytes_sent for i in live),
             "retransmits": self.totals.retransmits + sum(i.total_retrans for i in live),
+            "congestion_restarts": self.totals.congestion_restarts,
         }

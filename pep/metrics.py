@@ -196,6 +196,7 @@ _SECTIONS = (
     ("link", "counter", "pep_link_legs_opened", "flows_total", "Link legs opened."),
     ("link", "counter", "pep_link_sent_bytes", "bytes_sent", "Bytes sent, resends included."),
     ("link", "counter", "pep_link_retransmits", "retransmits", "Segments retransmitted."),
+    ("link", "counter", "pep_link_congestion_restarts", "congestion_restarts", "BBR refreshes."),
     ("pool", "gauge", "pep_peer_pool_target", "target", "Pooled connections aimed for."),
     ("pool", "gauge", "pep_peer_pool_ready", "ready", "Pooled connections ready for a flow."),
     ("pool", "gauge", "pep_peer_pool_in_use", "in_use", "Pooled connections carrying a flow."),

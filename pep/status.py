@@ -188,6 +188,7 @@ _LINK_SUMS = (
     "send_rate_bps",
     "bytes_sent",
     "retransmits",
+    "congestion_restarts",
 )
 
 

@@ -102,7 +102,8 @@ def render(doc: Doc, limit: int = 200) -> str:
             f"{link['congestion'] or 'kernel default congestion control'}; sending "
             f"{_rate(link['send_rate_bps'])} of {_rate(link['pacing_capacity_bps'])} "
             f"(payload), {link['flows_active']} of {link['flows']} link legs active, "
-            f"{link['retransmits']} retransmitted segments"
+            f"{link['retransmits']} retransmitted segments, "
+            f"{link['congestion_restarts']} congestion-control restarts"
         )
     if doc["kernel_queues"] is None:
         lines.append(f"kernel queues: unavailable ({doc['kernel_queues_error']})")

@@ -58,26 +58,30 @@ def apply_tuning(sock: socket.socket, tuning: LegTuning) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, opt, value)
 
 
-def restart_congestion(sock: socket.socket) -> None:
-    """Start a pooled connection's congestion control afresh for its flow, as a new
-    connection's would be, keeping what the pool kept: the measured RTT, cwnd, both windows.
+def restart_congestion(sock: socket.socket, only: bytes | None = None) -> bool:
+    """Start a connection's congestion control afresh, as a new connection's would be, keeping
+    what TCP itself kept: the measured RTT, cwnd, both windows. ``only``: restart only this
+    module (e.g. b"bbr"). Returns whether it restarted.
 
-    Why: an idle pooled connection's state is stale. BBR's min-RTT filter lasts 10 s
-    (tcp_bbr.c, bbr_min_rtt_win_sec); past that, the first ACKs of a flow take it into
-    PROBE_RTT, cwnd 4 packets for at least 200 ms and a round trip, and a request/response
-    flow (a TLS handshake, then the response) pays one whole extra link RTT (measured on
-    GEO: HTTPS 100 KB 1.85 s instead of 1.25 s). Setting the module anew runs its init
-    (for BBR: STARTUP, min-RTT stamped now, pacing from srtt and cwnd); setting the same
+    Why: BBR's min-RTT filter lasts 10 s (tcp_bbr.c, bbr_min_rtt_win_sec); past that, the
+    next ACKs take it into PROBE_RTT, cwnd 4 packets for at least 200 ms and a round trip.
+    An idle pooled connection's state is stale that way, and a request/response flow (a TLS
+    handshake, then the response) paid one whole extra link RTT (measured on GEO: HTTPS
+    100 KB 1.85 s instead of 1.25 s); a link leg sending for longer than 10 s pays the same
+    round trip of near silence (pep.linkshare refreshes those). Setting the module anew runs
+    its init (for BBR: STARTUP, its min RTT taken from TCP's own 5-minute minimum and stamped
+    now, pacing from srtt and cwnd, still capped by SO_MAX_PACING_RATE); setting the same
     name is a no-op in the kernel, so the socket passes through reno, which has no state.
     """
     try:
         name = sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16).split(b"\0", 1)[0]
-        if name in (b"", b"reno"):
-            return
+        if name in (b"", b"reno") or (only is not None and name != only):
+            return False
         sock.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, b"reno")
         sock.setsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, name)
     except OSError:
-        pass  # the connection died meanwhile: the flow's first send says so
+        return False  # the connection died meanwhile: the flow's next send says so
+    return True
 
 
 def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:

@@ -197,7 +197,9 @@ async def test_the_upstream_link_leg_is_paced_and_reported(
 ) -> None:
     pep = start(start_pep, tmp_path, egress="8mbit")
     try:
-        data = os.urandom(4 * 1024 * 1024)  # about 4 s at 8 Mbit/s: ss sees it on the way
+        # About 11 s at 8 Mbit/s: ss sees it on the way, and it sends for longer than BBR's
+        # 10-s min-RTT window, so pep restarts its BBR once (linkshare.BBR_REFRESH).
+        data = os.urandom(10 * 1024 * 1024)
         got: dict[str, tuple[str, int]] = {}
         seen: list[int] = []
         ccs: list[str] = []
@@ -233,6 +235,7 @@ async def test_the_upstream_link_leg_is_paced_and_reported(
                 n.start_soon(serve_one)
                 n.start_soon(watch)
                 answer = await upload()
+            after = await status_json(pep)
         assert got["up"] == (sha(data), len(data))
         assert answer == sha(data).encode()
         # The only link leg has the whole link: 8 Mbit/s of frames, in payload bytes/s.
@@ -242,7 +245,10 @@ async def test_the_upstream_link_leg_is_paced_and_reported(
         link = doc["link"]
         assert isinstance(link, dict)
         assert link["interface"] == LINK_IF and link["egress_bps"] == 8_000_000
-        assert link["flows"] == 1
+        assert link["flows"] == 1 and link["congestion_restarts"] == 0  # 0.1 s in
+        done = after["link"]
+        assert isinstance(done, dict) and done["flows_total"] == 1
+        assert done["congestion_restarts"] >= 1, done  # one leg, sending ~11 s
         [conn] = doc["connections"]  # type: ignore[misc]
         assert set(conn["link"]) == {"upstream"}  # the client leg (cli0) is not on the link
     finally:

@@ -317,3 +317,39 @@ def test_route_cache_asks_once_per_ttl() -> None:
     cache.oif("127.0.0.1")
     assert cache.asked == 2
     cache.close()
+
+
+LINK_DOC = {
+    "interface": "sat0",
+    "rtt_s": 0.6,
+    "egress_bps": 20_000_000,
+    "ingress_bps": 5_000_000,
+    "congestion": "bbr",
+    "pacing_capacity_bps": 19_128_000,
+    "flows": 6,
+    "flows_active": 4,
+    "flows_total": 120,
+    "send_rate_bps": 18_500_000,
+    "bytes_sent": 9_000_000,
+    "retransmits": 12,
+    "congestion_restarts": 3,
+}
+
+
+def test_status_and_metrics_show_the_link() -> None:
+    from pep import metrics, status, status_render
+    from tests.test_ops_units import sample_doc
+
+    doc = sample_doc()
+    doc["link"] = dict(LINK_DOC)
+    text = status_render.render(doc)
+    assert "link sat0: 600 ms RTT, egress 20 Mbit/s" in text
+    assert "4 of 6 link legs active, 12 retransmitted segments, 3 congestion-control" in text
+    body = metrics.exposition(doc)[0].decode()
+    assert 'pep_link_congestion_restarts_total{interface="sat0"} 3.0' in body
+    assert 'pep_link_retransmits_total{interface="sat0"} 12.0' in body
+    assert 'pep_link_legs{interface="sat0",state="idle"} 2.0' in body
+    workers = [(i, sample_doc() | {"link": dict(LINK_DOC)}) for i in range(2)]
+    merged = status.merge(sample_doc() | {"link": dict(LINK_DOC)}, workers)
+    assert merged["link"]["congestion_restarts"] == 6  # the workers' counts, summed
+    assert merged["link"]["interface"] == "sat0"

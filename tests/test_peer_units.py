@@ -184,3 +184,18 @@ def test_a_pooled_connection_starts_its_flow_with_fresh_congestion_control() -> 
                 time.sleep(0.1)  # its ACK: BBR sets its gains on the first one
                 assert _bbr_info(a)[1] == 739  # STARTUP's high gain, 2.885 x 256
         tuning.restart_congestion(a)  # closed: no error (the flow's send reports it)
+
+
+def test_restart_congestion_only_restarts_the_module_named() -> None:
+    """The link sharer refreshes BBR only (linkshare.BBR_REFRESH): a cubic leg keeps its state."""
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.socket() as a:
+        a.setsockopt(socket.IPPROTO_TCP, tuning.TCP_CONGESTION, b"cubic")
+        a.connect(srv.getsockname())
+        b, _ = srv.accept()
+        with b:
+            assert tuning.restart_congestion(a, only=b"bbr") is False
+            assert tuning.restart_congestion(a) is True
+            name = a.getsockopt(socket.IPPROTO_TCP, tuning.TCP_CONGESTION, 16)
+            assert name.rstrip(b"\0") == b"cubic"
+        a.close()
+        assert tuning.restart_congestion(a) is False  # closed: nothing to restart
