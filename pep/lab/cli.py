@@ -114,7 +114,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         p = s.add_parser(name, help=text, description=text)
         _link_options(p, "geo")
         p.add_argument("--sizes", default=sizes, help=f"single-fetch sizes (default {sizes})")
-        p.add_argument("--out", type=Path, default=Path(f"lab-{name}.png"), help="PNG chart path")
+        p.add_argument(
+            "--out",
+            type=Path,
+            default=Path(f"lab-{name}.png"),
+            help=f"PNG chart path (lab-{name}.png)",
+        )
         p.add_argument(
             "--timeout", type=float, default=300.0, help="seconds allowed per workload (300)"
         )
