@@ -133,6 +133,7 @@ class PeerPool:
                         await trio.sleep(self._backoff)
             finally:
                 for entry in self.ready:
+                    entry.scope.cancel()  # its watcher stops waiting on the fd first
                     entry.sock.close()
                 self.ready.clear()
 
@@ -148,10 +149,7 @@ class PeerPool:
         else:
             self.counters.opened += 1
             self._backoff = 0.0
-            entry = _Ready(sock)
-            self.ready.append(entry)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._watch, entry)
+            self._enlist(sock)
         finally:
             self.opening -= 1  # after the connection is counted as ready: no extra opener
             self._changed.set()
@@ -198,9 +196,23 @@ class PeerPool:
                 self.counters.auth_failed += 1  # it closes on a proof it does not accept
                 raise PeerGone("the far end refused our key") from None
 
+    def _enlist(self, sock: socket.socket) -> None:
+        """An authenticated connection joins the ready ones, a watcher on it: a flow may take
+        it at once, before the watcher has first run."""
+        entry = _Ready(sock)
+        self.ready.append(entry)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch, entry)
+
     async def _watch(self, entry: _Ready) -> None:
         """Until taken: readable here means the far end closed, reset or misbehaved."""
         with entry.scope:
+            if entry.scope.cancel_called:
+                # Taken before this task first ran: the socket is the flow's now, and its relay
+                # may be waiting on it. trio allows one reader per fd and checks that before
+                # it looks at the cancel scope, so waiting here would raise BusyResourceError
+                # and take the pool, and the daemon, down (seen once in CI).
+                return
             await trio.lowlevel.wait_readable(entry.sock)
             with contextlib.suppress(ValueError):
                 self.ready.remove(entry)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from pep import config, metrics, status, status_render, tuning
 from pep.peer import KEY_BYTES, keygen, load_key
@@ -199,3 +200,30 @@ def test_restart_congestion_only_restarts_the_module_named() -> None:
             assert name.rstrip(b"\0") == b"cubic"
         a.close()
         assert tuning.restart_congestion(a) is False  # closed: nothing to restart
+
+
+async def test_a_connection_taken_before_its_watcher_ran_stays_the_flows() -> None:
+    """The race CI hit once: a flow takes a pooled connection before the pool's watcher on it
+    has first run, and the flow's relay waits on the fd; the watcher must then leave it alone
+    (trio allows one waiter per fd: BusyResourceError took the daemon down)."""
+    from types import SimpleNamespace
+
+    from pep.peerpool import PeerPool
+
+    peer = SimpleNamespace(connect="127.0.0.1:5001", pool=1, pool_max=1)
+    pool = PeerPool(peer, b"k" * 32, None, None)  # type: ignore[arg-type]
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                pool._nursery = nursery
+                pool._enlist(a)
+                assert pool.take() is a  # its watcher has not run yet
+                with trio.move_on_after(0.2):  # the flow's relay waits, as the watcher starts
+                    await trio.lowlevel.wait_readable(a)
+                b.send(b"x")
+                await trio.lowlevel.wait_readable(a)  # still the flow's to wait on
+                nursery.cancel_scope.cancel()
+        assert a.recv(1) == b"x" and a.fileno() != -1  # still open, nothing read by the pool
+        assert pool.counters.taken == 1 and pool.counters.died_idle == 0
