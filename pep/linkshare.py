@@ -228,7 +228,7 @@ class Sharer:
             now = trio.current_time()
             ticked = now >= next_tick
             if ticked:
-                self._sample(now - last)
+                self._sample(now, now - last)
                 last, next_tick = now, now + self.link.tick
             if ticked or self.table.dirty:
                 self._rescale(len(self.table.active))
@@ -243,9 +243,8 @@ class Sharer:
         others = self.slots.others()
         self.table.capacity = full * active / (active + others) if active else full
 
-    def _sample(self, dt: float) -> None:
+    def _sample(self, now: float, dt: float) -> None:
         sent = 0
-        now = trio.current_time()
         for flow in list(self.table.active.values()):
             leg = self.legs[flow.fid]
             try:
