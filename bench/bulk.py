@@ -21,8 +21,8 @@ import sys
 import time
 
 from bench.paths import PATHS, bench_topology, path
-from pep.topology import Topology
-from tests.netenv import SERVER_IP
+from pep.testing.netenv import SERVER_IP
+from pep.testing.topology import Topology
 
 
 def iperf(topo: Topology, seconds: float, reverse: bool, streams: int) -> float:

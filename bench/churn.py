@@ -23,8 +23,8 @@ import trio
 from bench.bulk import machine
 from bench.concurrency import PORT, SERVER
 from bench.paths import bench_topology, fd_count, path, rss_kib
-from pep.topology import Topology, ns_socket
-from tests.netenv import SERVER_IP
+from pep.testing.netenv import SERVER_IP
+from pep.testing.topology import Topology, ns_socket
 
 WARMUP = 10.0
 

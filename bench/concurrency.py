@@ -26,8 +26,8 @@ import trio
 
 from bench.bulk import machine
 from bench.paths import bench_topology, fd_count, path, rss_kib
-from pep.topology import Topology, ns_socket
-from tests.netenv import SERVER_IP
+from pep.testing.netenv import SERVER_IP
+from pep.testing.topology import Topology, ns_socket
 
 PORT = 7000
 # A tiny echo server for the server namespace: holds every connection until the peer closes.

@@ -20,9 +20,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pep.topology import Topology, sysctl
-from tests.daemon import PepProcess
-from tests.netenv import INGRESS, gateway_topology
+from pep.testing.daemon import PepProcess
+from pep.testing.netenv import INGRESS, gateway_topology
+from pep.testing.topology import Topology, sysctl
 
 PATHS = ("kernel", "haproxy", "pep")
 HAPROXY_PORT = 9000
@@ -55,7 +55,7 @@ BENCH_SYSCTLS = {"net.ipv4.tcp_tw_reuse": 1, "net.ipv4.ip_local_port_range": "10
 
 @contextlib.contextmanager
 def bench_topology(tag: str) -> Iterator[Topology]:
-    """The test topology (tests/netenv.py) with the connecting nodes set up for load."""
+    """The test topology (pep/testing/netenv.py) with the connecting nodes set up for load."""
     with gateway_topology(tag) as topo:
         for node in CONNECTING_NODES:
             for key, value in BENCH_SYSCTLS.items():

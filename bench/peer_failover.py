@@ -27,12 +27,12 @@ from pathlib import Path
 import trio
 
 from bench.bulk import machine
-from pep.lab import lab as lab_mod
+from pep.lab import build as lab_mod
 from pep.lab import objects
 from pep.lab.plan import SERVER_IP, SERVER_PORT, LabSpec
 from pep.lab.profiles import profile
 from pep.lab.state import Lab
-from pep.status_socket import fetch as fetch_status
+from pep.ops.status.socket import fetch as fetch_status
 
 SIZE = 1_000_000
 

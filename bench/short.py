@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench.bulk import machine
 from bench.paths import PATHS, bench_topology, cpu_seconds, machine_ticks, path
-from pep.topology import Topology
-from tests.netenv import SERVER_IP
+from pep.testing.netenv import SERVER_IP
+from pep.testing.topology import Topology
 
 NGINX_CONF = """\
 daemon off;

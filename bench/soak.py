@@ -31,8 +31,8 @@ from pathlib import Path
 import trio
 
 from bench.paths import bench_topology, cpu_seconds, fd_count, rss_kib
-from tests.daemon import PepProcess
-from tests.netenv import INGRESS, SERVER_IP, Pattern, connect, listen
+from pep.testing.daemon import PepProcess
+from pep.testing.netenv import INGRESS, SERVER_IP, Pattern, connect, listen
 
 PORT = 8080
 _HEAD = struct.Struct("!IQQ")  # seed, upload size, download size
@@ -181,7 +181,7 @@ async def soak(duration: float, out: Path | None) -> int:
 
             async def sample() -> None:
                 while True:
-                    from tests.daemon import status_json
+                    from pep.testing.daemon import status_json
 
                     doc = await status_json(pep)
                     samples.append(
@@ -237,7 +237,7 @@ async def soak(duration: float, out: Path | None) -> int:
         out.write_text(text)
     summary = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(summary, indent=1))
-    # The relay keeps returned splice pipes for reuse (pep.pipes.PipePool): a few idle pipes,
+    # The relay keeps returned splice pipes for reuse (pep.split.pipes.PipePool): a few idle pipes,
     # two descriptors each, may stay open after the traffic stops.
     passed = not stats.failed and rss_growth < 16 << 10 and fds_end <= fds0 + 16
     print("PASS" if passed else "FAIL")

@@ -1,1 +1,45 @@
-"""pep: a transparent TCP split-connection Performance Enhancing Proxy."""
+"""pep: a transparent TCP split-connection Performance Enhancing Proxy.
+
+General layout (read top-down along the data path; each package depends only on the ones
+above it in this list, checked by tests/test_layout.py):
+
+- ``pep.support``: small helpers every layer uses (a remembered kernel lookup, a log line at
+  most every N seconds, the netlink message walker). Imports nothing of pep.
+- ``pep.config``: everything pep is told. ``settings`` (the top-level keys and the file),
+  one module per table (``leg`` [client]/[upstream], ``link`` [link] and every number derived
+  from it, ``peer`` [peer] and its key file, ``policy`` [[policy]]), ``schema`` (how a key is
+  declared and checked), ``units`` (rates, durations), ``paths`` (runtime files per netns).
+- ``pep.capture``: a new connection's SYN, queued by netfilter. ``nfq_codec`` (the nfnetlink
+  messages, sans-IO), ``nfq_socket`` (the bound queue), ``nfq_proc`` (the kernel's queue
+  counters), ``syn`` (SYN parsing, pure), ``syn_queue`` (the SYN reader: ``Decider`` is its
+  pure core), ``flows`` (what it learnt, until the listener accepts), ``fdbudget`` (room for
+  one more connection), ``preconnect`` (strict mode's upstreams).
+- ``pep.split``: the split connection. ``listener`` (accept), ``admission`` (served or
+  refused, pure), ``origdst`` (where it was going), ``session`` (open, account, relay),
+  ``upstream`` (the server-side leg), ``relay`` (the splice engine; ``relay_state`` its pure
+  per-direction state), ``pipes``, ``sockopts`` and ``lifecycle`` (a leg's options, its
+  close), ``connections`` (the live table), ``hooks`` (what it asks of the layers below, as
+  protocols the daemon wires in).
+- ``pep.link``: the satellite link as one shared resource. ``legs`` (which legs face it),
+  ``pacer`` (the sharer's IO shell: tcp_info, SO_MAX_PACING_RATE), ``fairshare`` (max-min
+  shares, pure), ``slots`` (workers' shared counts), ``routequery``, ``tcpinfo``.
+- ``pep.peer``: pre-connected legs between two PEPs. ``wire`` (the format, sans-IO),
+  ``pool`` (the near end), ``server`` (the far end's peer listener).
+- ``pep.kernel``: everything pep changes in the kernel, and its removal. ``nfrule`` (a rule
+  described once), ``rule_plan`` (pep's rules, pure), ``iptables_setup`` (install, remove),
+  ``rule_show``, ``tproxy_routes`` (TPROXY's policy routing), ``link_routes`` ([link]'s
+  initial windows), ``cleanup`` (all of it, best effort). Depends on config only.
+- ``pep.ops``: the running daemon. ``cli`` (the ``pep`` command), ``daemon`` (wires the layers
+  together for ``pep run``), ``runtime`` (signals, drain), ``reload``, ``services``,
+  ``workers``, ``systemd``, ``entry``; ``pep.ops.status``: ``document``, ``render``,
+  ``socket``, ``metrics``.
+- ``pep.testing``: namespace topologies and the daemon under test, for pep's tests, its
+  benchmarks (bench/) and the lab.
+- ``pep.lab``: ``pep lab``, an emulated satellite link in network namespaces.
+
+The design card's module names are one-line re-exports of the real modules, kept so that
+``import pep.syn_queue`` and friends keep working: ``pep.syn_queue`` (pep.capture.syn_queue),
+``pep.listener`` (pep.split.listener), ``pep.upstream`` (pep.split.upstream), ``pep.relay``
+(pep.split.relay), ``pep.iptables_setup`` (pep.kernel.iptables_setup); ``pep.cli`` is
+``python -m pep.cli`` (pep.ops.cli). Code inside pep imports the real modules.
+"""

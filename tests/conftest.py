@@ -4,7 +4,7 @@ Tests that need root and network namespaces carry the ``netns`` marker. Unprivil
 them with a reason; under ``CI=true`` they fail instead, so a CI machine that silently lost its
 privileges cannot pass by skipping the integration suite.
 
-A namespace test asks for ``topo`` (the gateway topology of tests/netenv.py, under a name
+A namespace test asks for ``topo`` (the gateway topology of pep/testing/netenv.py, under a name
 unique to this run, removed at teardown whatever happened) and starts daemons with
 ``start_pep`` (stopped at teardown, before the topology goes). A module changes its topology by
 overriding ``topo_sysctls`` or ``topo_layout``; a single test by parametrizing either.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from pep.topology import Topology
-from tests import netenv
-from tests.daemon import NOBODY, PepProcess, StartPep
+from pep.testing import netenv
+from pep.testing.daemon import NOBODY, PepProcess, StartPep
+from pep.testing.topology import Topology
 
 
 @functools.cache
@@ -89,7 +89,7 @@ def netns() -> Iterator[str]:
 
 @pytest.fixture
 def peps() -> Iterator[list[PepProcess]]:
-    """Daemons a test starts (tests.daemon.PepProcess): stopped at teardown, pass or fail."""
+    """Daemons a test starts (pep.testing.daemon.PepProcess): stopped at teardown, pass or fail."""
     started: list[PepProcess] = []
     yield started
     for p in started:

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import trio
 
-from pep.lab import lab as lab_mod
+from pep.lab import build as lab_mod
 from pep.lab import workloads as wl
 from pep.lab.plan import LabSpec
 from pep.lab.profiles import format_size

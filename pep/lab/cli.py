@@ -183,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from pep.lab.lab import check_environment, down, up
+    from pep.lab.build import check_environment, down, up
     from pep.lab.plan import LabError, LabSpec
     from pep.lab.state import Lab
     from pep.lab.status import status_text
@@ -302,8 +302,8 @@ def _cluster_bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-un
     """The two-gateway labs' figures: failover (ha) or spread (ecmp), as JSON."""
     import json
 
+    from pep.lab import build as lab_mod
     from pep.lab import cluster_bench
-    from pep.lab import lab as lab_mod
     from pep.lab.plan import LabSpec
 
     if args.lab_command != "bench":

@@ -80,7 +80,7 @@ def keepalived_conf(node: str, status_socket: str, python: str = sys.executable)
     ``vrrp_track_process`` would hear a death at once, but it needs the kernel's process
     connector, which answers only in the initial network namespace (checked: "Failed to
     set/clear process event listen - errno 111" inside the lab's namespaces)."""
-    track = f"{python} -m pep.cli status --socket {status_socket}"
+    track = f"{python} -m pep.ops.cli status --socket {status_socket}"
     instances = []
     for ifname, vip in VIPS.items():
         instances.append(
@@ -211,7 +211,7 @@ def wait_master(lab: Lab, want: str | None = None, timeout: float = 15) -> str:
 def build(lab: Lab, say: Callable[[str], None]) -> None:
     """Build an ``ha`` or ``ecmp`` lab (namespaces, bridges, routes), start its processes and
     wait until they are ready (``ha``: until gwa holds the addresses)."""
-    from pep.topology import Topology, sysctl
+    from pep.testing.topology import Topology, sysctl
 
     topo = Topology(lab.prefix)
     say(f"building {lab.topology} lab {lab.prefix!r}: two PEP gateways")

@@ -35,7 +35,7 @@ from pep.lab.cluster import (
     wait_state,
 )
 from pep.lab.state import Lab
-from pep.status_socket import fetch as fetch_status
+from pep.ops.status.socket import fetch as fetch_status
 
 __all__ = ["failover", "spread"]
 

@@ -9,7 +9,7 @@ one-way delay of its direction. Rate (tbf) is applied by the kernel after this, 
 Split as elsewhere in pep: :class:`pep.lab.delay_schedule.DelayLine` is the pure scheduling
 core (arrivals in, batch verdicts out, no clock of its own), :mod:`pep.lab.link_rules` the
 netfilter rules (loss, then the queues), and this module the IO runner: :class:`Direction`
-is the trio shell around one :class:`pep.nfq_socket.QueueSocket` with its timerfd, and
+is the trio shell around one :class:`pep.capture.nfq_socket.QueueSocket` with its timerfd, and
 :func:`main` the process (SCHED_FIFO, the stats file). Run as its own process inside the link
 namespace::
 
@@ -37,12 +37,12 @@ from pathlib import Path
 
 import trio
 
-from pep import nfq_codec as nfq
-from pep import nfq_proc
-from pep.entry import exit_code
+from pep.capture import nfq_codec as nfq
+from pep.capture import nfq_proc
+from pep.capture.nfq_socket import QueueError, QueueSocket
 from pep.lab.delay_schedule import DelayLine, Lateness, queue_sizing
 from pep.lab.link_rules import LinkRules
-from pep.nfq_socket import QueueError, QueueSocket
+from pep.ops.entry import exit_code
 
 __all__ = ["Direction", "main", "read_proc_queues", "serve"]
 
@@ -50,8 +50,12 @@ log = logging.getLogger("pep.lab.delayline")
 
 # Batch widening (DelayLine.slack), seconds. 0: with the timerfd and the learned lead, each
 # wake-up releases what is due and no packet leaves early; an experiment may trade accuracy
-# for fewer wake-ups with PEP_LAB_SLACK=0.0005.
-SLACK = float(os.environ.get("PEP_LAB_SLACK", "0"))
+# for fewer wake-ups with PEP_LAB_SLACK=0.0005 (read when the line starts, not at import).
+SLACK_ENV = "PEP_LAB_SLACK"
+
+
+def slack() -> float:
+    return float(os.environ.get(SLACK_ENV, "0"))
 
 
 class Timer:
@@ -98,7 +102,7 @@ class Timer:
 
 
 def read_proc_queues(path: str = nfq_proc.NFQUEUE_PROC) -> dict[int, dict[str, int]]:
-    """This namespace's nfnetlink_queue counters (pep.nfq_proc) by queue number, under the
+    """This namespace's nfnetlink_queue counters (pep.capture.nfq_proc) by queue number, under the
     names the stats file has always used; empty when the file cannot be read."""
     try:
         rows = nfq_proc.read(path=path)
@@ -123,7 +127,7 @@ class Direction:
     ) -> None:
         self.name, self.ifname, self.queue = name, ifname, queue
         self.maxlen, self.rcvbuf = maxlen, rcvbuf
-        self.line = DelayLine(delay, slack=SLACK)
+        self.line = DelayLine(delay, slack=slack())
         self.qs = QueueSocket(queue, rcvbuf)
         self.malformed = 0
         self.verdict_errors = 0

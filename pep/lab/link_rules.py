@@ -2,7 +2,7 @@
 
 python-iptables, written by the delay line's process (pep.lab.delayline), which is alone in
 the link namespace: it binds its queues, then installs these, and removes them on its way out.
-Described as :class:`pep.nfrule.NfRule` values, like pep's own rules.
+Described as :class:`pep.kernel.nfrule.NfRule` values, like pep's own rules.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pep.nfrule import NfRule, comment, ext
-from pep.rule_show import fresh_table
+from pep.kernel.nfrule import NfRule, comment, ext
+from pep.kernel.rule_show import fresh_table
 
 __all__ = ["LinkRules"]
 

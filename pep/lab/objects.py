@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from pep.entry import exit_code
+from pep.ops.entry import exit_code
 
 __all__ = [
     "FetchError",
@@ -195,7 +195,7 @@ async def _connect(ns: str | None, dst: tuple[str, int]) -> trio.socket.SocketTy
     if ns is None:
         sock = trio.socket.socket()
     else:
-        from pep.topology import ns_socket
+        from pep.testing.topology import ns_socket
 
         sock = trio.socket.from_stdlib_socket(ns_socket(ns))
     try:

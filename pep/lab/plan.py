@@ -43,7 +43,7 @@ __all__ = [
 CLIENT_IP = "10.78.1.2"
 SERVER_IP = "10.78.4.2"
 SERVER_PORT = 80
-TLS_PORT = 443  # the object server's HTTPS (pep.lab.lab.make_certificate)
+TLS_PORT = 443  # the object server's HTTPS (pep.lab.build.make_certificate)
 TLS_CERT = "tls-cert.pem"  # in the lab's directory
 TOPOLOGIES = ("symmetric", "one-ended", "ha", "ecmp")
 # A prefix never contains '-': namespace names are "{prefix}-{node}" and cleanup matches

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from pep import units
+from pep.config import units
 
 __all__ = [
     "MSS",

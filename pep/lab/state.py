@@ -21,9 +21,16 @@ from pathlib import Path
 from pep.lab.plan import PEP_NODES, LabError
 from pep.lab.profiles import LinkProfile
 
-__all__ = ["STATE_ROOT", "Lab", "exists", "lab_namespaces", "pid_running"]
+__all__ = ["STATE_ENV", "Lab", "exists", "lab_namespaces", "pid_running", "state_root"]
 
-STATE_ROOT = Path(os.environ.get("PEP_LAB_STATE", "/run/pep-lab"))
+STATE_ENV = "PEP_LAB_STATE"  # where labs keep their state, /run/pep-lab unless set
+
+
+def state_root() -> Path:
+    """Read when used, not at import: a test or a second lab set may point it elsewhere."""
+    return Path(os.environ.get(STATE_ENV, "/run/pep-lab"))
+
+
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -76,7 +83,7 @@ class Lab:
 
     @property
     def dir(self) -> Path:
-        return STATE_ROOT / self.prefix
+        return state_root() / self.prefix
 
     def ns(self, node: str) -> str:
         return f"{self.prefix}-{node}"
@@ -107,7 +114,7 @@ class Lab:
     @classmethod
     def load(cls, prefix: str) -> Lab | None:
         try:
-            data = json.loads((STATE_ROOT / prefix / "lab.json").read_text())
+            data = json.loads((state_root() / prefix / "lab.json").read_text())
         except (OSError, ValueError):
             return None
         return cls(
@@ -211,7 +218,8 @@ class Lab:
         return self.dir / (f"{node}-direct.toml" if direct else f"{node}.toml")
 
     def pep_argv(self, node: str, direct: bool = False) -> list[str]:
-        return [sys.executable, "-m", "pep.cli", "run", "--config", str(self.config(node, direct))]
+        config = str(self.config(node, direct))
+        return [sys.executable, "-m", "pep.ops.cli", "run", "--config", config]
 
     def set_split(self, on: bool, direct: bool = False) -> None:
         """Start or stop pep on every PEP node (the demo's with/without switch); ``direct``:
@@ -239,7 +247,7 @@ class Lab:
         once). A pep just started opens them in the background, one handshake and one
         challenge round trip across the link each; a measurement started before then would
         time the fallback (direct legs), not the pool."""
-        from pep.status_socket import StatusError, fetch
+        from pep.ops.status.socket import StatusError, fetch
 
         deadline = time.monotonic() + timeout
         while True:

@@ -1,0 +1,52 @@
+"""The kernel's own counters of each bound NFQUEUE: /proc/net/netfilter/nfnetlink_queue.
+
+One line per bound queue, nine numbers (net/netfilter/nfnetlink_queue.c, seq_show): queue
+number, the bound netlink socket's portid, packets waiting, copy mode, copy range, queue
+dropped, user dropped, last packet id, and a constant 1. The file is per network namespace (the
+namespace of the process that opens it) and 0440 root:root.
+
+``pep status`` (pep.ops.status.document), the lab's delay line (pep.lab.delayline) and the tests
+(pep/testing/daemon.py) all read it: ``parse`` is the one place that knows its layout.
+"""
+
+from __future__ import annotations
+
+__all__ = ["COLUMNS", "NFQUEUE_PROC", "Row", "parse", "read"]
+
+NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
+# The named columns, in order (seq_show's format); the constant last one is left out.
+COLUMNS = (
+    "queue",
+    "portid",
+    "waiting",
+    "copy_mode",
+    "copy_range",
+    "queue_dropped",
+    "user_dropped",
+    "last_id",
+)
+Row = dict[str, int]
+
+
+def parse(text: str, queues: tuple[int, int] | None = None) -> list[Row]:
+    """The rows of the file's ``text``, in its order; with ``queues``, only queues first..last.
+
+    A line that is not all numbers, or too short, is skipped: the file has no header today,
+    and a reader of counters must not fail on a line it does not know.
+    """
+    rows = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < len(COLUMNS) or not all(f.isdigit() for f in fields):
+            continue
+        row = dict(zip(COLUMNS, map(int, fields), strict=False))
+        if queues is None or queues[0] <= row["queue"] <= queues[1]:
+            rows.append(row)
+    return rows
+
+
+def read(queues: tuple[int, int] | None = None, path: str = NFQUEUE_PROC) -> list[Row]:
+    """``parse`` of this process's namespace's file; OSError when it cannot be read (EACCES
+    for a daemon running without root, ENOENT without the nfnetlink_queue module)."""
+    with open(path) as f:
+        return parse(f.read(), queues)

@@ -1,0 +1,125 @@
+"""The IO shell around the NFQUEUE codec: one netlink socket bound to one queue.
+
+Shared by the SYN reader and the lab's delay line, so binding, configuring (each step
+acknowledged by the kernel, with an error that names the step) and the non-blocking
+receive/send loop exist once.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import AsyncIterator
+
+import trio
+
+from pep.capture import nfq_codec as nfq
+
+__all__ = ["QueueError", "QueueSocket"]
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # include/uapi/asm-generic/socket.h
+
+
+class QueueError(RuntimeError):
+    """Binding or configuring the queue failed; the message says which step and why."""
+
+
+class QueueSocket:
+    # Datagrams taken per wake-up: a burst of SYNs is decided and answered together, and the
+    # first of a long burst need not wait for the last before their verdicts go out.
+    BATCH = 64
+
+    def __init__(self, queue: int, rcvbuf: int, recv_size: int = 256 * 1024) -> None:
+        self.queue = queue
+        self.enobufs = 0  # receive buffer overflows survived
+        self._seq = 0
+        self._buf = bytearray(recv_size)
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, nfq.NETLINK_NETFILTER
+        )
+        self.sock.bind((0, 0))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:  # without CAP_NET_ADMIN: capped by net.core.rmem_max
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+
+    def open(self, *, copy_mode: int, copy_range: int, maxlen: int, flags: int) -> None:
+        """Bind the queue and configure it (blocking, before the trio loop needs the socket)."""
+        self.sock.settimeout(5)
+        self.config("bind", cmd=nfq.NFQNL_CFG_CMD_BIND, pf=socket.AF_INET)
+        self.config("copy parameters", copy_mode=copy_mode, copy_range=copy_range)
+        self.config("queue maxlen", maxlen=maxlen)
+        self.config("flags", flags=flags, mask=flags)
+        self.sock.setblocking(False)
+
+    def config(self, what: str, **attrs: int) -> None:
+        self._seq += 1
+        seq = self._seq
+        try:
+            self.sock.send(nfq.build_config(self.queue, seq, **attrs))
+            while True:
+                for msg in nfq.parse_messages(self.sock.recv(65536)):
+                    if isinstance(msg, nfq.Ack) and msg.seq == seq:
+                        if msg.errno:
+                            raise OSError(msg.errno, errno.errorcode.get(msg.errno, "?"))
+                        return
+        except OSError as e:
+            hint = ""
+            if e.errno == errno.EBUSY:
+                hint = " (another process is bound to this queue: is pep already running?)"
+            elif e.errno == errno.EPERM:
+                hint = " (needs CAP_NET_ADMIN)"
+            raise QueueError(
+                f"NFQUEUE {self.queue}: {what} failed: {e.strerror or e}{hint}"
+            ) from None
+
+    def close(self) -> None:
+        """Unbind (best effort: closing the socket unbinds too) and close."""
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(1)
+            self.config("unbind", cmd=nfq.NFQNL_CFG_CMD_UNBIND, pf=socket.AF_INET)
+        except QueueError:
+            pass
+        finally:
+            self.sock.close()
+
+    async def batches(self) -> AsyncIterator[list[nfq.Packet | nfq.Ack | nfq.Malformed]]:
+        """Yield the decoded messages of every datagram waiting (up to ``BATCH``) at once.
+
+        The kernel queues each packet as its own datagram; taking all that wait in one go lets
+        a burst of SYNs be decided together and answered with one send. ENOBUFS means the
+        kernel could not deliver some messages (with FAIL_OPEN it accepted those packets
+        itself): counted in ``enobufs`` and survived, never fatal.
+        """
+        sock, buf = self.sock, self._buf
+        view = memoryview(buf)
+        drained = False
+        while True:
+            if drained:
+                await trio.lowlevel.wait_readable(sock)
+            messages: list[nfq.Packet | nfq.Ack | nfq.Malformed] = []
+            drained = False
+            for _ in range(self.BATCH):
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    drained = True
+                    break
+                except OSError as e:
+                    if e.errno != errno.ENOBUFS:
+                        raise
+                    self.enobufs += 1
+                    continue
+                messages += nfq.parse_messages(view[:n])
+            if messages:
+                yield messages
+
+    async def send(self, data: bytes) -> None:
+        """Send verdicts (several netlink messages may be concatenated in one send)."""
+        while True:
+            try:
+                self.sock.send(data)
+                return
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)

@@ -1,0 +1,109 @@
+"""The daemon's side of ``[link]``: the link interface, and which legs cross the link.
+
+- ``check(link)`` at start and on reload: the interface must exist in this namespace (a typo
+  would otherwise tune nothing and share nothing, silently). A ConfigError, so ``pep run``
+  exits 2 before anything is installed. ``route_metrics(link)``: the initial windows its
+  routes get (pep.kernel.link_routes installs them, owned by the process that owns the rules).
+- ``LinkLegs``: per process, what a split connection asks (pep.split.hooks.LinkSide): does this
+  leg face the link, with which tuning, and its place in the Sharer that paces it.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import trio
+
+from pep.config import LegTuning
+from pep.config.link import Link
+from pep.config.schema import ConfigError
+from pep.link.pacer import LinkLeg, Sharer
+from pep.link.routequery import RouteCache
+from pep.link.slots import WorkerSlots
+from pep.split.relay import RelayStats
+
+__all__ = ["LinkLegs", "check", "route_metrics"]
+
+
+def check(link: Link) -> tuple[int, int]:
+    """(ifindex, MTU) of the link interface; ConfigError when it does not exist here."""
+    try:
+        index = socket.if_nametoindex(link.interface)
+        mtu = int(Path(f"/sys/class/net/{link.interface}/mtu").read_text())
+    except OSError:
+        raise ConfigError(
+            "link.interface", link.interface, "does not exist in this network namespace"
+        ) from None
+    return index, mtu
+
+
+def route_metrics(link: Link) -> dict[int, dict[str, int]]:
+    """initcwnd/initrwnd per family for the routes through the link, at its interface's MTU."""
+    _, mtu = check(link)
+    return {family: link.route_metrics(mtu, family) for family in (4, 6)}
+
+
+class LinkLegs:
+    """One process's view of the link: which legs face it, and the sharer that paces them.
+
+    ``link`` None (no [link] table) makes every question answer "not on the link": pep then
+    behaves as it did before [link] existed.
+    """
+
+    def __init__(
+        self, link: Link | None, slots: WorkerSlots | None = None, routes: RouteCache | None = None
+    ) -> None:
+        self.link: Link | None = None
+        self.sharer: Sharer | None = None
+        # "Which interface does this address route through": asked for the link legs and by
+        # the [peer] pool, one cache per process (pep.link.routequery), handed in by the daemon.
+        self.routes = routes if routes is not None else RouteCache()
+        self.slots = slots  # a worker's view of the other workers' link legs
+        self._sharing = trio.Event()  # set once there is a sharer to run
+        self.configure(link)
+
+    def configure(self, link: Link | None) -> None:
+        """Start, or a reload: a new link replaces the old one for new connections; live link
+        legs stay in the sharer, which re-shares the new capacity at once."""
+        if link is None:
+            self.link = None
+            return
+        index, mtu = check(link)
+        if self.sharer is None:
+            self.sharer = Sharer(link, index, mtu, routes=self.routes, slots=self.slots)
+            self._sharing.set()
+        elif link != self.sharer.link or index != self.sharer.ifindex:
+            self.sharer.ifindex = index
+            self.routes.forget()
+            self.sharer.resize(link, mtu)
+        self.link = link
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The sharer's task, once there is a link (at start, or from the reload that adds
+        one); until cancelled."""
+        task_status.started()
+        await self._sharing.wait()
+        assert self.sharer is not None
+        await self.sharer.run()
+
+    def snapshot(self) -> dict[str, object] | None:
+        """The link's part of pep status (None without [link])."""
+        if self.link is None or self.sharer is None:
+            return None
+        return self.sharer.snapshot()
+
+    # --- pep.split.hooks.LinkSide
+
+    def faces(self, host: str) -> bool:
+        """Whether the route to ``host`` leaves through the link interface."""
+        return self.link is not None and self.sharer is not None and self.sharer.faces_link(host)
+
+    def tuning(self, tuning: LegTuning) -> LegTuning:
+        assert self.link is not None
+        return self.link.leg_tuning(tuning)
+
+    def join(self, sock: socket.socket, stats: RelayStats, up: bool) -> LinkLeg | None:
+        if self.link is None or self.sharer is None:
+            return None
+        return self.sharer.open(sock, stats, up)

@@ -1,0 +1,280 @@
+"""The ``pep`` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage or config,
+3 ``pep status`` found no daemon running (the LSB "program is not running" status)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pep import config as config_mod
+from pep.ops.entry import exit_code
+
+__all__ = ["main"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file (flags override it)")
+    p.add_argument(
+        "--interface",
+        "-i",
+        action="append",
+        dest="interfaces",
+        metavar="IFACE",
+        help="ingress interface whose new TCP connections are split (repeatable; required "
+        "here or as `interfaces` in the config)",
+    )
+    p.add_argument(
+        "--listen-port",
+        type=int,
+        metavar="PORT",
+        help="local port the redirected connections arrive on (default 5000)",
+    )
+    p.add_argument("--queue", type=int, metavar="N", help="NFQUEUE number for SYNs (default 0)")
+    p.add_argument("--log-level", choices=config_mod.LOG_LEVELS, help="default info")
+    p.add_argument(
+        "--mode",
+        choices=("redirect", "tproxy"),
+        help="how connections reach pep: nat REDIRECT (default) or mangle TPROXY",
+    )
+    p.add_argument(
+        "--family", choices=("ipv4", "ipv6", "both"), help="IP versions to split (default both)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pep",
+        description="Transparent TCP split-connection Performance Enhancing Proxy. "
+        "Needs root (or CAP_NET_ADMIN + CAP_NET_RAW).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="install the rules and split connections until SIGINT/SIGTERM",
+        description="Install pep's netfilter rules, split every new TCP connection arriving on "
+        "the given interfaces, and remove the rules on SIGINT/SIGTERM (exit 0).",
+    )
+    _common(run)
+    run.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        help="unix socket `pep status` reads (default /run/pep/pep.sock, in a named netns "
+        '/run/pep/netns/NAME/pep.sock; "" for none)',
+    )
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by pep.ops.workers
+    status = sub.add_parser(
+        "status",
+        help="show the running daemon's connections and counters",
+        description="Ask the running daemon (over its status socket) for its live connections, "
+        "totals, SYN verdicts and kernel queue counters. Exit 3 when no daemon is running.",
+    )
+    status.add_argument("--config", metavar="FILE", help="read status_socket from this file")
+    status.add_argument("--socket", metavar="PATH", help="status socket (overrides --config)")
+    status.add_argument("--json", action="store_true", help="the full status document as JSON")
+    rules = sub.add_parser("rules", help="install, remove or show pep's netfilter rules")
+    rules_sub = rules.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        (
+            "install",
+            "install the rules (replacing stale ones); nothing reads the queue, "
+            "so SYNs pass unsplit until `pep run` starts",
+        ),
+        (
+            "remove",
+            "remove every rule, chain and policy route pep installed, and put back the routes "
+            "it gave initial windows ([link])",
+        ),
+        ("show", "print pep's installed rules (iptables-save syntax) and routes, per family"),
+    ):
+        p = rules_sub.add_parser(name, help=text, description=text)
+        if name == "install":
+            _common(p)
+    peer = sub.add_parser("peer", help="[peer]: pre-connected legs between two PEPs")
+    peer_sub = peer.add_subparsers(dest="action", required=True, metavar="ACTION")
+    peer_sub.add_parser(
+        "keygen",
+        help="print a new shared key (hex); the same file at both ends, mode 0600",
+        description="Print a new 32-byte key as hex: `pep peer keygen > /etc/pep/peer.key && "
+        "chmod 600 /etc/pep/peer.key`, then copy that file to the other PEP.",
+    )
+    from pep.lab import cli as lab_cli
+
+    lab_cli.add_parser(sub)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "interfaces": args.interfaces,
+        "listen_port": args.listen_port,
+        "queue": args.queue,
+        "log_level": args.log_level,
+        "mode": args.mode,
+        "family": args.family,
+        "status_socket": getattr(args, "status_socket", None),
+    }
+
+
+def _setup_logging(level: str, tag: str = "") -> None:
+    from pep.ops import systemd
+
+    fmt = "%(levelname)s %(name)s" + tag + ": %(message)s"
+    if not systemd.under_journal():  # else the journal stamps each line itself
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=config_mod.log_level_number(level), format=fmt, stream=sys.stderr)
+    # Libraries' own debug output (pyroute2 logs every netlink message) drowns pep's.
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from pep.ops.status import document as status
+    from pep.ops.status import render as status_render
+    from pep.ops.status import socket as status_socket
+
+    path = args.socket
+    if path is None:
+        try:
+            cfg = config_mod.build(config_mod.read_file(args.config) if args.config else {})
+        except config_mod.ConfigError as e:
+            print(f"pep: {e}", file=sys.stderr)
+            return 2
+        path = cfg.status_socket
+        if not path:
+            print(f"pep: status_socket is disabled in {args.config}", file=sys.stderr)
+            return 2
+    try:
+        doc = status_socket.fetch(path)
+    except status_socket.NotRunning as e:
+        print(f"pep: {e}", file=sys.stderr)
+        return 3
+    except status.StatusError as e:
+        print(f"pep: {e}", file=sys.stderr)
+        return 1
+    status.fill_kernel_queues(doc)  # a daemon without root cannot read them; we may
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(status_render.render(doc), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.command == "lab":
+        from pep.lab import cli as lab_cli
+
+        return lab_cli.main(args)
+    if args.command == "peer":  # keygen
+        from pep.config.peer import keygen
+
+        print(keygen())
+        return 0
+    if args.command == "status":
+        return _status(args)
+    if args.command == "rules" and args.action in ("remove", "show"):
+        # Imported after parsing: --help works even where python-iptables cannot load.
+        from pep.kernel import cleanup as kernel_state
+        from pep.kernel import iptables_setup
+        from pep.kernel import tproxy_routes as routing
+
+        try:
+            if args.action == "remove":
+                from pep.ops.daemon import remove_rules
+
+                print(f"removed {remove_rules()} rule(s) and route(s)")
+            else:
+                for family, tool in ((4, "iptables-legacy"), (6, "ip6tables-legacy")):
+                    print(f"# IPv{family} ({tool} -S)")
+                    for line in iptables_setup.show(family=family):
+                        print(line.removeprefix("-6 "))
+                print("# policy routing (TPROXY mode)")
+                for line in routing.show():
+                    print(line)
+                from pep.kernel import link_routes
+
+                print("# initial windows on the link's routes ([link]; restored on exit)")
+                for line in link_routes.show():
+                    print(line)
+        except (
+            iptables_setup.RulesError,
+            routing.RoutingError,
+            kernel_state.KernelStateError,  # remove_rules: names each kind that failed
+        ) as e:
+            print(f"pep: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    try:
+        cfg = config_mod.load(args.config, _overrides(args))
+        if cfg.link is not None:
+            from pep.link import legs
+
+            legs.check(cfg.link)  # a link interface that is not there: nothing installed
+        if cfg.peer is not None:
+            from pep.config.peer import load_key
+
+            load_key(cfg.peer.key_file)  # readable by others, or too short: nothing installed
+    except config_mod.ConfigError as e:
+        print(f"pep: {e}", file=sys.stderr)
+        return 2
+    # After the config check: a bad file is refused without loading pyroute2 (0.3 s).
+    from pep.kernel import iptables_setup
+    from pep.kernel import tproxy_routes as routing
+
+    worker = getattr(args, "worker", None)
+    _setup_logging(cfg.log_level, "" if worker is None else f"[w{worker}]")
+
+    if args.command == "rules":
+        from pep.ops.daemon import install_rules
+
+        try:
+            install_rules(cfg)
+        except (iptables_setup.RulesError, routing.RoutingError) as e:
+            print(f"pep: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    import trio
+
+    from pep.capture.nfq_socket import QueueError
+    from pep.kernel import cleanup as kernel_state
+    from pep.ops import systemd, workers
+    from pep.ops.daemon import serve
+    from pep.ops.status.document import StatusError
+
+    def reload() -> config_mod.Config:
+        return config_mod.load(args.config, _overrides(args))
+
+    if worker is not None:
+        systemd.set_parent_death_signal()
+        if os.environ.get(workers.MASTER_PID_ENV) != str(os.getppid()):
+            logging.getLogger("pep").error("worker %d: its master is gone; exiting", worker)
+            return 1
+
+    def run() -> None:
+        if cfg.workers > 1 and worker is None:
+            trio.run(workers.supervise, cfg, argv, reload)
+        else:
+            trio.run(serve, cfg, reload, worker)
+
+    daemon_errors = (
+        iptables_setup.RulesError,
+        routing.RoutingError,
+        kernel_state.KernelStateError,  # remove_rules on the way out
+        QueueError,
+        StatusError,
+        workers.WorkerError,
+        OSError,
+    )
+    return exit_code(run, daemon_errors, lambda e: logging.getLogger("pep").error("%s", e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

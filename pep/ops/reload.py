@@ -1,0 +1,68 @@
+"""What a SIGHUP may change in a running daemon: the reload plan (pure), and the listener
+retune it needs.
+
+The config is read again and validated as a whole (an invalid file is rejected and the running
+configuration stays: pep.ops.runtime). Keys that only a restart can change (the rules, the
+sockets, the queues) keep their running value and are named in a warning; only ``RELOADABLE``
+keys take effect, for new connections (live ones keep what they started with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from pep.config import Config, LegTuning
+from pep.config.schema import reloadable
+from pep.split.sockopts import apply_tuning
+
+__all__ = ["RELOADABLE", "ReloadPlan", "plan_reload", "retune_listener"]
+
+# Keys a SIGHUP applies: those pep.config declares with ``reload=True``. Everything else is
+# fixed at start: it shapes the rules, the queue bindings or the sockets. ``Runtime.apply``
+# does what each reloadable key needs (most are read per SYN or per connection).
+RELOADABLE = reloadable(Config)
+# The client leg is set on the listening socket and inherited by accepted sockets. A buffer
+# size or congestion control, once set, cannot be put back to "kernel default" there.
+_STICKY_CLIENT = ("sndbuf", "rcvbuf", "congestion")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    config: Config  # new values of the reloadable keys, running values of the rest
+    changed: tuple[str, ...]  # applied
+    kept: tuple[str, ...]  # changed in the file, but need a restart: not applied
+
+
+def plan_reload(running: Config, new: Config) -> ReloadPlan:
+    changes: dict[str, Any] = {}
+    changed: list[str] = []
+    kept: list[str] = []
+    for f in dataclasses.fields(Config):
+        old_value, new_value = getattr(running, f.name), getattr(new, f.name)
+        if old_value == new_value:
+            continue
+        if f.name not in RELOADABLE:
+            kept.append(f.name)
+            continue
+        if f.name == "client":
+            sticky = {
+                k: getattr(old_value, k)
+                for k in _STICKY_CLIENT
+                if getattr(new_value, k) is None and getattr(old_value, k) is not None
+            }
+            kept += [f"client.{k}" for k in sticky]
+            new_value = dataclasses.replace(new_value, **sticky)
+            if new_value == old_value:
+                continue
+        changes[f.name] = new_value
+        changed.append(f.name)
+    return ReloadPlan(dataclasses.replace(running, **changes), tuple(changed), tuple(kept))
+
+
+def retune_listener(sock: Any, leg: LegTuning) -> None:
+    """Apply client-leg options to a listening socket; new connections inherit them."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(leg.nodelay))
+    apply_tuning(sock, leg)
