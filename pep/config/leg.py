@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pep.config.schema import boolean, congestion, integer, key
+from pep.config.schema import boolean, congestion, integer, key, seconds
 
 __all__ = ["LegTuning"]
 
@@ -34,3 +34,13 @@ class LegTuning:
     keepidle: int | None = key(None, integer(1, 32767))
     keepintvl: int | None = key(None, integer(1, 32767))
     keepcnt: int | None = key(None, integer(1, 127))
+    # TCP_USER_TIMEOUT, seconds: how long sent data may stay unacknowledged (and, with
+    # keepalive, how long an idle connection may go unanswered) before the kernel gives up on
+    # the connection. Kernel default: the retransmission count, tcp_retries2 (about 15 min).
+    # [link] sets it on link legs from outage_timeout, so a fade does not end them.
+    user_timeout: float | None = key(None, seconds(0.001, 86400.0))
+    # TCP_RTO_MAX_MS (Linux 6.15+), seconds: the longest the retransmission timeout backs off
+    # to. The kernel accepts 1-120 s (the tcp_rto_max_ms sysctl's range; its default 120 s).
+    # [link] caps link legs' so that a leg retransmits within about that long of the link's
+    # return after an outage, instead of waiting out a doubled RTO of up to 2 minutes.
+    rto_max: float | None = key(None, seconds(1.0, 120.0))

@@ -43,6 +43,10 @@ INIT_WINDOW_MIN, INIT_WINDOW_MAX = 10, 65535  # 10: the kernel's TCP_INIT_CWND (
 # SO_SNDBUF/SO_RCVBUF: the kernel doubles the value for its bookkeeping and caps it at
 # INT_MAX / 2; below 256 KiB a link leg gains nothing over the kernel's autotuning default.
 BUFFER_MIN, BUFFER_MAX = 256 * 1024, 1 << 30
+# [link] outage_timeout's default, seconds (see Link.outage_timeout).
+OUTAGE_TIMEOUT = 600.0
+# TCP_RTO_MAX_MS takes 1000-120000 ms (checked on 6.18: EINVAL outside, docs/DESIGN.md).
+RTO_MAX_MIN, RTO_MAX_MAX = 1.0, 120.0
 # Congestion controls a satellite link leg wants, best first: BBR paces and does not read
 # random loss as congestion; the kernel default otherwise.
 PREFERRED_CONGESTION = ("bbr",)
@@ -70,6 +74,14 @@ class Link:
     ingress_rate: int = key(check=checks.rate(RATE_MIN, RATE_MAX))  # what it receives
     # The link legs' congestion control unless a leg's own `congestion` is set.
     congestion: str | None = key(factory=default_congestion, check=checks.congestion)
+    # How long pep holds a connection through an outage of the link (a rain fade, a lost
+    # satellite) before it gives up on it: the link legs' TCP_USER_TIMEOUT, and how long a new
+    # connection waits for the link. Ten minutes: Ka-band fades last seconds to minutes, and
+    # end-to-end TCP gives up after tcp_retries2 (15 retransmissions, about 15 minutes).
+    outage_timeout: float = key(OUTAGE_TIMEOUT, checks.duration(1.0, 86400.0))
+    # The link legs' retransmission timeout never backs off beyond this (TCP_RTO_MAX_MS), so
+    # they resend within this long of the link's return. Unset: max(1 s, 1.5 x rtt).
+    rto_max: float | None = key(None, checks.duration(RTO_MAX_MIN, RTO_MAX_MAX))
 
     def bdp(self, direction: str) -> int:
         """Bytes in flight that fill ``egress`` or ``ingress`` for one round trip."""
@@ -120,14 +132,46 @@ class Link:
         6.1-6.9 s with this tick and idle at the first tick with nothing left to send."""
         return min(0.05, max(0.01, self.rtt / 12))
 
+    @property
+    def retransmit_cap(self) -> float:
+        """The link legs' RTO cap, seconds: ``rto_max``, else 1.5 round trips and at least the
+        kernel's floor of 1 s. Above the link's RTT with some queueing (the RTO itself is
+        capped too: a cap below the RTT would time out every flight), below 2 RTTs, so a leg
+        resends within about a round trip of the link's return."""
+        if self.rto_max is not None:
+            return self.rto_max
+        return min(RTO_MAX_MAX, max(RTO_MAX_MIN, 1.5 * self.rtt))
+
+    @property
+    def heartbeat(self) -> int:
+        """Seconds between keepalive probes on idle pooled connections (pep.peer.pool): a
+        probe answered says the link is up, one unanswered that it may be down (pep.link.
+        watch). Two round trips and at least 1 s: TCP_KEEPIDLE/KEEPINTVL count whole seconds."""
+        return max(1, math.ceil(2 * self.rtt))
+
+    @property
+    def silence(self) -> float:
+        """How long nothing may arrive over the link, while something waits for an answer,
+        before pep takes the link for down: three round trips, at least 1.5 s (two heartbeats
+        at the shortest)."""
+        return max(1.5, 3 * self.rtt)
+
     def leg_tuning(self, tuning: LegTuning) -> LegTuning:
-        """A link leg's tuning: what the leg's own table sets, else the link's BDP-sized
-        buffers and congestion control."""
+        """A link leg's tuning: what the leg's own table sets, else the link's: BDP-sized
+        buffers, its congestion control, and the outage settings (TCP_USER_TIMEOUT from
+        ``outage_timeout``, the RTO cap)."""
+
+        def own(name: str, link_value: object) -> object:
+            value = getattr(tuning, name)
+            return value if value is not None else link_value
+
         return dataclasses.replace(
             tuning,
-            sndbuf=tuning.sndbuf if tuning.sndbuf is not None else self.sndbuf,
-            rcvbuf=tuning.rcvbuf if tuning.rcvbuf is not None else self.rcvbuf,
-            congestion=tuning.congestion if tuning.congestion is not None else self.congestion,
+            sndbuf=own("sndbuf", self.sndbuf),
+            rcvbuf=own("rcvbuf", self.rcvbuf),
+            congestion=own("congestion", self.congestion),
+            user_timeout=own("user_timeout", self.outage_timeout),
+            rto_max=own("rto_max", self.retransmit_cap),
         )
 
     def arrives_on(self, interfaces: tuple[str, ...]) -> bool:

@@ -249,7 +249,16 @@ def delayline_argv(lab: Lab) -> list[str]:
         f"{p.loss:g}",
         "--stats",
         str(lab.dir / "delayline.json"),
-    ]
+        "--control",
+        str(fade_control(lab)),
+        *(["--handover", f"{p.handover[0]:g}s/{p.handover[1] * 1000:g}ms"]
+          if p.handover is not None else []),
+    ]  # fmt: skip
+
+
+def fade_control(lab: Lab) -> Path:
+    """Where `pep lab fade` asks the delay line for a fade (pep.lab.outages)."""
+    return lab.dir / "fade.json"
 
 
 def _validate_config(path: Path) -> None:

@@ -40,6 +40,11 @@ def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
         "--queue", metavar="MS", help="bottleneck (tbf) queue in ms at the link rate (one RTT)"
     )
     g.add_argument(
+        "--handover",
+        metavar="PERIOD/OUTAGE",
+        help="LEO handovers: every PERIOD the link delivers nothing for OUTAGE, e.g. 15s/100ms",
+    )
+    g.add_argument(
         "--topology",
         choices=("symmetric", "one-ended", "ha", "ecmp"),
         default="symmetric",
@@ -86,6 +91,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = s.add_parser("exec", help="run a command in a node: pep lab exec NODE -- CMD ...")
     p.add_argument("node", help=f"one of {', '.join(NODES)}")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
+    _prefix(p, DEFAULT_PREFIX)
+
+    p = s.add_parser(
+        "fade",
+        help="the link delivers nothing, both ways, for SECONDS, then comes back",
+        description="Fade the running lab's link (a rain fade, a lost satellite): every packet "
+        "entering or leaving the link is dropped for SECONDS. Waits until the link is back; "
+        "interrupted (Ctrl-C), it ends the fade at once.",
+    )
+    p.add_argument("seconds", type=float, help="how long, in seconds (e.g. 20, 0.5)")
+    p.add_argument("--no-wait", action="store_true", help="start the fade and return at once")
     _prefix(p, DEFAULT_PREFIX)
 
     p = s.add_parser(
@@ -164,6 +180,7 @@ def _profile(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         up_bps=None if args.up is None else profiles.parse_rate(args.up),
         loss=None if args.loss is None else profiles.parse_loss(args.loss),
         queue_ms=None if args.queue is None else profiles.parse_rtt(args.queue),
+        handover=None if args.handover is None else profiles.parse_handover(args.handover),
     )
 
 
@@ -209,6 +226,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if cmd == "exec":
         return _exec(args)
+    if cmd == "fade":
+        from pep.lab.fade import fade
+
+        return fade(args.prefix, args.seconds, wait=not args.no_wait)
     if cmd == "split":
         lab = Lab.load(args.prefix)
         if lab is None:

@@ -14,7 +14,13 @@ is the trio shell around one :class:`pep.capture.nfq_socket.QueueSocket` with it
 namespace::
 
     ip netns exec LAB-link python -m pep.lab.delayline --up-if cl0 --down-if sv0 \
-        --delay-ms 300 --up-rate 5000000 --down-rate 20000000 --loss 0.005 --stats FILE
+        --delay-ms 300 --up-rate 5000000 --down-rate 20000000 --loss 0.005 --stats FILE \
+        [--handover 15s/100ms] [--control FILE]
+
+Outages (pep.lab.outages): while the link is down, a packet entering it gets a DROP verdict of
+its own at once, and the due packets leave with a DROP batch instead of an ACCEPT one. A fade
+is asked for through the control file and SIGUSR1 (``pep lab fade``); handovers repeat by
+themselves.
 
 Copy mode META and the GSO flag keep the per-packet cost to one small message per (possibly
 64 KB) GSO packet; without GSO the kernel segments and Python would see every 1500-byte frame.
@@ -32,6 +38,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +49,7 @@ from pep.capture import nfq_proc
 from pep.capture.nfq_socket import QueueError, QueueSocket
 from pep.lab.delay_schedule import DelayLine, Lateness, queue_sizing
 from pep.lab.link_rules import LinkRules
+from pep.lab.outages import Handover, Outages, parse_handover, read_control
 from pep.ops.entry import exit_code
 
 __all__ = ["Direction", "main", "read_proc_queues", "serve"]
@@ -123,9 +131,18 @@ class Direction:
     """One direction of the link: its queue socket, its DelayLine, and the two tasks."""
 
     def __init__(
-        self, name: str, ifname: str, queue: int, delay: float, maxlen: int, rcvbuf: int
+        self,
+        name: str,
+        ifname: str,
+        queue: int,
+        delay: float,
+        maxlen: int,
+        rcvbuf: int,
+        outages: Outages | None = None,
     ) -> None:
         self.name, self.ifname, self.queue = name, ifname, queue
+        self.outages = outages if outages is not None else Outages()
+        self.outage_drops = 0  # packets dropped because the link was down
         self.maxlen, self.rcvbuf = maxlen, rcvbuf
         self.line = DelayLine(delay, slack=slack())
         self.qs = QueueSocket(queue, rcvbuf)
@@ -151,8 +168,13 @@ class Direction:
         line = self.line
         async for messages in self.qs.batches():
             now = trio.current_time()
+            down = self.outages.down(time.monotonic())
+            dropped: list[bytes] = []
             for msg in messages:
                 if type(msg) is nfq.Packet:
+                    if down:  # it enters a link that is not there: lost
+                        dropped.append(nfq.build_verdict(self.queue, msg.packet_id, nfq.NF_DROP))
+                        continue
                     line.arrive(msg.packet_id, now)
                 elif isinstance(msg, nfq.Malformed):
                     self.malformed += 1
@@ -162,6 +184,9 @@ class Direction:
                     self.verdict_errors += 1
                     if self.verdict_errors <= 5:
                         log.warning("%s: verdict refused: %s", self.name, os.strerror(msg.errno))
+            if dropped:
+                self.outage_drops += len(dropped)
+                await self.qs.send(b"".join(dropped))
             self._wake.set()
 
     async def _release(self) -> None:
@@ -179,9 +204,14 @@ class Direction:
                 line.woke(deadline, now)
                 if len(line):
                     self.late.add(now - line.held[0][0])
+                due = len(line)
                 last = line.release(now)
                 if last is not None:
-                    await self.qs.send(nfq.build_verdict_batch(self.queue, last, nfq.NF_ACCEPT))
+                    verdict = nfq.NF_ACCEPT
+                    if self.outages.down(time.monotonic()):  # it would leave a faded link
+                        verdict = nfq.NF_DROP
+                        self.outage_drops += due - len(line)
+                    await self.qs.send(nfq.build_verdict_batch(self.queue, last, verdict))
         finally:
             timer.close()
 
@@ -210,6 +240,7 @@ class Direction:
             "malformed": self.malformed,
             "verdict_errors": self.verdict_errors,
             "release_lateness": self.late.as_ms(),
+            "outage_drops": self.outage_drops,
             "timer_lead_ms": round(self.line.lead * 1000, 3),
             **proc.get(self.queue, {}),
         }
@@ -228,6 +259,8 @@ class Options:
     up_queue: int
     down_queue: int
     stats: Path | None
+    handover: Handover | None = None
+    control: Path | None = None  # where `pep lab fade` asks for a fade (then SIGUSR1)
 
 
 def _write_stats(path: Path, payload: dict[str, object]) -> None:
@@ -239,13 +272,14 @@ def _write_stats(path: Path, payload: dict[str, object]) -> None:
 async def serve(opts: Options) -> None:
     """Bind the queues, install the rules, delay until SIGTERM/SIGINT, then undo both."""
     dirs: list[Direction] = []
+    outages = Outages(opts.handover, origin=time.monotonic())
     for name, ifname, queue, delay, rate, reverse in (
         ("up", opts.up_if, opts.up_queue, opts.up_delay, opts.up_rate, opts.down_rate),
         ("down", opts.down_if, opts.down_queue, opts.down_delay, opts.down_rate, opts.up_rate),
     ):
         if delay > 0:
             maxlen, rcvbuf = queue_sizing(rate, reverse, delay, opts.buffer)
-            dirs.append(Direction(name, ifname, queue, delay, maxlen, rcvbuf))
+            dirs.append(Direction(name, ifname, queue, delay, maxlen, rcvbuf, outages))
     rules = LinkRules(
         (
             (opts.up_if, opts.up_queue, opts.up_delay > 0),
@@ -255,7 +289,8 @@ async def serve(opts: Options) -> None:
     )
     installed = False
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        stop = (signal.SIGTERM, signal.SIGINT)
+        with trio.open_signal_receiver(*stop, signal.SIGUSR1) as signals:
             for d in dirs:
                 d.open()  # bound before the rules exist: no packet meets an unbound queue
             rules.install()
@@ -272,6 +307,8 @@ async def serve(opts: Options) -> None:
                     d.maxlen,
                     d.rcvbuf,
                 )
+            if opts.handover is not None:
+                log.info("handovers: every %s", opts.handover.text())
             log.info("ready: delay line running")
             async with trio.open_nursery() as nursery:
                 for d in dirs:
@@ -279,6 +316,9 @@ async def serve(opts: Options) -> None:
                 if opts.stats is not None:
                     nursery.start_soon(_stats_loop, opts.stats, dirs, opts)
                 async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        _fade(outages, opts.control)
+                        continue
                     log.info("%s: stopping", signal.Signals(signum).name)
                     break
                 nursery.cancel_scope.cancel()
@@ -293,6 +333,18 @@ async def serve(opts: Options) -> None:
             d.qs.close()
         if opts.stats is not None and dirs:
             _write_stats(opts.stats, _stats_payload(dirs, opts, running=False))
+
+
+def _fade(outages: Outages, control: Path | None) -> None:
+    """SIGUSR1: take the fade the control file asks for (none: the link is back at once)."""
+    asked = read_control(control) if control is not None else None
+    start, until = asked if asked is not None else (0.0, 0.0)
+    outages.fade(start, until)
+    left = until - time.monotonic()
+    if left > 0:
+        log.info("fade: the link delivers nothing for %.3f s", left)
+    else:
+        log.info("fade: none (the link is up)")
 
 
 def _stats_payload(dirs: list[Direction], opts: Options, running: bool) -> dict[str, object]:
@@ -328,6 +380,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--up-queue", type=int, default=1)
     p.add_argument("--down-queue", type=int, default=2)
     p.add_argument("--stats", type=Path, help="write counters here as JSON every second")
+    p.add_argument(
+        "--handover",
+        type=parse_handover,
+        metavar="PERIOD/OUTAGE",
+        help="every PERIOD the link delivers nothing for OUTAGE, e.g. 15s/100ms",
+    )
+    p.add_argument(
+        "--control", type=Path, help="the fade control file, read on SIGUSR1 (pep lab fade)"
+    )
     p.add_argument(
         "--no-realtime",
         dest="realtime",
@@ -372,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         up_queue=args.up_queue,
         down_queue=args.down_queue,
         stats=args.stats,
+        handover=args.handover,
+        control=args.control,
     )
     return exit_code(lambda: trio.run(serve, opts), (QueueError,), lambda e: log.error("%s", e))
 

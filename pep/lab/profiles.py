@@ -48,6 +48,9 @@ class LinkProfile:
     loss: float = 0.0
     # Bottleneck buffer (the tbf queue) in ms at the link rate; None: one RTT, i.e. one BDP.
     queue_ms: float | None = None
+    # LEO handovers: every handover[0] seconds the link delivers nothing for handover[1]
+    # (pep.lab.outages); None: no handovers.
+    handover: tuple[float, float] | None = None
 
     @property
     def one_way_s(self) -> float:
@@ -97,8 +100,11 @@ class LinkProfile:
         up_bps: int | None = None,
         loss: float | None = None,
         queue_ms: float | None = None,
+        handover: tuple[float, float] | None = None,
     ) -> LinkProfile:
         changes: dict[str, object] = {}
+        if handover is not None:
+            changes["handover"] = handover
         if rtt_ms is not None:
             changes["rtt_ms"] = rtt_ms
         if down_bps is not None:
@@ -116,6 +122,9 @@ class LinkProfile:
             return "unlimited" if bps is None else f"{bps / 1e6:g} Mbit/s"
 
         queue = "" if self.queue_ms is None else f", {self.queue_ms:g} ms queue"
+        if self.handover is not None:
+            period, outage = self.handover
+            queue += f", a {outage * 1000:g} ms handover every {period:g} s"
         return (
             f"{self.name.upper()}: {self.rtt_ms:g} ms RTT, {rate(self.down_bps)} down, "
             f"{rate(self.up_bps)} up, {self.loss * 100:g} % loss{queue}"
@@ -129,6 +138,7 @@ class LinkProfile:
             "up_bps": self.up_bps,
             "loss": self.loss,
             "queue_ms": self.queue_ms,
+            "handover": list(self.handover) if self.handover is not None else None,
         }
 
     @classmethod
@@ -140,6 +150,7 @@ class LinkProfile:
             up_bps=None if d["up_bps"] is None else int(d["up_bps"]),  # type: ignore[call-overload]
             loss=float(d.get("loss", 0.0)),  # type: ignore[arg-type]
             queue_ms=None if d.get("queue_ms") is None else float(d["queue_ms"]),  # type: ignore[arg-type]
+            handover=_handover_json(d.get("handover")),
         )
 
 
@@ -151,6 +162,23 @@ PROFILES: dict[str, LinkProfile] = {
     "leo": LinkProfile("leo", 40, 100_000_000, 20_000_000),
     "lan": LinkProfile("lan", 0, None, None),
 }
+
+
+def _handover_json(value: object) -> tuple[float, float] | None:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None
+    return float(value[0]), float(value[1])
+
+
+def parse_handover(text: str) -> tuple[float, float]:
+    """``15s/100ms`` -> (15.0, 0.1): the handover period and outage, in seconds."""
+    from pep.lab.outages import parse_handover as parse
+
+    try:
+        h = parse(text)
+    except ValueError as e:
+        raise ParseError(f"handover {text!r}: {e}") from None
+    return h.period, h.outage
 
 
 def profile(name: str) -> LinkProfile:

@@ -5,12 +5,14 @@
   exits 2 before anything is installed. ``route_metrics(link)``: the initial windows its
   routes get (pep.kernel.link_routes installs them, owned by the process that owns the rules).
 - ``LinkLegs``: per process, what a split connection asks (pep.split.hooks.LinkSide): does this
-  leg face the link, with which tuning, and its place in the Sharer that paces it.
+  leg face the link, with which tuning, its place in the Sharer that paces it, and whether the
+  link is up (pep.link.watch: how long it has been down, how long to wait for it).
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -21,6 +23,7 @@ from pep.config.schema import ConfigError
 from pep.link.pacer import LinkLeg, Sharer
 from pep.link.routequery import RouteCache
 from pep.link.slots import WorkerSlots
+from pep.link.watch import LinkWatch
 from pep.split.relay import RelayStats
 
 __all__ = ["LinkLegs", "check", "route_metrics"]
@@ -56,6 +59,8 @@ class LinkLegs:
     ) -> None:
         self.link: Link | None = None
         self.sharer: Sharer | None = None
+        self.watch: LinkWatch | None = None  # the link's state: up, or down since when
+        self._on_change: list[Callable[[bool], None]] = []  # told when the link goes or comes
         # "Which interface does this address route through": asked for the link legs and by
         # the [peer] pool, one cache per process (pep.link.routequery), handed in by the daemon.
         self.routes = routes if routes is not None else RouteCache()
@@ -72,11 +77,17 @@ class LinkLegs:
         index, mtu = check(link)
         if self.sharer is None:
             self.sharer = Sharer(link, index, mtu, routes=self.routes, slots=self.slots)
+            sharer = self.sharer
+            self.watch = LinkWatch(
+                link, lambda: [leg.sock for leg in sharer.legs.values()], self._on_change
+            )
             self._sharing.set()
         elif link != self.sharer.link or index != self.sharer.ifindex:
             self.sharer.ifindex = index
             self.routes.forget()
             self.sharer.resize(link, mtu)
+        assert self.watch is not None
+        self.watch.configure(link)
         self.link = link
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -84,14 +95,16 @@ class LinkLegs:
         one); until cancelled."""
         task_status.started()
         await self._sharing.wait()
-        assert self.sharer is not None
-        await self.sharer.run()
+        assert self.sharer is not None and self.watch is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.sharer.run)
+            nursery.start_soon(self.watch.run)
 
     def snapshot(self) -> dict[str, object] | None:
         """The link's part of pep status (None without [link])."""
-        if self.link is None or self.sharer is None:
+        if self.link is None or self.sharer is None or self.watch is None:
             return None
-        return self.sharer.snapshot()
+        return {**self.sharer.snapshot(), "state": self.watch.snapshot(trio.current_time())}
 
     # --- pep.split.hooks.LinkSide
 
@@ -107,3 +120,27 @@ class LinkLegs:
         if self.link is None or self.sharer is None:
             return None
         return self.sharer.open(sock, stats, up)
+
+    @property
+    def down(self) -> bool:
+        return self.watch is not None and self.link is not None and not self.watch.state.up
+
+    def down_time(self) -> float:
+        if self.watch is None:
+            return 0.0
+        return self.watch.state.down_total(trio.current_time())
+
+    @property
+    def hold(self) -> float:
+        return self.link.outage_timeout if self.link is not None else 0.0
+
+    def watch_socket(self, sock: socket.socket) -> None:
+        if self.watch is not None:
+            self.watch.watch(sock)
+
+    def unwatch_socket(self, sock: socket.socket) -> None:
+        if self.watch is not None:
+            self.watch.unwatch(sock)
+
+    def on_change(self, callback: Callable[[bool], None]) -> None:
+        self._on_change.append(callback)

@@ -18,10 +18,16 @@ __all__ = ["TCP_INFO_LEN", "UNLIMITED", "TcpInfo", "decode", "read"]
 _FIELDS = (
     ("state", 0, "B"),
     ("ca_state", 1, "B"),
+    ("retransmits", 2, "B"),
+    ("probes", 3, "B"),
+    ("backoff", 4, "B"),
+    ("rto_us", 8, "I"),
     ("snd_mss", 16, "I"),
     ("unacked", 24, "I"),
     ("lost", 32, "I"),
     ("retrans", 36, "I"),
+    ("last_data_recv_ms", 52, "I"),
+    ("last_ack_recv_ms", 56, "I"),
     ("rtt_us", 68, "I"),
     ("snd_cwnd", 80, "I"),
     ("total_retrans", 100, "I"),
@@ -41,10 +47,16 @@ TCP_INFO_LEN = 232  # up to and including tcpi_snd_wnd (5.4); enough for every f
 class TcpInfo(NamedTuple):
     state: int
     ca_state: int
+    retransmits: int  # RTOs in a row without an ACK that advanced (icsk_retransmits)
+    probes: int  # keepalive or zero-window probes unanswered (icsk_probes_out)
+    backoff: int  # RTO doublings in force
+    rto_us: int
     snd_mss: int
     unacked: int  # segments in flight
     lost: int
     retrans: int
+    last_data_recv_ms: int  # since data last arrived
+    last_ack_recv_ms: int  # since an ACK (a keepalive's answer too) last arrived
     rtt_us: int
     snd_cwnd: int  # segments
     total_retrans: int  # segments retransmitted over the connection's life

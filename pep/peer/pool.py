@@ -35,7 +35,7 @@ from pep.config.peer import Peer
 from pep.config.schema import parse_listen_address
 from pep.peer import wire as peerwire
 from pep.split import lifecycle
-from pep.split.hooks import NO_LINK, LinkSide, Opened
+from pep.split.hooks import NO_LINK, LinkSide, Opened, patiently
 from pep.split.lifecycle import abort, reset_if_killed
 from pep.split.sockopts import STREAM, apply_tuning, restart_congestion
 from pep.support.ratelog import Every
@@ -47,7 +47,11 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0  # seconds for the four handshake messages: a few GEO round trips
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0  # seconds between failed attempts, doubling
 # Idle pooled connections are probed, so a far end that vanished (power, a routing change)
-# is found within about a minute rather than at the next flow (TCP_KEEPIDLE/INTVL/CNT).
+# is found within about a minute rather than at the next flow (TCP_KEEPIDLE/INTVL/CNT). With
+# [link], every Link.heartbeat seconds instead: the answers tell that the link is up
+# (pep.link.watch), and the link legs' TCP_USER_TIMEOUT (outage_timeout) decides when an
+# unanswered connection is given up, so a fade does not end them (keepalive then aborts only
+# once the user timeout has passed: tcp_keepalive_timer).
 KEEPALIVE = LegTuning(keepalive=True, keepidle=30, keepintvl=10, keepcnt=3)
 DEMAND_WINDOW = 2.0  # seconds of recent takes the pool sizes itself for, above `pool`
 LOG_EVERY = 10.0  # at most one line per this many seconds about failures
@@ -102,8 +106,10 @@ class PeerPool:
         self._takes: deque[float] = deque()
         self._changed = trio.Event()
         self._backoff = 0.0
+        self._retry = trio.Event()  # set when the link comes back: retry now, not after backoff
         self._log = Every(LOG_EVERY)
         self._nursery: trio.Nursery | None = None
+        links.on_change(self._link_changed)
 
     # --- the session's side --------------------------------------------------------------------
 
@@ -148,11 +154,19 @@ class PeerPool:
         end's STATUS once it has tried the destination (its connect bounded by its own
         connect_timeout: ours waits that long, plus a margin for the link)."""
         header = peerwire.encode_flow(peerwire.Flow(dst, client, self.cfg.transparent_source))
-        with trio.move_on_after(self.cfg.connect_timeout + PEER_STATUS_MARGIN) as waiting:
-            await send_all(sock, header + first)
-            status = peerwire.parse_status(await read_exactly(sock, 1))
-        if waiting.cancelled_caught:
-            raise PeerGone("no answer from the far end")
+        # Into a fresh connection's send buffer (two BDPs with [link]): at once, link or none.
+        await send_all(sock, header + first)
+        try:
+            # The time the link is down meanwhile does not count (outage_timeout at most):
+            # the header is resent by the kernel and crosses when the link is back.
+            answer = await patiently(
+                lambda: read_exactly(sock, 1),
+                self.cfg.connect_timeout + PEER_STATUS_MARGIN,
+                self.links,
+            )
+        except trio.TooSlowError:
+            raise PeerGone("no answer from the far end (timeout)") from None
+        status = peerwire.parse_status(answer)
         assert status is not None
         return status
 
@@ -161,6 +175,7 @@ class PeerPool:
         while self.ready:
             entry = self.ready.pop()  # the most recently opened: its windows the freshest
             entry.scope.cancel()
+            self.links.unwatch_socket(entry.sock)
             if _alive(entry.sock):
                 self.counters.taken += 1
                 self._takes.append(time.monotonic())
@@ -194,10 +209,13 @@ class PeerPool:
                     with trio.move_on_after(DEMAND_WINDOW):  # the target shrinks with time
                         await self._changed.wait()
                     if self._backoff:
-                        await trio.sleep(self._backoff)
+                        self._retry = trio.Event()
+                        with trio.move_on_after(self._backoff):
+                            await self._retry.wait()  # the link came back: at once
             finally:
                 for entry in self.ready:
                     entry.scope.cancel()  # its watcher stops waiting on the fd first
+                    self.links.unwatch_socket(entry.sock)
                     entry.sock.close()
                 self.ready.clear()
 
@@ -226,7 +244,7 @@ class PeerPool:
             if self.links.faces(host):
                 tuning = self.links.tuning(tuning)  # a link leg: the link's buffers and cc
             apply_tuning(sock, tuning)
-            apply_tuning(sock, KEEPALIVE)
+            apply_tuning(sock, self._keepalive())
             err = sock.connect_ex((host, port))
             if err and err != errno.EINPROGRESS:
                 raise OSError(err, os.strerror(err))
@@ -265,6 +283,7 @@ class PeerPool:
         it at once, before the watcher has first run."""
         entry = _Ready(sock)
         self.ready.append(entry)
+        self.links.watch_socket(sock)  # its keepalive answers say the link is up
         assert self._nursery is not None
         self._nursery.start_soon(self._watch, entry)
 
@@ -280,9 +299,25 @@ class PeerPool:
             await trio.lowlevel.wait_readable(entry.sock)
             with contextlib.suppress(ValueError):
                 self.ready.remove(entry)
+                self.links.unwatch_socket(entry.sock)
                 self.counters.died_idle += 1
                 abort(entry.sock)
                 self._changed.set()
+
+    def _keepalive(self) -> LegTuning:
+        """The idle pooled connections' keepalive: the link's heartbeat, else KEEPALIVE."""
+        link = self.cfg.link
+        if link is None:
+            return KEEPALIVE
+        beat = link.heartbeat
+        return LegTuning(keepalive=True, keepidle=beat, keepintvl=beat, keepcnt=KEEPALIVE.keepcnt)
+
+    def _link_changed(self, up: bool) -> None:
+        """The link is back: connections failed while it was down; try again now."""
+        if up:
+            self._backoff = 0.0
+            self._retry.set()
+            self._changed.set()
 
     def _failed(self, error: BaseException) -> None:
         self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))

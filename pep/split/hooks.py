@@ -15,16 +15,20 @@ Where it needs them, it names here what it needs, and pep.ops.daemon hands in th
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import trio
 
 from pep.config import LegTuning
 
 if TYPE_CHECKING:
     from pep.split.relay import RelayStats
 
-__all__ = ["NO_LINK", "LinkSide", "Opened", "Paced", "UpstreamPool"]
+__all__ = ["NO_LINK", "LinkSide", "Opened", "Paced", "UpstreamPool", "patiently"]
+
+T = TypeVar("T")
 
 
 class Paced(Protocol):
@@ -62,6 +66,32 @@ class LinkSide(Protocol):
         """Enter a link-leg socket in the sharer (None: no sharing to join)."""
         ...
 
+    # The link's outages (pep.link.watch): a wait for an answer across the link does not count
+    # the time the link is down, up to ``hold`` (its outage_timeout).
+
+    @property
+    def down(self) -> bool:
+        """Whether the link is down now."""
+        ...
+
+    def down_time(self) -> float:
+        """Seconds the link has been down so far, the live outage included."""
+        ...
+
+    @property
+    def hold(self) -> float:
+        """How long a connection waits for the link to come back, seconds."""
+        ...
+
+    def watch_socket(self, sock: socket.socket) -> None:
+        """A socket across the link that is no link leg (a pooled idle connection): its
+        answers, or their absence, tell the link's state too."""
+
+    def unwatch_socket(self, sock: socket.socket) -> None: ...
+
+    def on_change(self, callback: Callable[[bool], None]) -> None:
+        """``callback(up)`` at each change of the link's state."""
+
 
 class _NoLink:
     """No ``[link]``: no leg faces a link."""
@@ -75,8 +105,48 @@ class _NoLink:
     def join(self, sock: socket.socket, stats: RelayStats, up: bool) -> Paced | None:
         return None
 
+    down = False
+    hold = 0.0
+
+    def down_time(self) -> float:
+        return 0.0
+
+    def watch_socket(self, sock: socket.socket) -> None:
+        pass
+
+    def unwatch_socket(self, sock: socket.socket) -> None:
+        pass
+
+    def on_change(self, callback: Callable[[bool], None]) -> None:
+        pass
+
 
 NO_LINK: LinkSide = _NoLink()
+
+
+async def patiently(wait: Callable[[], Awaitable[T]], timeout: float, link: LinkSide) -> T:
+    """``await wait()``, given ``timeout`` seconds of the link being up: the time the link is
+    down meanwhile does not count, up to ``link.hold`` in all (trio.TooSlowError after that).
+    ``wait`` is awaited again after each deadline, so it must be safe to restart (waiting for
+    a socket to become readable or writable is). Without a link: ``timeout``, as
+    trio.fail_after would."""
+    start = trio.current_time()
+    down0 = link.down_time()
+    end = start + max(timeout, link.hold)  # never later than this
+    deadline = start + timeout
+    while True:
+        with trio.move_on_at(deadline):
+            return await wait()
+        now = trio.current_time()
+        if link.down:
+            deadline = min(end, now + _RECHECK)  # down now: look again soon
+        else:
+            deadline = min(end, start + timeout + link.down_time() - down0)
+        if deadline <= now:
+            raise trio.TooSlowError
+
+
+_RECHECK = 1.0  # seconds between looks at a link that is down, while a wait is held
 
 
 @dataclass(slots=True)

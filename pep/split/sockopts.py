@@ -3,17 +3,30 @@ leg's socket is closed: pep.split.lifecycle)."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 
 from pep.config import LegTuning
 
-__all__ = ["STREAM", "apply_tuning", "mirror_syn", "restart_congestion", "transparent"]
+__all__ = [
+    "STREAM",
+    "apply_tuning",
+    "mirror_syn",
+    "restart_congestion",
+    "set_rto_max",
+    "transparent",
+]
+
+log = logging.getLogger(__name__)
 
 # The type of every socket pep opens: non-blocking for trio's waits, not inherited by the
 # iptables helper processes.
 STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)  # include/uapi/linux/tcp.h
 TCP_NOTSENT_LOWAT = 25  # include/uapi/linux/tcp.h
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)  # include/uapi/linux/tcp.h
+TCP_RTO_MAX_MS = 44  # include/uapi/linux/tcp.h (Linux 6.15)
 IP_TRANSPARENT = 19  # include/uapi/linux/in.h
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # include/uapi/asm-generic/socket.h
 IPV6_TRANSPARENT = 75  # include/uapi/linux/in6.h
@@ -42,6 +55,33 @@ def apply_tuning(sock: socket.socket, tuning: LegTuning) -> None:
         ):
             if value is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    if tuning.user_timeout is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, round(tuning.user_timeout * 1000))
+    if tuning.rto_max is not None:
+        set_rto_max(sock, tuning.rto_max)
+
+
+def set_rto_max(sock: socket.socket, seconds: float) -> bool:
+    """TCP_RTO_MAX_MS; False (and one warning per process) on a kernel older than 6.15, where
+    a leg's retransmission timeout keeps backing off up to the kernel's 120 s."""
+    global _rto_max_missing
+    if _rto_max_missing:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, round(seconds * 1000))
+    except OSError as e:
+        if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise
+        _rto_max_missing = True
+        log.warning(
+            "this kernel has no TCP_RTO_MAX_MS (Linux 6.15+): after a link outage, link legs "
+            "retransmit only when their backed-off RTO (up to 120 s) expires"
+        )
+        return False
+    return True
+
+
+_rto_max_missing = False
 
 
 def restart_congestion(sock: socket.socket, only: bytes | None = None) -> bool:

@@ -17,8 +17,7 @@ import trio
 from pep.capture.preconnect import UpstreamError
 from pep.capture.syn import SynInfo
 from pep.config import Config, LegTuning
-from pep.split.hooks import NO_LINK, LinkSide
-from pep.split.lifecycle import send_all
+from pep.split.hooks import NO_LINK, LinkSide, patiently
 from pep.split.sockopts import STREAM, apply_tuning, mirror_syn, transparent
 
 __all__ = ["UpstreamError", "connect", "open_for"]
@@ -34,8 +33,14 @@ async def connect(
     source: tuple[str, int] | None = None,
     tos: int | None = None,
     mss: int | None = None,
+    link: LinkSide = NO_LINK,
 ) -> socket.socket:
     """Connect to ``dst``; with ``first_bytes``, carry them in the SYN (TCP Fast Open).
+
+    ``timeout`` counts only while ``link`` is up, up to its outage_timeout (``patiently``):
+    a connect across a satellite link that fades meanwhile waits for it to come back instead
+    of giving up after a timeout meant for a LAN; the kernel keeps resending the SYN, every
+    RTO cap at most (pep.config.link).
 
     TCP_FASTOPEN_CONNECT (Linux 4.11) defers the SYN to the first write, so the client's
     request crosses a satellite link with the handshake instead of one round trip after it
@@ -66,10 +71,10 @@ async def connect(
         if err not in (0, errno.EINPROGRESS):
             raise OSError(err, os.strerror(err))
         if first_bytes or not _established(sock):
-            with trio.move_on_after(timeout) as waiting:
-                await _handshake(sock, first_bytes)
-            if waiting.cancelled_caught:
-                raise UpstreamError("connect timeout")
+            try:
+                await patiently(_Handshake(sock, first_bytes).wait, timeout, link)
+            except trio.TooSlowError:
+                raise UpstreamError("connect timeout") from None
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
@@ -84,12 +89,21 @@ async def connect(
                 sock.close()
 
 
-async def _handshake(sock: socket.socket, first_bytes: bytes) -> None:
+class _Handshake:
     """Send the Fast Open bytes (the first write sends SYN+data; more waits for the
     handshake), then wait for the handshake to complete or fail: a SYN_SENT socket is not
-    writable."""
-    await send_all(sock, first_bytes)
-    await trio.lowlevel.wait_writable(sock)
+    writable. ``wait`` may be cancelled and awaited again: what was sent stays sent."""
+
+    def __init__(self, sock: socket.socket, first_bytes: bytes) -> None:
+        self.sock, self.left = sock, memoryview(first_bytes)
+
+    async def wait(self) -> None:
+        while self.left:
+            try:
+                self.left = self.left[self.sock.send(self.left) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+        await trio.lowlevel.wait_writable(self.sock)
 
 
 def _established(sock: socket.socket) -> bool:
@@ -117,14 +131,28 @@ async def open_for(
     the link: ``links``), the client's address as source (``transparent_source``), and the
     client SYN's TOS and MSS (``mirror_tos``, ``mirror_mss``) when the SYN reader recorded it."""
     tuning = cfg.upstream_tuning(dst[0])
+    link = NO_LINK
     if links.faces(dst[0]):
         tuning = links.tuning(tuning)
-    return await connect(
-        dst,
-        tuning,
-        cfg.connect_timeout if timeout is None else timeout,
-        first_bytes,
-        source=client if cfg.transparent_source else None,
-        tos=syn.tos if syn is not None and cfg.mirror_tos else None,
-        mss=syn.mss if syn is not None and cfg.mirror_mss else None,
-    )
+        link = links
+    give_up = trio.current_time() + link.hold
+    while True:
+        down_before = link.down_time()
+        try:
+            return await connect(
+                dst,
+                tuning,
+                cfg.connect_timeout if timeout is None else timeout,
+                first_bytes,
+                source=client if cfg.transparent_source else None,
+                tos=syn.tos if syn is not None and cfg.mirror_tos else None,
+                mss=syn.mss if syn is not None and cfg.mirror_mss else None,
+                link=link,
+            )
+        except UpstreamError as e:
+            # The kernel gave up resending the SYN (tcp_syn_retries: a few seconds with the
+            # link's RTO cap) while the link was down: not the destination's answer. Again,
+            # until the link has been waited for as long as outage_timeout allows.
+            faded = link.down or link.down_time() > down_before
+            if "ETIMEDOUT" not in e.reason or not faded or trio.current_time() >= give_up:
+                raise

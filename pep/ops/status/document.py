@@ -192,6 +192,17 @@ _LINK_SUMS = (
 )
 
 
+def _merge_state(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> Any:
+    """The link's state over workers, each of which watches its own sockets: down when one of
+    them sees it down (the one that has traffic across it knows), and the history of the one
+    that saw the most of it (outages are the link's, not a sum over processes)."""
+    if not a or not b:
+        return a or b
+    seen = max(a, b, key=lambda s: (s["outages"], s["outage_seconds"]))
+    down_for = [s["down_for_s"] for s in (a, b) if s["down_for_s"] is not None]
+    return {**seen, "up": a["up"] and b["up"], "down_for_s": max(down_for, default=None)}
+
+
 def _add(into: dict[str, Any], more: Mapping[str, Any]) -> None:
     for k, v in more.items():
         if isinstance(v, int | float) and not isinstance(v, bool):
@@ -247,6 +258,7 @@ def merge(master: Doc, workers: Iterable[tuple[int, Doc | str]]) -> Doc:
             link = out.get("link") or {**doc["link"], **dict.fromkeys(_LINK_SUMS, 0)}
             for k in _LINK_SUMS:
                 link[k] += doc["link"].get(k, 0)
+            link["state"] = _merge_state(link.get("state"), doc["link"].get("state"))
             out["link"] = link
         if doc["kernel_queues"] is not None:
             out["kernel_queues"].extend(doc["kernel_queues"])

@@ -197,6 +197,9 @@ _SECTIONS = (
     ("link", "counter", "pep_link_sent_bytes", "bytes_sent", "Bytes sent, resends included."),
     ("link", "counter", "pep_link_retransmits", "retransmits", "Segments retransmitted."),
     ("link", "counter", "pep_link_congestion_restarts", "congestion_restarts", "BBR refreshes."),
+    ("link_state", "gauge", "pep_link_up", "up", "1 while the link is up, 0 while it is down."),
+    ("link_state", "counter", "pep_link_outages", "outages", "Outages of the link so far."),
+    ("link_state", "counter", "pep_link_outage_seconds", "outage_seconds", "Time it was down."),
     ("pool", "gauge", "pep_peer_pool_target", "target", "Pooled connections aimed for."),
     ("pool", "gauge", "pep_peer_pool_ready", "ready", "Pooled connections ready for a flow."),
     ("pool", "gauge", "pep_peer_pool_in_use", "in_use", "Pooled connections carrying a flow."),
@@ -216,6 +219,8 @@ def _link_families(link: dict[str, Any] | None) -> Iterator[Metric]:
         return
     iface = {"interface": link["interface"]}
     yield from _each("link", link, iface)
+    if link.get("state"):
+        yield from _each("link_state", link["state"], iface)
     g = GaugeMetricFamily(
         "pep_link_legs",
         "Link legs open, by whether they are sending.",

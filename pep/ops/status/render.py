@@ -106,6 +106,12 @@ def render(doc: Doc, limit: int = 200) -> str:
             f"{link['retransmits']} retransmitted segments, "
             f"{link['congestion_restarts']} congestion-control restarts"
         )
+        if state := link.get("state"):
+            now = "up" if state["up"] else f"DOWN for {state['down_for_s']:.1f} s"
+            lines.append(
+                f"link {link['interface']} is {now}: {state['outages']} outage(s), "
+                f"{state['outage_seconds']:.1f} s down in all"
+            )
     if doc["kernel_queues"] is None:
         lines.append(f"kernel queues: unavailable ({doc['kernel_queues_error']})")
     else:
