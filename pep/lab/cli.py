@@ -20,7 +20,10 @@ BENCH_PREFIX = "pepbench"
 NODES = ("client", "pepa", "link", "pepb", "server")
 # The workloads of `pep lab bench` (pep.lab.workloads.WORKLOADS; named here to keep this
 # module light to import).
-WORKLOADS = ("single", "parallel", "upload", "page", "interactive", "loss", "https", "idle")
+WORKLOADS = (
+    "single", "parallel", "upload", "page", "interactive", "loss", "https", "idle", "fade",
+    "fade300", "handover",
+)  # fmt: skip
 DEFAULT_WORKLOADS = ("single", "parallel", "upload", "page", "interactive", "loss", "https")
 
 

@@ -17,6 +17,8 @@ flows overfilling the modem queue.
 - ``https``: TLS 1.3 fetches of 100 KB and 1 MB on fresh connections (the certificate checked);
 - ``idle``: 1 MB after the lab sat idle for two minutes (the pre-connected legs idle that
   long: their first flight must still be a whole initial window). Not in the default set.
+- ``fade``, ``fade300``, ``handover``: the link going away (pep.lab.outage_workloads). Not in
+  the default set.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import trio
 
 from pep.lab import objects
+from pep.lab import outage_workloads as outages
 from pep.lab.plan import SERVER_IP, SERVER_PORT, TLS_CERT, TLS_PORT
 from pep.lab.profiles import format_size
 from pep.lab.state import Lab
@@ -281,5 +284,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("loss", "10 MB at 0.5 % loss", loss, loss=LOSS),
         Workload("https", "TLS 1.3 fetches", https),
         Workload("idle", "1 MB after two idle minutes", idle),
+        Workload("fade", "10 MB and requests across 20 s and 60 s fades", outages.fade),
+        Workload("fade300", "10 MB and requests across a 5-minute fade", outages.fade300),
+        Workload("handover", "60 s bulk, with and without LEO handovers", outages.handover),
     )
 }
