@@ -62,8 +62,16 @@ class FetchError(RuntimeError):
 
 @functools.lru_cache(maxsize=4)
 def body(n: int) -> bytes:
-    """The object of size n (cached: a demo asks for the same few sizes again and again)."""
-    return random.Random(n).randbytes(n)
+    """The object of size n (cached: a demo asks for the same few sizes again and again).
+    randbytes takes less than 2^28 bytes at once (its bit count is a C int): larger objects
+    (a minute of LEO, pep lab bench's handover workload) are made in such pieces."""
+    rng = random.Random(n)
+    if n <= _PIECE:
+        return rng.randbytes(n)
+    return b"".join(rng.randbytes(min(_PIECE, n - at)) for at in range(0, n, _PIECE))
+
+
+_PIECE = 1 << 27
 
 
 @functools.lru_cache(maxsize=64)
