@@ -32,7 +32,8 @@ import trio
 
 from bench.paths import bench_topology, cpu_seconds, fd_count, rss_kib
 from pep.testing.daemon import PepProcess
-from pep.testing.netenv import INGRESS, SERVER_IP, Pattern, connect, listen
+from pep.testing.netenv import INGRESS, SERVER_IP
+from pep.testing.traffic import Pattern, connect, listen
 
 PORT = 8080
 _HEAD = struct.Struct("!IQQ")  # seed, upload size, download size

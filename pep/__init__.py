@@ -3,8 +3,9 @@
 General layout (read top-down along the data path; each package depends only on the ones
 above it in this list, checked by tests/test_layout.py):
 
-- ``pep.support``: small helpers every layer uses (a remembered kernel lookup, a log line at
-  most every N seconds, the netlink message walker). Imports nothing of pep.
+- ``pep.support``: small helpers every layer uses: ``memo`` (a remembered kernel lookup),
+  ``ratelog`` (a log line at most every N seconds), ``netlink`` (the netlink message walker).
+  Imports nothing of pep.
 - ``pep.config``: everything pep is told. ``settings`` (the top-level keys and the file),
   one module per table (``leg`` [client]/[upstream], ``link`` [link] and every number derived
   from it, ``peer`` [peer] and its key file, ``policy`` [[policy]]), ``schema`` (how a key is
@@ -22,7 +23,8 @@ above it in this list, checked by tests/test_layout.py):
   protocols the daemon wires in).
 - ``pep.link``: the satellite link as one shared resource. ``legs`` (which legs face it),
   ``pacer`` (the sharer's IO shell: tcp_info, SO_MAX_PACING_RATE), ``fairshare`` (max-min
-  shares, pure), ``slots`` (workers' shared counts), ``routequery``, ``tcpinfo``.
+  shares, pure), ``slots`` (workers' shared counts), ``routequery``, ``tcpinfo``; ``state``
+  (is the link up, pure) and ``watch`` (its sampler).
 - ``pep.peer``: pre-connected legs between two PEPs. ``wire`` (the format, sans-IO),
   ``pool`` (the near end), ``server`` (the far end's peer listener).
 - ``pep.kernel``: everything pep changes in the kernel, and its removal. ``nfrule`` (a rule
@@ -33,9 +35,11 @@ above it in this list, checked by tests/test_layout.py):
   together for ``pep run``), ``runtime`` (signals, drain), ``reload``, ``services``,
   ``workers``, ``systemd``, ``entry``; ``pep.ops.status``: ``document``, ``render``,
   ``socket``, ``metrics``.
-- ``pep.testing``: namespace topologies and the daemon under test, for pep's tests, its
-  benchmarks (bench/) and the lab.
-- ``pep.lab``: ``pep lab``, an emulated satellite link in network namespaces.
+- ``pep.testing``: for pep's tests, its benchmarks (bench/) and the lab: ``topology``
+  (namespace topologies), ``netenv`` (the tests' gateway topology, commands in a namespace),
+  ``traffic`` (trio peers, byte-exact streams), ``daemon`` (the daemon under test).
+- ``pep.lab``: ``pep lab``, an emulated satellite link in network namespaces (its modules:
+  pep/lab/__init__.py).
 
 The design card's module names are one-line re-exports of the real modules, kept so that
 ``import pep.syn_queue`` and friends keep working: ``pep.syn_queue`` (pep.capture.syn_queue),

@@ -9,11 +9,13 @@ the importer's own subpackage or to one of the layers below it. A type-only impo
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PEP = Path(__file__).resolve().parents[1] / "pep"
+DESIGN = PEP.parent / "docs" / "DESIGN.md"
 
 # Each part of pep and what it may import besides itself. Longest prefix wins.
 _DATA_PATH = {"pep.support", "pep.config", "pep.capture", "pep.split"}
@@ -137,3 +139,58 @@ def test_the_checker_can_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     (fake / "config" / "bad.py").write_text("from pep.split import relay\n")
     monkeypatch.setattr(__import__(__name__, fromlist=["PEP"]), "PEP", fake)
     assert violations() == ["pep.config.bad (pep.config) imports pep.split.relay (pep.split)"]
+
+
+# --- the maps agree with the tree ---------------------------------------------------------------
+
+
+def _docstring(path: Path) -> str:
+    return ast.get_docstring(ast.parse(path.read_text())) or ""
+
+
+def _design_map() -> str:
+    """docs/DESIGN.md's "Module map" section."""
+    return DESIGN.read_text().split("\n## Module map\n", 1)[1].split("\n## ", 1)[0]
+
+
+def unmapped(design: str, package_doc: str, lab_doc: str) -> list[str]:
+    """The modules a map leaves out, and the files docs/DESIGN.md's map names that do not exist.
+    Each module is named in its package's map (pep/__init__.py's docstring as ``name``; the
+    lab's modules in pep/lab/__init__.py's) and in the design notes' module map (`name.py`)."""
+    out = []
+    stems = set()
+    for path in sorted(PEP.rglob("*.py")):
+        name = module_name(path)
+        if path.name == "__init__.py" or name in SHIMS:
+            continue
+        stems.add(path.stem)
+        lab = name.startswith("pep.lab.")
+        if f"``{path.stem}``" not in (lab_doc if lab else package_doc):
+            out.append(f"{name}: not in {'pep/lab' if lab else 'pep'}/__init__.py's map")
+        if f"`{path.stem}.py`" not in design:
+            out.append(f"{name}: not in docs/DESIGN.md's module map")
+    for named in sorted(set(re.findall(r"`([\w/]+)\.py`", design))):
+        gone = named.startswith("pep/") and not (PEP.parent / f"{named}.py").exists()
+        if gone or ("/" not in named and named not in stems):
+            out.append(f"docs/DESIGN.md's module map names {named}.py, which does not exist")
+    return out
+
+
+def maps() -> tuple[str, str, str]:
+    """The three maps as ``unmapped`` takes them."""
+    return _design_map(), _docstring(PEP / "__init__.py"), _docstring(PEP / "lab" / "__init__.py")
+
+
+def test_the_maps_name_every_module() -> None:
+    """pep/__init__.py, pep/lab/__init__.py and docs/DESIGN.md draw the tree as it is."""
+    assert unmapped(*maps()) == []
+
+
+def test_the_map_check_can_fail() -> None:
+    """A module missing from a map, and a map naming a module that is gone, are reported."""
+    design, package_doc, lab_doc = maps()
+    package_doc = package_doc.replace("``pacer``", "pacer")
+    assert unmapped(design + " `linkshare.py`", package_doc, lab_doc) == [
+        "pep.link.pacer: not in pep/__init__.py's map",
+        "docs/DESIGN.md's module map names linkshare.py, which does not exist",
+    ]

@@ -4,13 +4,18 @@ Pieces, each usable alone:
 
 - ``profiles``: link profiles (GEO, MEO, LEO, LAN) and the parsers for the command-line values;
 - ``delayline``: the userspace delay line (this kernel has no netem), run as its own process;
-  ``delay_schedule`` its pure scheduling core, ``link_rules`` the link's loss and queue rules;
+  ``delay_schedule`` its pure scheduling core, ``timing`` its timer and real-time scheduling,
+  ``link_rules`` the link's loss and queue rules, ``outages`` when the link delivers nothing
+  (fades, handovers; pure), ``fade`` the command that fades a running lab's link;
 - ``objects``: a small HTTP-like object server and a fetch client that checks every byte;
 - ``plan``: what a lab is made of (nodes, links, routes, addresses, each node's settings and
   pep config), pure;
-- ``lab``: builds and removes a lab (namespaces, tc, sysctls, its processes started);
+- ``build``: builds and removes a lab (namespaces, tc, sysctls, its processes started);
 - ``state``: a lab that exists: its state file and its processes; ``status`` reports on it;
-- ``workloads``: the traffic ``pep lab bench`` measures;
+- ``workloads``: the traffic ``pep lab bench`` measures (``outage_workloads``: with the link
+  going away);
 - ``bench``: the with/without-PEP comparison behind ``pep lab demo`` and ``pep lab bench``;
+  ``report`` its tables, JSON record and chart;
+- ``cluster``: the two-gateway labs (``ha``, ``ecmp``), ``cluster_bench`` what they measure;
 - ``cli``: the ``pep lab`` subcommands.
 """

@@ -271,7 +271,7 @@ def _exec(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-def]
-    from pep.lab import bench, profiles
+    from pep.lab import bench, profiles, report
     from pep.lab.plan import LabSpec
 
     reps = getattr(args, "reps", None)
@@ -301,15 +301,15 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
     print(f"{prof.describe()}, {args.topology}" + (f", median of {reps}" if reps > 1 else ""))
     rows = result.rows()
     if rows:
-        print(bench.format_table(rows))
+        print(report.format_table(rows))
     others = [s for s in result.summaries() if s.workload != "single"]
     if others:
         print()
-        print(bench.format_summary(others))
-    bench.chart(result, args.out)
+        print(report.format_summary(others))
+    report.chart(result, args.out)
     print(f"chart: {args.out}")
     if getattr(args, "json", None):
-        bench.write_json(result, args.json)
+        report.write_json(result, args.json)
         print(f"json: {args.json}")
     progress.say(f"done in {result.elapsed:.0f} s")
     return 0

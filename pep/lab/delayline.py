@@ -10,8 +10,8 @@ Split as elsewhere in pep: :class:`pep.lab.delay_schedule.DelayLine` is the pure
 core (arrivals in, batch verdicts out, no clock of its own), :mod:`pep.lab.link_rules` the
 netfilter rules (loss, then the queues), and this module the IO runner: :class:`Direction`
 is the trio shell around one :class:`pep.capture.nfq_socket.QueueSocket` with its timerfd, and
-:func:`main` the process (SCHED_FIFO, the stats file). Run as its own process inside the link
-namespace::
+:func:`main` the process (the stats file; its timer and SCHED_FIFO are :mod:`pep.lab.timing`).
+Run as its own process inside the link namespace::
 
     ip netns exec LAB-link python -m pep.lab.delayline --up-if cl0 --down-if sv0 \
         --delay-ms 300 --up-rate 5000000 --down-rate 20000000 --loss 0.005 --stats FILE \
@@ -50,6 +50,7 @@ from pep.capture.nfq_socket import QueueError, QueueSocket
 from pep.lab.delay_schedule import DelayLine, Lateness, queue_sizing
 from pep.lab.link_rules import LinkRules
 from pep.lab.outages import Handover, Outages, parse_handover, read_control
+from pep.lab.timing import Timer, realtime
 from pep.ops.entry import exit_code
 
 __all__ = ["Direction", "main", "read_proc_queues", "serve"]
@@ -64,49 +65,6 @@ SLACK_ENV = "PEP_LAB_SLACK"
 
 def slack() -> float:
     return float(os.environ.get(SLACK_ENV, "0"))
-
-
-class Timer:
-    """A one-shot trio timer with microsecond resolution, on a timerfd.
-
-    trio sleeps in epoll_wait, whose timeout Python rounds up to whole milliseconds: measured
-    here, ``trio.sleep_until`` woke 0.8 ms late in the median, which on a 40 ms LEO link
-    made the RTT 7 % long. A timerfd fires on the kernel's hrtimer instead.
-    """
-
-    _CLOCK_MONOTONIC = 1
-    _TFD_NONBLOCK = os.O_NONBLOCK
-    _TFD_CLOEXEC = os.O_CLOEXEC
-
-    def __init__(self) -> None:
-        import ctypes
-
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._spec = (ctypes.c_long * 4)()  # struct itimerspec: interval, value (sec, nsec)
-        self.fd = self._libc.timerfd_create(
-            self._CLOCK_MONOTONIC, self._TFD_NONBLOCK | self._TFD_CLOEXEC
-        )
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "timerfd_create failed")
-
-    async def sleep_until(self, deadline: float) -> None:
-        delay = deadline - trio.current_time()  # trio's clock has an offset: relative timer
-        if delay <= 0:
-            await trio.lowlevel.checkpoint()
-            return
-        ns = max(1000, int(delay * 1e9))
-        self._spec[0] = self._spec[1] = 0
-        self._spec[2], self._spec[3] = divmod(ns, 1_000_000_000)
-        self._libc.timerfd_settime(self.fd, 0, self._spec, None)  # re-arming clears old ticks
-        while True:
-            try:
-                os.read(self.fd, 8)
-                return
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def read_proc_queues(path: str = nfq_proc.NFQUEUE_PROC) -> dict[int, dict[str, int]]:
@@ -393,22 +351,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-realtime",
         dest="realtime",
         action="store_false",
-        help="stay a normal task (default: SCHED_FIFO, see realtime())",
+        help="stay a normal task (default: SCHED_FIFO, see pep.lab.timing.realtime)",
     )
     return p
-
-
-def realtime(priority: int = 10) -> None:
-    """Run as a SCHED_FIFO task: the delay line's scheduling latency adds to the link's delay,
-    and on a loaded 2-CPU machine a normal task waited milliseconds for a CPU (LEO RTTs came
-    out 5 % long). The line sleeps between packets and never spins; the kernel's RT throttle
-    (sched_rt_runtime_us) still leaves other tasks 5 % of each CPU whatever happens."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except (OSError, AttributeError) as e:
-        log.warning("no real-time scheduling (%s): delays may run long under CPU load", e)
-    else:
-        log.info("scheduling: SCHED_FIFO priority %d", priority)
 
 
 def main(argv: list[str] | None = None) -> int:

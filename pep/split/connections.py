@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pep.split.hooks import Paced
-from pep.split.relay import RelayStats
-from pep.split.relay_state import state
+from pep.split.relay_state import RelayStats, state
 
 __all__ = ["CONNECT_BUCKETS", "Connection", "ConnectionTable", "LatencyHistogram"]
 

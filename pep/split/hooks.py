@@ -24,7 +24,7 @@ import trio
 from pep.config import LegTuning
 
 if TYPE_CHECKING:
-    from pep.split.relay import RelayStats
+    from pep.split.relay_state import RelayStats
 
 __all__ = ["NO_LINK", "LinkSide", "Opened", "Paced", "UpstreamPool", "patiently"]
 

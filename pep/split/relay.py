@@ -29,7 +29,6 @@ import logging
 import os
 import select
 import socket
-from dataclasses import dataclass
 
 import trio
 
@@ -38,8 +37,9 @@ from pep.split.lifecycle import abort, close_gracefully
 from pep.split.pipes import PipePool
 from pep.split.relay_state import IN as _IN
 from pep.split.relay_state import OUT as _OUT
-from pep.split.relay_state import ending, interest
+from pep.split.relay_state import RelayStats, ending, interest
 
+# RelayStats lives with the states (pep.split.relay_state); named here too, as the engine's report.
 __all__ = ["RelayStats", "Relayer"]
 
 log = logging.getLogger(__name__)
@@ -50,18 +50,6 @@ _PARKED = -1  # an fd's mask while it is out of the epoll set (see _Conn.ready)
 _BATCH = 256  # events handled per wake-up before other tasks get a turn
 _BULK = 64 * 1024  # a chunk larger than this is a bulk transfer's: read on at once ...
 _BULK_CHUNKS = 4  # ... up to this many chunks per readiness report
-
-
-@dataclass(slots=True)
-class RelayStats:
-    """Live counters of one connection, readable while the relay runs."""
-
-    up: int = 0  # client -> server bytes
-    down: int = 0  # server -> client bytes
-    close_reason: str = ""
-    # The FIN read from one side has been passed on (half-closed), for `pep status`.
-    up_eof: bool = False
-    down_eof: bool = False
 
 
 class _Pump:
@@ -280,7 +268,7 @@ class _Conn:
         self.done.set()
 
     def close(self, clean: bool) -> None:
-        """FIN after the data on a clean end (see Listener.handle), RST to both otherwise."""
+        """FIN after the data on a clean end, RST to both otherwise (pep.split.lifecycle)."""
         self.relayer.forget(self)
         self.release()
         for p in (self.up, self.down):

@@ -15,15 +15,32 @@ direction is, at any time:
 The connection ends cleanly (FIN after the data) when both directions are done or it idled
 out; with an RST to both sides when one side failed or the daemon stopped, so that neither
 peer takes a cut-off transfer for a complete one.
+
+``RelayStats`` is what the engine reports of one connection while it runs (bytes each way,
+which FINs were passed on, why it ended): what ``pep status`` and the link's sharer read.
 """
 
 from __future__ import annotations
 
 import select
+from dataclasses import dataclass
 
-__all__ = ["ENDINGS", "INTEREST", "STATES", "ending", "interest", "state"]
+__all__ = ["ENDINGS", "INTEREST", "STATES", "RelayStats", "ending", "interest", "state"]
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Live counters of one connection, readable while the relay runs."""
+
+    up: int = 0  # client -> server bytes
+    down: int = 0  # server -> client bytes
+    close_reason: str = ""
+    # The FIN read from one side has been passed on (half-closed), for `pep status`.
+    up_eof: bool = False
+    down_eof: bool = False
+
 
 # What one socket is polled for, by (its own direction may read, the direction writing into
 # it has bytes pending).

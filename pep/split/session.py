@@ -30,7 +30,8 @@ from pep.split.connections import Connection, ConnectionTable
 from pep.split.hooks import NO_LINK, LinkSide, Opened, Paced, UpstreamPool
 from pep.split.lifecycle import abort, reset_if_killed
 from pep.split.origdst import LocalAddresses, OriginalDst
-from pep.split.relay import Relayer, RelayStats
+from pep.split.relay import Relayer
+from pep.split.relay_state import RelayStats
 from pep.split.sockopts import apply_tuning
 from pep.split.upstream import open_for
 

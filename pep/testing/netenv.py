@@ -1,5 +1,5 @@
-"""Test plumbing for the namespace integration tests: topologies, commands run inside them, and
-trio peers that talk through the gateway.
+"""The tests' namespaces: the gateway topology and its addresses, the other layouts, and
+commands run inside a namespace (python-iptables snippets, iptables-legacy, the rules a node holds).
 
 The gateway topology (addresses are private to namespaces the test creates; every link is
 dual-stack):
@@ -9,32 +9,25 @@ dual-stack):
          fd77:1::2          fd77:1::1 |      fd77:2::1          fd77:2::2
 
 Tests get it as the ``topo`` fixture (tests/conftest.py), built by ``topology`` below; the
-daemon is in pep/testing/daemon.py, crafted packets in tests/helpers/packets.py.
+trio peers that talk through it are pep/testing/traffic.py, the daemon pep/testing/daemon.py,
+crafted packets tests/helpers/packets.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
-import hashlib
 import json
 import os
-import random
 import secrets
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
-
-import trio
 
 from pep.testing.daemon import REPO
-from pep.testing.topology import Topology, ns_socket, sysctl
+from pep.testing.topology import Topology, sysctl
 
 CLIENT_IP, GW_CLIENT_IP = "10.77.1.2", "10.77.1.1"
 SERVER_IP, GW_SERVER_IP = "10.77.2.2", "10.77.2.1"
@@ -192,246 +185,3 @@ def rules_in(topo: Topology, node: str) -> str:
     cmds += [["ip", f"-{f}", "rule"] for f in (4, 6)]
     cmds += [["ip", f"-{f}", "route", "show", "table", "all"] for f in (4, 6)]
     return "".join(topo.run(node, cmd).stdout for cmd in cmds)
-
-
-# --- trio peers -----------------------------------------------------------------------------
-
-Handler = Callable[[trio.socket.SocketType], Awaitable[None]]
-Peers = list[tuple[str, int]]  # the peer addresses a server accepted, in order
-
-
-def _family(ip: str) -> int:
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
-
-
-async def listen(ns: str, ip: str, port: int = 0) -> trio.socket.SocketType:
-    sock = trio.socket.from_stdlib_socket(ns_socket(ns, _family(ip)))
-    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-    await sock.bind((ip, port))
-    sock.listen(1024)
-    return sock
-
-
-async def serve(listener: trio.socket.SocketType, handler: Handler, accepted: Peers) -> None:
-    """Accept forever, one task per connection, recording each peer address."""
-    async with trio.open_nursery() as nursery:
-        while True:
-            conn, peer = await listener.accept()
-            accepted.append(peer)
-            nursery.start_soon(_run_closing, handler, conn)
-
-
-async def _run_closing(handler: Handler, conn: trio.socket.SocketType) -> None:
-    with conn:
-        await handler(conn)
-
-
-async def connect(ns: str, dst: tuple[str, int]) -> trio.socket.SocketType:
-    sock = trio.socket.from_stdlib_socket(ns_socket(ns, _family(dst[0])))
-    try:
-        await sock.connect(dst)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def send_all(
-    sock: trio.socket.SocketType, data: bytes | memoryview, chunk: int = 1 << 20
-) -> None:
-    view = memoryview(data)
-    while view:
-        n = await sock.send(view[:chunk])
-        view = view[n:]
-
-
-async def recv_to_eof(sock: trio.socket.SocketType) -> bytes:
-    parts = []
-    while True:
-        b = await sock.recv(1 << 20)
-        if not b:
-            return b"".join(parts)
-        parts.append(b)
-
-
-async def hash_to_eof(sock: trio.socket.SocketType) -> tuple[str, int]:
-    h, total = hashlib.sha256(), 0
-    while True:
-        b = await sock.recv(1 << 20)
-        if not b:
-            return h.hexdigest(), total
-        h.update(b)
-        total += len(b)
-
-
-async def read_until_end(sock: trio.socket.SocketType) -> tuple[str, int]:
-    """("eof" | "reset", bytes read) for a socket read to its end."""
-    total = 0
-    while True:
-        try:
-            b = await sock.recv(1 << 20)
-        except OSError as e:
-            assert e.errno in (errno.ECONNRESET, errno.EPIPE), e
-            return "reset", total
-        if not b:
-            return "eof", total
-        total += len(b)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def echo_upper(conn: trio.socket.SocketType) -> None:
-    """The tests' usual server: read the request to EOF, answer it upper-cased."""
-    data = await recv_to_eof(conn)
-    await send_all(conn, data.upper())
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    topo: Topology,
-    dst: tuple[str, int],
-    handler: Handler = echo_upper,
-    accepted: Peers | None = None,
-    node: str = "server",
-) -> AsyncIterator[Peers]:
-    """A server at ``dst`` in ``node`` while the body runs; yields the peers it accepts
-    (``accepted``, when given, is the list they are appended to)."""
-    peers: Peers = [] if accepted is None else accepted
-    async with trio.open_nursery() as n:
-        n.start_soon(serve, await listen(topo.ns(node), *dst), handler, peers)
-        yield peers
-        n.cancel_scope.cancel()
-
-
-async def exchange(sock: trio.socket.SocketType, payload: bytes) -> bytes:
-    """One request/response on a connected socket: send, FIN, read the reply to EOF."""
-    await send_all(sock, payload)
-    sock.shutdown(socket.SHUT_WR)
-    return await recv_to_eof(sock)
-
-
-async def request(
-    topo: Topology, dst: tuple[str, int], payload: bytes, node: str = "client"
-) -> bytes:
-    """One request/response from ``node`` to ``dst`` on a new connection: the reply."""
-    sock = await connect(topo.ns(node), dst)
-    with sock:
-        return await exchange(sock, payload)
-
-
-async def peer_seen(
-    topo: Topology, dst: tuple[str, int], accepted: Peers, payload: bytes = b"ping"
-) -> str:
-    """One echo request to a server that records into ``accepted``: the address it saw."""
-    before = len(accepted)
-    assert await request(topo, dst, payload) == payload.upper()
-    return accepted[before][0]
-
-
-async def peer_of(
-    topo: Topology, dst: tuple[str, int], payload: bytes = b"ping", timeout: float = 10
-) -> str:
-    """One echo request to a server started for it: the address the server saw it from
-    (the gateway's: split; the client's: routed end to end)."""
-    with trio.fail_after(timeout):
-        async with serving(topo, dst) as accepted:
-            return await peer_seen(topo, dst, accepted, payload)
-
-
-async def http_get(
-    topo: Topology, node: str, addr: tuple[str, int], path: str, method: str = "GET"
-) -> tuple[int, dict[str, str], bytes]:
-    """A minimal HTTP/1.1 request from inside ``node`` (the metrics endpoint lives in the gw
-    ns): status, headers, body."""
-    raw = await request(topo, addr, f"{method} {path} HTTP/1.1\r\nHost: pep\r\n\r\n".encode(), node)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
-
-
-# --- full-duplex and byte-exact streams -------------------------------------------------------
-
-Sender = Callable[[trio.socket.SocketType], Awaitable[None]]
-
-
-@dataclass
-class Duplex:
-    """What one full-duplex transfer through the gateway produced."""
-
-    server_got: tuple[str, int]  # (sha256 hex, bytes) the server read to EOF
-    client_got: tuple[str, int]  # (sha256 hex, bytes) the client read to EOF
-    accepted: Peers  # the peer address(es) the server saw
-    client_port: int
-
-
-async def duplex(
-    topo: Topology, server: str, port: int, send_up: Sender, send_down: Sender, timeout: float
-) -> Duplex:
-    """One connection client -> server; both ends send (then FIN) and hash what they read,
-    at the same time, so both directions of the split connection carry data at once."""
-    got: dict[str, tuple[str, int]] = {}
-
-    async def side(sock: trio.socket.SocketType, key: str, send: Sender) -> None:
-        async with trio.open_nursery() as n:
-
-            async def rx() -> None:
-                got[key] = await hash_to_eof(sock)
-
-            n.start_soon(rx)
-            await send(sock)
-            sock.shutdown(socket.SHUT_WR)
-
-    server_side = functools.partial(side, key="server", send=send_down)
-    with trio.fail_after(timeout):
-        async with serving(topo, (server, port), server_side) as accepted:
-            sock = await connect(topo.ns("client"), (server, port))
-            client_port = sock.getsockname()[1]
-            with sock:
-                await side(sock, "client", send_up)
-            while "server" not in got:
-                await trio.sleep(0.01)
-    return Duplex(got["server"], got["client"], accepted, client_port)
-
-
-def sending(data: bytes) -> Sender:
-    return functools.partial(send_all, data=data)
-
-
-CHUNK = 1 << 20
-
-
-class Pattern:
-    """A deterministic stream of ``size`` bytes, unique per ``seed``: a random 1 MiB block
-    with every chunk stamped with (seed, index), so a lost, repeated or reordered chunk, or
-    bytes crossing from another stream, change the sha256."""
-
-    _blocks: ClassVar[dict[int, bytes]] = {}
-
-    def __init__(self, seed: int, size: int) -> None:
-        self.seed, self.size = seed, size
-        key = seed % 4
-        if key not in Pattern._blocks:
-            Pattern._blocks[key] = random.Random(key).randbytes(CHUNK)
-        self.block = Pattern._blocks[key]
-
-    def chunks(self) -> Iterator[bytes]:
-        left, i = self.size, 0
-        while left:
-            n = min(CHUNK, left)
-            yield struct.pack("!QQ", self.seed, i) + self.block[16:n] if n > 16 else self.block[:n]
-            left -= n
-            i += 1
-
-    def sha256(self) -> str:
-        h = hashlib.sha256()
-        for c in self.chunks():
-            h.update(c)
-        return h.hexdigest()
-
-
-async def send_pattern(sock: trio.socket.SocketType, pattern: Pattern) -> None:
-    for chunk in pattern.chunks():
-        await send_all(sock, chunk)

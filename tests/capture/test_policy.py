@@ -13,19 +13,17 @@ import pytest
 import trio
 
 from pep.testing.daemon import PepProcess, StartPep
-from pep.testing.netenv import (
-    ADDRS,
-    PORT,
+from pep.testing.netenv import ADDRS, PORT, ipt
+from pep.testing.topology import Topology, ns_socket
+from pep.testing.traffic import (
     connect,
     echo_upper,
     exchange,
-    ipt,
     peer_of,
     recv_to_eof,
     send_all,
     serving,
 )
-from pep.testing.topology import Topology, ns_socket
 
 pytestmark = pytest.mark.netns
 

@@ -9,7 +9,7 @@ from pep.capture.syn_queue import SynCounters
 from pep.config import Config
 from pep.ops.status import document as status
 from pep.split.connections import ConnectionTable
-from pep.split.relay import RelayStats
+from pep.split.relay_state import RelayStats
 from pep.split.session import ListenerCounters
 from tests.helpers.packets import PROC_TEXT
 

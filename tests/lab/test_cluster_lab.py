@@ -24,7 +24,8 @@ from pep.lab.cluster_bench import splits
 from pep.lab.plan import LabSpec
 from pep.lab.profiles import PROFILES
 from pep.lab.state import Lab
-from pep.testing.netenv import connect, listen, send_all, unique_prefix
+from pep.testing.netenv import unique_prefix
+from pep.testing.traffic import connect, listen, send_all
 
 pytestmark = pytest.mark.netns
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from pep import config as config_mod
-from pep.lab import bench, objects
+from pep.lab import bench, objects, report
 from pep.lab import plan as lab_plan
 from pep.lab.profiles import (
     PROFILES,
@@ -174,8 +174,8 @@ def test_prefix_must_not_contain_a_dash() -> None:
 
 def test_table_round_trips_through_its_parser() -> None:
     rows = [bench.Row(100_000, 2.41, 0.93), bench.Row(10_000_000, 9.1, 5.43)]
-    text = bench.format_table(rows)
-    parsed = bench.parse_table(text)
+    text = report.format_table(rows)
+    parsed = report.parse_table(text)
     assert [r["size"] for r in parsed] == ["100 KB", "10 MB"]
     assert parsed[0]["without_s"] == 2.41 and parsed[0]["with_s"] == 0.93
     assert parsed[0]["speedup"] == 2.6
@@ -200,7 +200,7 @@ def test_bench_rows_take_the_median() -> None:
     parallel = doc["summary"][1]  # type: ignore[index]
     assert parallel["case"] == "6 x 1 MB" and parallel["drops_with"] == 1
     assert len(doc["measurements"]) == 12  # type: ignore[arg-type]
-    assert "6 x 1 MB" in bench.format_summary(run.summaries())
+    assert "6 x 1 MB" in report.format_summary(run.summaries())
 
 
 def test_object_body_is_deterministic() -> None:

@@ -23,8 +23,8 @@ import trio
 from pyroute2 import netns
 
 from pep.config.link import Link
-from pep.lab import bench, objects
 from pep.lab import build as lab_mod
+from pep.lab import objects, report
 from pep.lab.plan import SERVER_IP, SERVER_PORT, LabSpec
 from pep.lab.profiles import PROFILES
 from pep.lab.state import Lab, pid_running, state_root
@@ -269,7 +269,7 @@ def test_demo_small_run_prints_a_table_and_a_chart(prefix: str, tmp_path: Path) 
         timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    rows = bench.parse_table(r.stdout)
+    rows = report.parse_table(r.stdout)
     assert [row["size"] for row in rows] == ["100 KB", "1 MB"], r.stdout
     for row in rows:
         assert 0 < row["with_s"] < row["without_s"]  # type: ignore[operator]

@@ -25,17 +25,9 @@ import trio
 from pep.config import paths
 from pep.config.link import Link
 from pep.testing.daemon import PepProcess, StartPep, status_json
-from pep.testing.netenv import (
-    INGRESS,
-    SERVER_IP,
-    connect,
-    listen,
-    recv_to_eof,
-    rules_in,
-    send_all,
-    sha,
-)
+from pep.testing.netenv import INGRESS, SERVER_IP, rules_in
 from pep.testing.topology import Topology, sysctl
+from pep.testing.traffic import connect, listen, recv_to_eof, send_all, sha
 
 pytestmark = pytest.mark.netns
 
@@ -198,7 +190,7 @@ async def test_the_upstream_link_leg_is_paced_and_reported(
     pep = start(start_pep, tmp_path, egress="8mbit")
     try:
         # About 11 s at 8 Mbit/s: ss sees it on the way, and it sends for longer than BBR's
-        # 10-s min-RTT window, so pep restarts its BBR once (linkshare.BBR_REFRESH).
+        # 10-s min-RTT window, so pep restarts its BBR once (pep.link.pacer.BBR_REFRESH).
         data = os.urandom(10 * 1024 * 1024)
         got: dict[str, tuple[str, int]] = {}
         seen: list[int] = []

@@ -26,8 +26,9 @@ import trio
 
 from pep.config.peer import keygen
 from pep.testing.daemon import PepProcess, StartPep, status_json
-from pep.testing.netenv import PORT, connect, hash_to_eof, send_all, series, serving
+from pep.testing.netenv import PORT, series
 from pep.testing.topology import Topology, ns_socket
+from pep.testing.traffic import connect, hash_to_eof, send_all, serving
 
 pytestmark = [
     pytest.mark.netns,

@@ -13,19 +13,9 @@ import pytest
 import trio
 
 from pep.testing.daemon import PepProcess, StartPep, status_json, wait_for, wait_log
-from pep.testing.netenv import (
-    CLIENT_IP,
-    GW_SERVER_IP,
-    SERVER_IP,
-    connect,
-    peer_seen,
-    request,
-    rules_in,
-    send_all,
-    serving,
-    sha,
-)
+from pep.testing.netenv import CLIENT_IP, GW_SERVER_IP, SERVER_IP, rules_in
 from pep.testing.topology import Topology
+from pep.testing.traffic import connect, peer_seen, request, send_all, serving, sha
 
 pytestmark = pytest.mark.netns
 

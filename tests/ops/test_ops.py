@@ -26,7 +26,7 @@ from pep.ops.status import metrics
 from pep.ops.status import render as status_render
 from pep.ops.status import socket as status_socket
 from pep.split.connections import ConnectionTable, LatencyHistogram
-from pep.split.relay import RelayStats
+from pep.split.relay_state import RelayStats
 from tests.helpers.packets import PROC_TEXT
 from tests.helpers.status import sample_doc
 

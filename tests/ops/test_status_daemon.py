@@ -10,19 +10,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from pep.testing.daemon import PepProcess, StartPep, pep_status, status_json, wait_for
-from pep.testing.netenv import (
-    GW_CLIENT_IP,
-    PORT,
-    SERVER_IP,
-    connect,
-    http_get,
-    recv_to_eof,
-    request,
-    send_all,
-    serving,
-    sha,
-)
+from pep.testing.netenv import GW_CLIENT_IP, PORT, SERVER_IP
 from pep.testing.topology import Topology
+from pep.testing.traffic import connect, http_get, recv_to_eof, request, send_all, serving, sha
 
 pytestmark = pytest.mark.netns
 

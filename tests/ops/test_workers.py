@@ -9,8 +9,9 @@ import pytest
 import trio
 
 from pep.testing.daemon import PepProcess, StartPep, status_json, wait_for
-from pep.testing.netenv import ADDRS, PORT, request, rules_in, serving, sha
+from pep.testing.netenv import ADDRS, PORT, rules_in
 from pep.testing.topology import Topology
+from pep.testing.traffic import request, serving, sha
 
 pytestmark = pytest.mark.netns
 

@@ -21,21 +21,19 @@ import trio
 from pep.config.peer import keygen
 from pep.peer import wire as peerwire
 from pep.testing.daemon import PepProcess, StartPep, status_json
-from pep.testing.netenv import (
-    PORT,
+from pep.testing.netenv import PORT, rules_in, series
+from pep.testing.topology import Topology
+from pep.testing.traffic import (
     connect,
     duplex,
     echo_upper,
     recv_to_eof,
     request,
-    rules_in,
     send_all,
     sending,
-    series,
     serving,
     sha,
 )
-from pep.testing.topology import Topology
 
 pytestmark = [
     pytest.mark.netns,

@@ -12,17 +12,9 @@ import pytest
 import trio
 
 from pep.testing.daemon import StartPep, kernel_queue, pep_cli, settle, status_json
-from pep.testing.netenv import (
-    CLIENT_IP,
-    GW_SERVER_IP,
-    INGRESS,
-    PORT,
-    SERVER_IP,
-    request,
-    rules_in,
-    serving,
-)
+from pep.testing.netenv import CLIENT_IP, GW_SERVER_IP, INGRESS, PORT, SERVER_IP, rules_in
 from pep.testing.topology import Topology, in_netns, ns_socket
+from pep.testing.traffic import request, serving
 from tests.helpers.packets import (
     ACK,
     CWR,

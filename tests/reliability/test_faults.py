@@ -14,20 +14,9 @@ import trio
 
 from bench.paths import cpu_seconds, fd_count
 from pep.testing.daemon import StartPep, settle, status_json
-from pep.testing.netenv import (
-    CLIENT_IP,
-    GW_SERVER_IP,
-    PORT,
-    SERVER_IP,
-    connect,
-    echo_upper,
-    peer_seen,
-    read_until_end,
-    rules_in,
-    send_all,
-    serving,
-)
+from pep.testing.netenv import CLIENT_IP, GW_SERVER_IP, PORT, SERVER_IP, rules_in
 from pep.testing.topology import Topology
+from pep.testing.traffic import connect, echo_upper, peer_seen, read_until_end, send_all, serving
 
 pytestmark = pytest.mark.netns
 

@@ -13,8 +13,9 @@ import trio
 
 from bench.paths import rss_kib
 from pep.testing.daemon import StartPep, kernel_queue, settle, status_json
-from pep.testing.netenv import CLIENT_IP, GW_SERVER_IP, PORT, SERVER_IP, request, serving
+from pep.testing.netenv import CLIENT_IP, GW_SERVER_IP, PORT, SERVER_IP
 from pep.testing.topology import Topology
+from pep.testing.traffic import request, serving
 from tests.helpers.packets import raw_sender, raw_syns, send_packets
 
 pytestmark = pytest.mark.netns

@@ -11,10 +11,9 @@ import pytest
 import trio
 
 from pep.testing.daemon import PepProcess, StartPep
-from pep.testing.netenv import (
-    GW_SERVER_IP,
-    PORT,
-    SERVER_IP,
+from pep.testing.netenv import GW_SERVER_IP, PORT, SERVER_IP
+from pep.testing.topology import Topology
+from pep.testing.traffic import (
     Pattern,
     connect,
     duplex,
@@ -26,7 +25,6 @@ from pep.testing.netenv import (
     serving,
     sha,
 )
-from pep.testing.topology import Topology
 
 pytestmark = pytest.mark.netns
 

@@ -15,17 +15,9 @@ import trio
 
 from bench.paths import fd_count, rss_kib
 from pep.testing.daemon import StartPep, settle
-from pep.testing.netenv import (
-    PORT,
-    SERVER_IP,
-    connect,
-    hash_to_eof,
-    read_until_end,
-    send_all,
-    serving,
-    sha,
-)
+from pep.testing.netenv import PORT, SERVER_IP
 from pep.testing.topology import Topology
+from pep.testing.traffic import connect, hash_to_eof, read_until_end, send_all, serving, sha
 
 pytestmark = pytest.mark.netns
 

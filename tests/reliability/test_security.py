@@ -31,13 +31,10 @@ from pep.testing.netenv import (
     INGRESS,
     PORT,
     SERVER_IP,
-    connect,
-    request,
-    send_all,
     series,
-    serving,
 )
 from pep.testing.topology import Topology
+from pep.testing.traffic import connect, request, send_all, serving
 
 pytestmark = pytest.mark.netns
 

@@ -14,23 +14,20 @@ import pytest
 import trio
 
 from pep.testing.daemon import PepProcess, StartPep
-from pep.testing.netenv import (
-    ADDRS,
-    PORT,
-    Addrs,
+from pep.testing.netenv import ADDRS, PORT, Addrs, rules_in
+from pep.testing.topology import Topology
+from pep.testing.traffic import (
     connect,
     duplex,
     exchange,
     peer_of,
     recv_to_eof,
     request,
-    rules_in,
     send_all,
     sending,
     serving,
     sha,
 )
-from pep.testing.topology import Topology
 
 pytestmark = pytest.mark.netns
 

@@ -8,10 +8,9 @@ import pytest
 import trio
 
 from pep.testing.daemon import PepProcess, StartPep
-from pep.testing.netenv import (
-    PORT,
-    SERVER_IP,
-    Sysctls,
+from pep.testing.netenv import PORT, SERVER_IP, Sysctls
+from pep.testing.topology import Topology
+from pep.testing.traffic import (
     connect,
     echo_upper,
     exchange,
@@ -21,7 +20,6 @@ from pep.testing.netenv import (
     send_all,
     serve,
 )
-from pep.testing.topology import Topology
 
 pytestmark = pytest.mark.netns
 

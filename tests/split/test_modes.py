@@ -12,20 +12,9 @@ import pytest
 import trio
 
 from pep.testing.daemon import StartPep
-from pep.testing.netenv import (
-    ADDRS,
-    INGRESS,
-    PORT,
-    Addrs,
-    duplex,
-    exchange,
-    request,
-    rules_in,
-    sending,
-    serving,
-    sha,
-)
+from pep.testing.netenv import ADDRS, INGRESS, PORT, Addrs, rules_in
 from pep.testing.topology import Topology, ns_socket
+from pep.testing.traffic import duplex, exchange, request, sending, serving, sha
 
 pytestmark = pytest.mark.netns
 

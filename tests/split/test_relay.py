@@ -9,8 +9,9 @@ import trio
 
 from pep.split.pipes import PipePool
 from pep.testing.daemon import StartPep
-from pep.testing.netenv import ADDRS, PORT, connect, exchange, serving
+from pep.testing.netenv import ADDRS, PORT
 from pep.testing.topology import Topology
+from pep.testing.traffic import connect, exchange, serving
 
 NET = ADDRS[4]
 
