@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from pep.kernel import iptables_setup, link_routes
-from pep.kernel import tproxy_routes as routing
+from pep.kernel import iptables_setup, link_routes, tproxy_routes
 
 __all__ = ["STEPS", "KernelStateError", "remove"]
 
@@ -22,7 +21,7 @@ Remover = Callable[[], int]  # removes one kind of pep's state; returns how many
 # In this order: the rules first, so no new flow is sent to pep while its routes go.
 STEPS: tuple[tuple[str, Remover], ...] = (
     ("netfilter rules", iptables_setup.remove),
-    ("policy routing", routing.remove),
+    ("policy routing", tproxy_routes.remove),
     ("link route metrics", link_routes.remove),
 )
 

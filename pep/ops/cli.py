@@ -180,9 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command == "rules" and args.action in ("remove", "show"):
         # Imported after parsing: --help works even where python-iptables cannot load.
-        from pep.kernel import cleanup as kernel_state
-        from pep.kernel import iptables_setup
-        from pep.kernel import tproxy_routes as routing
+        from pep.kernel import cleanup, iptables_setup, tproxy_routes
 
         try:
             if args.action == "remove":
@@ -195,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for line in iptables_setup.show(family=family):
                         print(line.removeprefix("-6 "))
                 print("# policy routing (TPROXY mode)")
-                for line in routing.show():
+                for line in tproxy_routes.show():
                     print(line)
                 from pep.kernel import link_routes
 
@@ -204,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(line)
         except (
             iptables_setup.RulesError,
-            routing.RoutingError,
-            kernel_state.KernelStateError,  # remove_rules: names each kind that failed
+            tproxy_routes.RoutingError,
+            cleanup.KernelStateError,  # remove_rules: names each kind that failed
         ) as e:
             print(f"pep: {e}", file=sys.stderr)
             return 1
@@ -225,8 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pep: {e}", file=sys.stderr)
         return 2
     # After the config check: a bad file is refused without loading pyroute2 (0.3 s).
-    from pep.kernel import iptables_setup
-    from pep.kernel import tproxy_routes as routing
+    from pep.kernel import iptables_setup, tproxy_routes
 
     worker = getattr(args, "worker", None)
     _setup_logging(cfg.log_level, "" if worker is None else f"[w{worker}]")
@@ -236,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             install_rules(cfg)
-        except (iptables_setup.RulesError, routing.RoutingError) as e:
+        except (iptables_setup.RulesError, tproxy_routes.RoutingError) as e:
             print(f"pep: {e}", file=sys.stderr)
             return 1
         return 0
@@ -244,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import trio
 
     from pep.capture.nfq_socket import QueueError
-    from pep.kernel import cleanup as kernel_state
+    from pep.kernel import cleanup
     from pep.ops import systemd, workers
     from pep.ops.daemon import serve
     from pep.ops.status.document import StatusError
@@ -266,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     daemon_errors = (
         iptables_setup.RulesError,
-        routing.RoutingError,
-        kernel_state.KernelStateError,  # remove_rules on the way out
+        tproxy_routes.RoutingError,
+        cleanup.KernelStateError,  # remove_rules on the way out
         QueueError,
         StatusError,
         workers.WorkerError,

@@ -22,9 +22,7 @@ from pep.capture.preconnect import PreConnector
 from pep.capture.syn_queue import SynQueue
 from pep.config import Config
 from pep.config.peer import load_key
-from pep.kernel import cleanup as kernel_state
-from pep.kernel import iptables_setup, link_routes
-from pep.kernel import tproxy_routes as routing
+from pep.kernel import cleanup, iptables_setup, link_routes, tproxy_routes
 from pep.link import legs
 from pep.link.legs import LinkLegs
 from pep.link.slots import SLOTS_ENV, WorkerSlots
@@ -96,16 +94,16 @@ def install_rules(cfg: Config) -> None:
         else:
             link_routes.remove()  # a previous run's with [link], if any
         if cfg.mode == "tproxy":
-            routing.install(cfg.tproxy_mark, cfg.route_table, cfg.families)
-            installed.append(("the policy routes", routing.remove))
+            tproxy_routes.install(cfg.tproxy_mark, cfg.route_table, cfg.families)
+            installed.append(("the policy routes", tproxy_routes.remove))
         else:
-            routing.remove()  # a previous TPROXY run's, if any
+            tproxy_routes.remove()  # a previous TPROXY run's, if any
         iptables_setup.install(rule_spec(cfg))  # leaves its own tables clean when it fails
-    except (iptables_setup.RulesError, routing.RoutingError) as e:
+    except (iptables_setup.RulesError, tproxy_routes.RoutingError) as e:
         for name, undo in reversed(installed):
             try:
                 undo()
-            except routing.RoutingError as rollback:
+            except tproxy_routes.RoutingError as rollback:
                 e.add_note(f"removing {name} again also failed: {rollback}")
         raise
 
@@ -114,7 +112,7 @@ def remove_rules() -> int:
     """Every rule and route pep installed, whatever mode installed it: each kind of kernel
     state is tried even when another fails (pep.kernel.cleanup); KernelStateError names every
     failure once all were tried."""
-    return kernel_state.remove()
+    return cleanup.remove()
 
 
 def stop_new_flows() -> int:

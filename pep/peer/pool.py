@@ -354,7 +354,7 @@ def _alive(sock: socket.socket) -> bool:
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
-    """pep.split.sockopts.send_all, a failure being the peer's: PeerGone."""
+    """pep.split.lifecycle.send_all, a failure being the peer's: PeerGone."""
     try:
         await lifecycle.send_all(sock, data)
     except OSError as e:

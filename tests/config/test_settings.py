@@ -231,7 +231,7 @@ def test_missing_interface_is_a_warning_at_start(
     ]
     assert daemon.missing_interfaces(["lo"]) == []  # this namespace's own list
     installed = []
-    monkeypatch.setattr(daemon.routing, "remove", lambda: 0)
+    monkeypatch.setattr(daemon.tproxy_routes, "remove", lambda: 0)
     monkeypatch.setattr(daemon.iptables_setup, "install", installed.append)
     with caplog.at_level("WARNING", logger="pep.ops.daemon"):
         daemon.install_rules(build({"interfaces": ["lo", "nonexist0"]}))

@@ -7,14 +7,12 @@ import pytest
 
 from pep.config import Config
 from pep.config.link import Link
-from pep.kernel import cleanup as kernel_state
-from pep.kernel import iptables_setup, link_routes
-from pep.kernel import tproxy_routes as routing
+from pep.kernel import cleanup, iptables_setup, link_routes, tproxy_routes
 from pep.link import legs
 from pep.ops import daemon
 
 
-def failing(error: Exception, calls: list[str], name: str) -> kernel_state.Remover:
+def failing(error: Exception, calls: list[str], name: str) -> cleanup.Remover:
     def remover(*args: object) -> int:
         calls.append(name)
         raise error
@@ -22,7 +20,7 @@ def failing(error: Exception, calls: list[str], name: str) -> kernel_state.Remov
     return remover
 
 
-def counting(n: int, calls: list[str], name: str) -> kernel_state.Remover:
+def counting(n: int, calls: list[str], name: str) -> cleanup.Remover:
     def remover() -> int:
         calls.append(name)
         return n
@@ -39,8 +37,8 @@ def test_every_step_runs_and_every_failure_is_reported() -> None:
         ("policy routing", counting(2, calls, "routes")),
         ("link metrics", failing(bug, calls, "metrics")),
     ]
-    with pytest.raises(kernel_state.KernelStateError) as exc:
-        kernel_state.remove(steps)
+    with pytest.raises(cleanup.KernelStateError) as exc:
+        cleanup.remove(steps)
     assert calls == ["rules", "routes", "metrics"]
     assert exc.value.exceptions == (rules_error, bug)
     assert str(exc.value) == (
@@ -53,13 +51,13 @@ def test_every_step_runs_and_every_failure_is_reported() -> None:
 def test_counts_add_up_when_nothing_fails() -> None:
     calls: list[str] = []
     steps = [("a", counting(4, calls, "a")), ("b", counting(2, calls, "b"))]
-    assert kernel_state.remove(steps) == 6
+    assert cleanup.remove(steps) == 6
 
 
 def test_the_steps_cover_rules_and_routes() -> None:
-    assert dict(kernel_state.STEPS) == {
+    assert dict(cleanup.STEPS) == {
         "netfilter rules": iptables_setup.remove,
-        "policy routing": routing.remove,
+        "policy routing": tproxy_routes.remove,
         "link route metrics": link_routes.remove,
     }
 
@@ -67,18 +65,18 @@ def test_the_steps_cover_rules_and_routes() -> None:
 def test_daemon_remove_rules_still_removes_routes_when_the_rules_fail(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Was ``iptables_setup.remove() + routing.remove()``: a RulesError skipped the routes."""
+    """Was ``iptables_setup.remove() + tproxy_routes.remove()``: a RulesError skipped the routes."""
     calls: list[str] = []
     error = iptables_setup.RulesError("nat: Permission denied")
     monkeypatch.setattr(
-        kernel_state,
+        cleanup,
         "STEPS",
         (
             ("netfilter rules", failing(error, calls, "rules")),
             ("policy routing", counting(2, calls, "routes")),
         ),
     )
-    with pytest.raises(kernel_state.KernelStateError):
+    with pytest.raises(cleanup.KernelStateError):
         daemon.remove_rules()
     assert calls == ["rules", "routes"]
 
@@ -89,8 +87,8 @@ def test_install_rules_takes_its_routes_back_when_the_rules_fail(
     calls: list[str] = []
     error = iptables_setup.RulesError("cannot build rule `-t mangle -A PEP_SYN ...`")
     monkeypatch.setattr(link_routes, "remove", counting(0, calls, "no link"))
-    monkeypatch.setattr(routing, "install", lambda *a: calls.append("routes in"))
-    monkeypatch.setattr(routing, "remove", counting(2, calls, "routes out"))
+    monkeypatch.setattr(tproxy_routes, "install", lambda *a: calls.append("routes in"))
+    monkeypatch.setattr(tproxy_routes, "remove", counting(2, calls, "routes out"))
     monkeypatch.setattr(iptables_setup, "install", failing(error, calls, "rules in"))
     cfg = Config(interfaces=("eth1",), mode="tproxy")
     with pytest.raises(iptables_setup.RulesError) as exc:
@@ -99,9 +97,9 @@ def test_install_rules_takes_its_routes_back_when_the_rules_fail(
     assert calls == ["no link", "routes in", "rules in", "routes out"]
 
     def refused() -> int:
-        raise routing.RoutingError("`ip -4 rule del ...`: Operation not permitted")
+        raise tproxy_routes.RoutingError("`ip -4 rule del ...`: Operation not permitted")
 
-    monkeypatch.setattr(routing, "remove", refused)
+    monkeypatch.setattr(tproxy_routes, "remove", refused)
     with pytest.raises(iptables_setup.RulesError) as exc:
         daemon.install_rules(cfg)
     assert "removing the policy routes again also failed" in exc.value.__notes__[-1]
@@ -115,7 +113,7 @@ def test_install_rules_puts_the_link_routes_back_when_a_later_step_fails(
     monkeypatch.setattr(link_routes, "install", lambda *a: calls.append("link in"))
     monkeypatch.setattr(legs, "route_metrics", lambda link: {})  # sat0 is not here
     monkeypatch.setattr(link_routes, "remove", counting(1, calls, "link out"))
-    monkeypatch.setattr(routing, "remove", counting(0, calls, "no tproxy"))
+    monkeypatch.setattr(tproxy_routes, "remove", counting(0, calls, "no tproxy"))
     monkeypatch.setattr(iptables_setup, "install", failing(error, calls, "rules in"))
     link = Link("sat0", 0.6, 20_000_000, 5_000_000, None)
     with pytest.raises(iptables_setup.RulesError):

@@ -393,8 +393,8 @@ def test_rules_remove_takes_the_routes_even_when_the_rules_fail(netns: str) -> N
     in_ns(
         netns,
         """
-        from pep.kernel import tproxy_routes as routing
-        routing.install(0x10000, 1513, (4, 6))
+        from pep.kernel import tproxy_routes
+        tproxy_routes.install(0x10000, 1513, (4, 6))
         s.install(RuleSpec(('eth1',), (0, 0), 8888, 0x5E9, 0xFFFF, mode='tproxy'))
         """,
     )

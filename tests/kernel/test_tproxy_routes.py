@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from pep.kernel import tproxy_routes as routing
+from pep.kernel import tproxy_routes
 
 RULE = {"FRA_PROTOCOL": 94, "FRA_PRIORITY": 32765, "FRA_TABLE": 1513}
 RULE |= {"FRA_FWMARK": 0x10000, "FRA_FWMASK": 0x10000}
@@ -58,32 +58,32 @@ class FakeIPRoute:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeIPRoute:
     ipr = FakeIPRoute({})
-    monkeypatch.setattr(routing, "IPRoute", lambda: ipr)
+    monkeypatch.setattr(tproxy_routes, "IPRoute", lambda: ipr)
     return ipr
 
 
 def test_show_and_remove_find_only_peps_own(fake: FakeIPRoute) -> None:
-    assert routing.show() == [
+    assert tproxy_routes.show() == [
         "ip -4 rule: 32765: fwmark 0x10000/0x10000 lookup 1513 proto 94",
         "ip -4 route: local default dev lo table 1513 proto 94",
         "ip -6 rule: 32765: fwmark 0x10000/0x10000 lookup 1513 proto 94",
         "ip -6 route: local default dev lo table 1513 proto 94",
     ]
-    assert routing.remove() == 4
+    assert tproxy_routes.remove() == 4
 
 
 def test_show_raises_routing_error_not_netlink_error(fake: FakeIPRoute) -> None:
     fake.refuse[f"get_routes {socket.AF_INET6}"] = errno.EPERM
-    with pytest.raises(routing.RoutingError, match="Operation not permitted") as exc:
-        routing.show()
+    with pytest.raises(tproxy_routes.RoutingError, match="Operation not permitted") as exc:
+        tproxy_routes.show()
     assert isinstance(exc.value.__cause__, NetlinkError)
 
 
 def test_remove_goes_on_past_a_refusal_and_names_every_one(fake: FakeIPRoute) -> None:
     fake.refuse[f"rule del {socket.AF_INET}"] = errno.EPERM
     fake.refuse[f"get_rules {socket.AF_INET6}"] = errno.EAFNOSUPPORT
-    with pytest.raises(routing.RoutingError) as exc:
-        routing.remove()
+    with pytest.raises(tproxy_routes.RoutingError) as exc:
+        tproxy_routes.remove()
     message = str(exc.value)
     assert "`ip -4 rule del fwmark 0x10000/0x10000 lookup 1513 proto 94`: Operation not" in message
     assert "listing pep's IPv6 rules and routes: Address family not supported" in message
@@ -94,6 +94,8 @@ def test_remove_when_netlink_itself_fails(monkeypatch: pytest.MonkeyPatch) -> No
     def no_socket() -> None:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(routing, "IPRoute", no_socket)
-    with pytest.raises(routing.RoutingError, match=r"opening a netlink socket: .*Too many open"):
-        routing.remove()
+    monkeypatch.setattr(tproxy_routes, "IPRoute", no_socket)
+    with pytest.raises(
+        tproxy_routes.RoutingError, match=r"opening a netlink socket: .*Too many open"
+    ):
+        tproxy_routes.remove()

@@ -1,6 +1,6 @@
 """The two-gateway labs' pure parts: the keepalived.conf pep.lab.cluster writes.
 
-The namespace tests (test_cluster_netns.py) show keepalived acting on it; these check what it
+The namespace tests (test_cluster_lab.py) show keepalived acting on it; these check what it
 says, and that keepalived's own parser (``keepalived -t``) accepts every keyword of it.
 """
 

@@ -16,7 +16,7 @@ from pep.config.peer import KEY_BYTES, keygen, load_key
 from pep.ops.status import document as status
 from pep.ops.status import metrics
 from pep.ops.status import render as status_render
-from pep.split import sockopts as tuning
+from pep.split import sockopts
 from tests.helpers.status import sample_doc
 
 
@@ -166,7 +166,7 @@ def test_a_pooled_connection_starts_its_flow_with_fresh_congestion_control() -> 
     with socket.create_server(("127.0.0.1", 0)) as srv:
         a = socket.socket()
         try:
-            a.setsockopt(socket.IPPROTO_TCP, tuning.TCP_CONGESTION, b"bbr")
+            a.setsockopt(socket.IPPROTO_TCP, sockopts.TCP_CONGESTION, b"bbr")
         except OSError:
             pytest.skip("bbr is not available here")
         with a:
@@ -180,30 +180,30 @@ def test_a_pooled_connection_starts_its_flow_with_fresh_congestion_control() -> 
                     while got < len(data):
                         got += len(b.recv(1 << 20))
                 assert _bbr_info(a)[0] > 0  # it has measured the path
-                tuning.restart_congestion(a)
-                name = a.getsockopt(socket.IPPROTO_TCP, tuning.TCP_CONGESTION, 16)
+                sockopts.restart_congestion(a)
+                name = a.getsockopt(socket.IPPROTO_TCP, sockopts.TCP_CONGESTION, 16)
                 assert name.rstrip(b"\0") == b"bbr"
                 assert _bbr_info(a)[0] == 0  # the estimate is gone
                 a.sendall(b"still works")
                 assert b.recv(64) == b"still works"
                 time.sleep(0.1)  # its ACK: BBR sets its gains on the first one
                 assert _bbr_info(a)[1] == 739  # STARTUP's high gain, 2.885 x 256
-        tuning.restart_congestion(a)  # closed: no error (the flow's send reports it)
+        sockopts.restart_congestion(a)  # closed: no error (the flow's send reports it)
 
 
 def test_restart_congestion_only_restarts_the_module_named() -> None:
-    """The link sharer refreshes BBR only (linkshare.BBR_REFRESH): a cubic leg keeps its state."""
+    """The link sharer refreshes BBR only (pacer.BBR_REFRESH): a cubic leg keeps its state."""
     with socket.create_server(("127.0.0.1", 0)) as srv, socket.socket() as a:
-        a.setsockopt(socket.IPPROTO_TCP, tuning.TCP_CONGESTION, b"cubic")
+        a.setsockopt(socket.IPPROTO_TCP, sockopts.TCP_CONGESTION, b"cubic")
         a.connect(srv.getsockname())
         b, _ = srv.accept()
         with b:
-            assert tuning.restart_congestion(a, only=b"bbr") is False
-            assert tuning.restart_congestion(a) is True
-            name = a.getsockopt(socket.IPPROTO_TCP, tuning.TCP_CONGESTION, 16)
+            assert sockopts.restart_congestion(a, only=b"bbr") is False
+            assert sockopts.restart_congestion(a) is True
+            name = a.getsockopt(socket.IPPROTO_TCP, sockopts.TCP_CONGESTION, 16)
             assert name.rstrip(b"\0") == b"cubic"
         a.close()
-        assert tuning.restart_congestion(a) is False  # closed: nothing to restart
+        assert sockopts.restart_congestion(a) is False  # closed: nothing to restart
 
 
 async def test_a_connection_taken_before_its_watcher_ran_stays_the_flows() -> None:

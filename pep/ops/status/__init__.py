@@ -1,1 +1,1 @@
-"""TODO"""
+"""``pep status``: the status document, its text, its socket and its Prometheus metrics."""
