@@ -4,8 +4,8 @@ General layout (read top-down along the data path; each package depends only on 
 above it in this list, checked by tests/test_layout.py):
 
 - ``pep.support``: small helpers every layer uses: ``memo`` (a remembered kernel lookup),
-  ``ratelog`` (a log line at most every N seconds), ``netlink`` (the netlink message walker).
-  Imports nothing of pep.
+  ``ratelog`` (a log line at most every N seconds), ``netlink`` (the netlink message walker),
+  ``errors`` (an exception in words, never empty). Imports nothing of pep.
 - ``pep.config``: everything pep is told. ``settings`` (the top-level keys and the file),
   one module per table (``leg`` [client]/[upstream], ``link`` [link] and every number derived
   from it, ``peer`` [peer] and its key file, ``policy`` [[policy]]), ``schema`` (how a key is
@@ -30,7 +30,8 @@ above it in this list, checked by tests/test_layout.py):
 - ``pep.kernel``: everything pep changes in the kernel, and its removal. ``nfrule`` (a rule
   described once), ``rule_plan`` (pep's rules, pure), ``iptables_setup`` (install, remove),
   ``rule_show``, ``tproxy_routes`` (TPROXY's policy routing), ``link_routes`` ([link]'s
-  initial windows), ``cleanup`` (all of it, best effort). Depends on config only.
+  initial windows), ``cleanup`` (all of it, best effort), ``owner`` (one pep owns it per
+  namespace: a lock). Depends on config only.
 - ``pep.ops``: the running daemon. ``cli`` (the ``pep`` command), ``daemon`` (wires the layers
   together for ``pep run``), ``runtime`` (signals, drain), ``reload``, ``services``,
   ``workers``, ``systemd``, ``entry``; ``pep.ops.status``: ``document``, ``render``,

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from pep.capture import nfq_codec as nfq
+from pep.capture import nfq_proc
 
 __all__ = ["QueueError", "QueueSocket"]
 
@@ -22,6 +23,27 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # include/uapi/asm-gener
 
 class QueueError(RuntimeError):
     """Binding or configuring the queue failed; the message says which step and why."""
+
+
+def holder(queue: int) -> int | None:
+    """The netlink port id bound to ``queue`` in this namespace, None when it is free (or the
+    kernel's table cannot be read)."""
+    try:
+        rows = nfq_proc.read((queue, queue))
+    except OSError:
+        return None
+    return rows[0]["portid"] if rows else None
+
+
+def _process(portid: int) -> str:
+    """A netlink port id is its process's pid for the process's first netlink socket: name it
+    when such a process exists."""
+    try:
+        with open(f"/proc/{portid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f", likely pid {portid}: {cmd[:80]}" if cmd else ""
 
 
 class QueueSocket:
@@ -64,14 +86,24 @@ class QueueSocket:
                             raise OSError(msg.errno, errno.errorcode.get(msg.errno, "?"))
                         return
         except OSError as e:
-            hint = ""
-            if e.errno == errno.EBUSY:
-                hint = " (another process is bound to this queue: is pep already running?)"
-            elif e.errno == errno.EPERM:
-                hint = " (needs CAP_NET_ADMIN)"
-            raise QueueError(
-                f"NFQUEUE {self.queue}: {what} failed: {e.strerror or e}{hint}"
-            ) from None
+            raise QueueError(self._failure(what, e)) from None
+
+    def _failure(self, what: str, e: OSError) -> str:
+        """What went wrong, in words: the kernel answers EPERM both to a process without
+        CAP_NET_ADMIN and to a bind of a queue another socket holds (nfqnl_recv_config:
+        ``queue->peer_portid != portid``); the kernel's own table tells which."""
+        text = f"NFQUEUE {self.queue}: {what} failed"
+        if e.errno in (errno.EPERM, errno.EBUSY):
+            held = holder(self.queue)
+            if held is not None:
+                return (
+                    f"{text}: the queue is held by another process (netlink port id {held}"
+                    f"{_process(held)}; /proc/net/netfilter/nfnetlink_queue): is pep "
+                    "already running, or another NFQUEUE reader?"
+                )
+            if e.errno == errno.EPERM:
+                return f"{text}: {e.strerror} (needs CAP_NET_ADMIN)"
+        return f"{text}: {e.strerror or e}"
 
     def close(self) -> None:
         """Unbind (best effort: closing the socket unbinds too) and close."""

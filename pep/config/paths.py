@@ -10,10 +10,19 @@ namespace, so each finds its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
-__all__ = ["RUN_DIR", "default_status_socket", "netns_name", "runtime_dir", "runtime_dir_for"]
+__all__ = [
+    "RUN_DIR",
+    "default_status_socket",
+    "ensure_dir",
+    "netns_name",
+    "remove_created_dirs",
+    "runtime_dir",
+    "runtime_dir_for",
+]
 
 RUN_DIR = "/run/pep"  # RuntimeDirectory=pep in deploy/pep.service
 NETNS_DIR = "/run/netns"  # where `ip netns add` pins named namespaces (iproute2 NETNS_RUN_DIR)
@@ -59,3 +68,43 @@ def runtime_dir() -> str:
 def default_status_socket() -> str:
     """The ``status_socket`` default, for the daemon and ``pep status`` alike."""
     return os.path.join(runtime_dir(), "pep.sock")
+
+
+# The directories this process created (ensure_dir), deepest last: removed again, when empty,
+# on the way out (remove_created_dirs). pep creates only its own runtime directories.
+_created: list[str] = []
+
+
+def ensure_dir(directory: str, mode: int = 0o755) -> None:
+    """Make sure ``directory`` exists. Below RUN_DIR (pep's own: /run/pep, the systemd unit's
+    RuntimeDirectory, and its netns/NAME) missing levels are created and remembered; anywhere
+    else pep creates nothing: FileNotFoundError names the directory that is missing (a typo
+    in status_socket must not leave a tree of directories behind)."""
+    directory = os.path.abspath(directory)
+    if os.path.isdir(directory):
+        return
+    if os.path.commonpath([directory, RUN_DIR]) != RUN_DIR:
+        raise FileNotFoundError(
+            f"directory {directory} does not exist (pep creates only its runtime directory, "
+            f"{RUN_DIR})"
+        )
+    missing = []
+    level = directory
+    while not os.path.isdir(level):
+        missing.append(level)
+        level = os.path.dirname(level)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            continue  # made meanwhile by another pep: not ours to remove
+        _created.append(path)
+
+
+def remove_created_dirs() -> None:
+    """Remove the directories ensure_dir created, deepest first, those that are empty."""
+    while _created:
+        path = _created.pop()
+        # Not empty (another pep's files, a recovery file kept on purpose) or gone: left.
+        with contextlib.suppress(OSError):
+            os.rmdir(path)

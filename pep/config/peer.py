@@ -83,9 +83,17 @@ def load_key(path: str) -> bytes:
         os.close(fd)
     text = data.strip()
     # Hex text when it is all hex digits: 32 random bytes are that by chance with odds of
-    # (22/256)^32, about 1 in 10^34.
+    # (22/256)^32, about 1 in 10^34. Printable text that is not hex is neither: a mistyped
+    # key (raw random bytes are printable by chance with odds of (95/256)^32, 1 in 10^14).
     if text and all(chr(c) in string.hexdigits for c in text):
         secret = bytes.fromhex(text.decode()) if len(text) % 2 == 0 else b""
+    elif text and all(chr(c) in string.printable for c in text):
+        raise ConfigError(
+            k,
+            path,
+            "holds text that is not hex: a key is hex (`pep peer keygen > FILE`) or 32 random "
+            "bytes (`head -c 32 /dev/urandom > FILE`)",
+        )
     else:
         secret = data
     if len(secret) < KEY_BYTES:

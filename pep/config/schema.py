@@ -181,9 +181,17 @@ def interface_name(key: str, value: object) -> str:
     return value
 
 
+def _listed(key: str, value: object, example: str) -> None:
+    """A single string where a list is expected is refused, not taken as a list of one: TOML
+    has lists, and a key that quietly takes either shape is one typo away from a surprise."""
+    if isinstance(value, str):
+        raise ConfigError(key, value, f"must be a list, e.g. [{value!r}] ({example})")
+
+
 def interface_names(key: str, value: object) -> tuple[str, ...]:
-    """A name or a non-empty list of distinct names, each one the kernel and iptables take."""
-    items = [value] if isinstance(value, str) else value
+    """A non-empty list of distinct names, each one the kernel and iptables take."""
+    _listed(key, value, "a list of interface names")
+    items = value
     if not isinstance(items, list | tuple) or not items:
         raise ConfigError(key, value, "must be a non-empty list of interface names")
     for name in items:
@@ -194,14 +202,26 @@ def interface_names(key: str, value: object) -> tuple[str, ...]:
 
 
 def nets(key: str, value: object) -> tuple[Net, ...]:
-    items = [value] if isinstance(value, str) else value
+    """A non-empty list of networks ("10.0.0.0/8", "2001:db8::/32"; a bare address is its
+    /32 or /128). Host bits set ("10.0.0.1/8") are refused: which was meant, the network or
+    the host, is the operator's to say."""
+    _listed(key, value, "a list of networks")
+    items = value
     if not isinstance(items, list | tuple) or not items:
-        raise ConfigError(key, value, "must be a CIDR or a non-empty list of CIDRs")
+        raise ConfigError(key, value, "must be a non-empty list of CIDRs")
     out = []
     for item in items:
         try:
-            out.append(ipaddress.ip_network(item, strict=False))
-        except (TypeError, ValueError):
+            out.append(ipaddress.ip_network(item))
+        except ValueError as e:
+            if "host bits set" in str(e):
+                network = ipaddress.ip_network(item, strict=False)
+                host = str(item).partition("/")[0]
+                msg = f"has host bits set: write {network} for the network, or {host} for the host"
+                raise ConfigError(key, item, msg) from None
+            msg = "is not an IP network (e.g. 10.0.0.0/8, 2001:db8::/32)"
+            raise ConfigError(key, item, msg) from None
+        except TypeError:
             msg = "is not an IP network (e.g. 10.0.0.0/8, 2001:db8::/32)"
             raise ConfigError(key, item, msg) from None
     return tuple(out)

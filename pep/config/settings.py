@@ -19,7 +19,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import os
 import re
+import resource
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -263,6 +266,16 @@ def build(settings: Mapping[str, object]) -> Config:
         )
     if cfg.queue + cfg.workers - 1 > 65535:
         raise ConfigError("workers", cfg.workers, f"queue {cfg.queue} + workers - 1 exceeds 65535")
+    count, most = last - first + 1, max_queues()
+    if count > most:
+        key_name, value = ("queues", cfg.queues) if cfg.queues else ("workers", cfg.workers)
+        raise ConfigError(
+            key_name,
+            value,
+            f"asks for {count} queues; at most {most} here ({QUEUES_PER_CPU} per CPU, within "
+            "an eighth of the open-files limit): each is a netlink socket with its own "
+            "queue_rcvbuf, and one reader per CPU is as fast as it gets",
+        )
     if cfg.peer is not None and (problem := cfg.peer.problem()) is not None:
         raise ConfigError(*problem)
     if cfg.workers > 1 and not cfg.status_socket:
@@ -272,11 +285,46 @@ def build(settings: Mapping[str, object]) -> Config:
     return cfg
 
 
+# Queues one machine may read: a reader per CPU keeps up with thousands of SYNs/s each
+# (docs/SCALING.md), and a few per CPU leave room to spread the workers; each one costs a
+# netlink socket and a receive buffer of queue_rcvbuf (4 MiB by default).
+QUEUES_PER_CPU = 4
+QUEUES_MIN = 16
+
+
+def max_queues() -> int:
+    """How many queues a configuration may ask for on this machine."""
+    most = max(QUEUES_MIN, QUEUES_PER_CPU * (os.cpu_count() or 1))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY:
+        most = min(most, max(1, soft // 8))
+    return most
+
+
+# A configuration file is a few kilobytes (deploy/pep.toml, every key commented: 9 KB); one
+# larger than this is not one (a device, a log given by mistake), and is refused before it is
+# read, not read into memory.
+CONFIG_MAX_BYTES = 1 << 20
+
+
 def read_file(path: str | Path) -> dict[str, object]:
-    """Parse a TOML file; syntax errors become ConfigError with the file's name and line."""
+    """Parse a TOML file; syntax errors become ConfigError with the file's name and line. A
+    path that is not a regular file (/dev/zero, a FIFO, a directory), or is over
+    CONFIG_MAX_BYTES, is refused before anything is read."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer before the check.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError("--config", str(path), "is not a regular file")
+            if st.st_size > CONFIG_MAX_BYTES:
+                raise ConfigError(
+                    "--config",
+                    str(path),
+                    f"is {st.st_size} bytes: a configuration is at most {CONFIG_MAX_BYTES}",
+                )
+            return tomllib.loads(f.read(CONFIG_MAX_BYTES + 1).decode())
     except FileNotFoundError:
         raise ConfigError("--config", str(path), "file does not exist") from None
     except tomllib.TOMLDecodeError as e:

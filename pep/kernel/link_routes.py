@@ -160,7 +160,7 @@ class LinkRoutes:
     # --- the state file ------------------------------------------------------------------------
 
     def _write(self, originals: list[dict[str, Any]]) -> None:
-        self.state.parent.mkdir(parents=True, exist_ok=True)
+        paths.ensure_dir(str(self.state.parent))
         tmp = self.state.with_name(self.state.name + ".tmp")
         tmp.write_text(json.dumps({"routes": originals}, indent=1))
         os.replace(tmp, self.state)  # the whole record or none: a crash never leaves half

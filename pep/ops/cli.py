@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from pep import config as config_mod
 from pep.ops.entry import exit_code
@@ -156,11 +157,15 @@ def _status(args: argparse.Namespace) -> int:
     except status.StatusError as e:
         print(f"pep: {e}", file=sys.stderr)
         return 1
-    status.fill_kernel_queues(doc)  # a daemon without root cannot read them; we may
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(status_render.render(doc), end="")
+    try:
+        status.fill_kernel_queues(doc)  # a daemon without root cannot read them; we may
+        text = json.dumps(doc, indent=2) + "\n" if args.json else status_render.render(doc)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # decode checked the sections; one malformed deeper down is refused the same way
+        print(f"pep: the daemon's status document is malformed ({type(e).__name__}: {e})",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(text, end="")
     return 0
 
 
@@ -186,7 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.action == "remove":
                 from pep.ops.daemon import remove_rules
 
-                print(f"removed {remove_rules()} rule(s) and route(s)")
+                with _owning("") as refused:
+                    if refused:
+                        return 2
+                    print(f"removed {remove_rules()} rule(s) and route(s)")
             else:
                 for family, tool in ((4, "iptables-legacy"), (6, "ip6tables-legacy")):
                     print(f"# IPv{family} ({tool} -S)")
@@ -211,14 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = config_mod.load(args.config, _overrides(args))
-        if cfg.link is not None:
-            from pep.link import legs
+        from pep.ops.reload import check_environment
 
-            legs.check(cfg.link)  # a link interface that is not there: nothing installed
-        if cfg.peer is not None:
-            from pep.config.peer import load_key
-
-            load_key(cfg.peer.key_file)  # readable by others, or too short: nothing installed
+        check_environment(cfg)  # what start needs besides the file: nothing installed without
     except config_mod.ConfigError as e:
         print(f"pep: {e}", file=sys.stderr)
         return 2
@@ -231,11 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rules":
         from pep.ops.daemon import install_rules
 
-        try:
-            install_rules(cfg)
-        except (iptables_setup.RulesError, tproxy_routes.RoutingError) as e:
-            print(f"pep: {e}", file=sys.stderr)
-            return 1
+        with _owning(cfg.status_socket) as refused:
+            if refused:
+                return 2
+            try:
+                install_rules(cfg)
+            except (iptables_setup.RulesError, tproxy_routes.RoutingError) as e:
+                print(f"pep: {e}", file=sys.stderr)
+                return 1
         return 0
 
     import trio
@@ -270,7 +276,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers.WorkerError,
         OSError,
     )
-    return exit_code(run, daemon_errors, lambda e: logging.getLogger("pep").error("%s", e))
+    report = lambda e: logging.getLogger("pep").error("%s", e)  # noqa: E731
+    if worker is not None:  # the master owns the namespace's kernel state
+        return exit_code(run, daemon_errors, report)
+    with _owning(cfg.status_socket) as refused:
+        if refused:
+            return 2
+        return exit_code(run, daemon_errors, report)
+
+
+@contextlib.contextmanager
+def _owning(status_socket: str) -> Iterator[bool]:
+    """Own this namespace's kernel state while the block runs (pep.kernel.owner); yields True,
+    having said who owns it, when another live pep does (the caller exits 2, nothing
+    touched)."""
+    from pep.kernel import owner
+
+    try:
+        held = owner.acquire(status_socket)
+    except owner.Owned as e:
+        print(f"pep: {e}", file=sys.stderr)
+        yield True
+        return
+    except OSError as e:
+        print(f"pep: cannot take the ownership lock: {e}", file=sys.stderr)
+        yield True
+        return
+    with held:
+        yield False
 
 
 if __name__ == "__main__":

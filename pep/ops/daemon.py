@@ -155,6 +155,7 @@ async def serve(
         preconnect=preconnect,
     )
     installed = False
+    started = False  # got as far as serving: the summary on the way out is worth a line
     rt = Runtime(
         cfg,
         listener=listener,
@@ -189,6 +190,7 @@ async def serve(
                         nursery.start_soon(listener.serve, connections)
                         if peer_listener is not None:
                             nursery.start_soon(peer_listener.serve, connections)
+                        started = True
                         if worker is None:
                             log.info(
                                 "ready: splitting TCP from %s via queue %s to port %d",
@@ -222,23 +224,28 @@ async def serve(
             peer_listener.close()
         flows.clear()  # closes strict mode's unclaimed upstreams (PreConnector.discard)
         rt.services.close()
-        q, lc = queue.counters, listener.counters
-        log.info(
-            "stopped: syn queued=%d split=%d bypassed=%d admission_bypassed=%d "
-            "fd_bypassed=%d unparsable=%d malformed=%d enobufs=%d; connections accepted=%d "
-            "split=%d refused=%d refused_no_fd=%d upstream_failed=%d; policy decisions: %s",
-            q.queued,
-            q.split,
-            q.bypassed,
-            q.admission_bypassed,
-            q.fd_bypassed,
-            q.unparsable,
-            q.malformed,
-            q.enobufs,
-            lc.accepted,
-            lc.split,
-            lc.not_redirected,
-            lc.refused_no_fd,
-            lc.upstream_failed,
-            " ".join(f"{k}={v}" for k, v in queue.decider.policy.hits.items()) or "none",
-        )
+        if started:  # a start that failed says why (the caller logs it), not what it did
+            _summary(queue, listener)
+
+
+def _summary(queue: SynQueue, listener: Listener) -> None:
+    q, lc = queue.counters, listener.counters
+    log.info(
+        "stopped: syn queued=%d split=%d bypassed=%d admission_bypassed=%d "
+        "fd_bypassed=%d unparsable=%d malformed=%d enobufs=%d; connections accepted=%d "
+        "split=%d refused=%d refused_no_fd=%d upstream_failed=%d; policy decisions: %s",
+        q.queued,
+        q.split,
+        q.bypassed,
+        q.admission_bypassed,
+        q.fd_bypassed,
+        q.unparsable,
+        q.malformed,
+        q.enobufs,
+        lc.accepted,
+        lc.split,
+        lc.not_redirected,
+        lc.refused_no_fd,
+        lc.upstream_failed,
+        " ".join(f"{k}={v}" for k, v in queue.decider.policy.hits.items()) or "none",
+    )

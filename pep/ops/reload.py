@@ -18,7 +18,7 @@ from pep.config import Config, LegTuning
 from pep.config.schema import reloadable
 from pep.split.sockopts import apply_tuning
 
-__all__ = ["RELOADABLE", "ReloadPlan", "plan_reload", "retune_listener"]
+__all__ = ["RELOADABLE", "ReloadPlan", "check_environment", "plan_reload", "retune_listener"]
 
 # Keys a SIGHUP applies: those pep.config declares with ``reload=True``. Everything else is
 # fixed at start: it shapes the rules, the queue bindings or the sockets. ``Runtime.apply``
@@ -60,6 +60,21 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
         changes[f.name] = new_value
         changed.append(f.name)
     return ReloadPlan(dataclasses.replace(running, **changes), tuple(changed), tuple(kept))
+
+
+def check_environment(cfg: Config) -> None:
+    """What a configuration needs besides being valid, checked alike at start (nothing is
+    installed when it fails) and on SIGHUP (the running configuration stays): the link's
+    interface exists here, the [peer] key file is there, private and long enough. ConfigError
+    naming the key."""
+    if cfg.link is not None:
+        from pep.link import legs
+
+        legs.check(cfg.link)
+    if cfg.peer is not None:
+        from pep.config.peer import load_key
+
+        load_key(cfg.peer.key_file)
 
 
 def retune_listener(sock: Any, leg: LegTuning) -> None:

@@ -25,7 +25,7 @@ from pep.config import Config, ConfigError, log_level_number
 from pep.kernel import link_routes
 from pep.kernel.tproxy_routes import RoutingError
 from pep.link import legs
-from pep.ops.reload import plan_reload, retune_listener
+from pep.ops.reload import check_environment, plan_reload, retune_listener
 from pep.ops.services import Services, watch_signals
 from pep.ops.status import document as status
 from pep.ops.status import socket as status_socket
@@ -177,8 +177,7 @@ class Runtime:
             return False
         try:
             new = self._reload()
-            if new.link is not None:
-                legs.check(new.link)  # the interface must exist: else nothing changes
+            check_environment(new)  # what start would refuse: the running config stays
         except ConfigError as e:
             self.reloads["failed"] += 1
             self.reloads["last_error"] = str(e)

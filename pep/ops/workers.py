@@ -45,7 +45,7 @@ from pep.capture.flows import FlowTable
 from pep.config import Config, ConfigError, log_level_number
 from pep.link.slots import SLOTS_ENV, WorkerSlots
 from pep.ops import systemd
-from pep.ops.reload import plan_reload
+from pep.ops.reload import check_environment, plan_reload
 from pep.ops.services import Services, watch_signals
 from pep.ops.status import document as status
 from pep.ops.status import socket as status_socket
@@ -253,6 +253,7 @@ class Master:
             return
         try:
             new = self._reload()
+            check_environment(new)  # what start would refuse: the running config stays
         except ConfigError as e:
             self.reloads["failed"] += 1
             self.reloads["last_error"] = str(e)

@@ -38,6 +38,7 @@ from pep.split import lifecycle
 from pep.split.hooks import NO_LINK, LinkSide, Opened, patiently
 from pep.split.lifecycle import abort, reset_if_killed
 from pep.split.sockopts import STREAM, apply_tuning, restart_congestion
+from pep.support.errors import describe
 from pep.support.ratelog import Every
 
 __all__ = ["PeerGone", "PeerPool", "PoolCounters", "read_exactly", "send_all"]
@@ -134,7 +135,9 @@ class PeerPool:
         try:
             status = await self._open_flow(sock, dst, client, first)
         except PeerGone as e:
-            log.info("peer connection for %s:%d -> %s:%d: %s; going direct", *client, *dst, e)
+            log.info(
+                "peer connection for %s:%d -> %s:%d: %s; going direct", *client, *dst, describe(e)
+            )
             abort(sock)
             self.counters.fallback += 1
             return None
@@ -325,7 +328,7 @@ class PeerPool:
             log.warning(
                 "peer %s:%d: %s; flows go direct meanwhile, retrying in %.1f s",
                 *self.address,
-                error or type(error).__name__,
+                describe(error),
                 self._backoff,
             )
 

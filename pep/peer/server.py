@@ -37,6 +37,7 @@ from pep.split.lifecycle import abort, reset_if_killed
 from pep.split.session import Sessions
 from pep.split.sockopts import STREAM, apply_tuning, restart_congestion
 from pep.split.upstream import open_for
+from pep.support.errors import describe
 from pep.support.ratelog import Every
 
 __all__ = ["PeerListener", "ServeCounters"]
@@ -135,7 +136,8 @@ class PeerListener:
                 await self._handshake(conn)
         except (PeerGone, peerwire.WireError, trio.TooSlowError) as e:
             c.auth_failed += 1
-            self._refused("auth", f"peer connection from {near[0]}: handshake failed ({e})")
+            why = describe(e)
+            self._refused("auth", f"peer connection from {near[0]}: handshake failed ({why})")
             abort(conn)
             return
         c.accepted += 1
@@ -152,7 +154,7 @@ class PeerListener:
             return
         except peerwire.WireError as e:
             c.bad_header += 1
-            self._refused("header", f"peer connection from {near[0]}: {e}")
+            self._refused("header", f"peer connection from {near[0]}: {describe(e)}")
             abort(conn)
             return
         assert parsed is not None

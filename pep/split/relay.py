@@ -38,6 +38,7 @@ from pep.split.pipes import PipePool
 from pep.split.relay_state import IN as _IN
 from pep.split.relay_state import OUT as _OUT
 from pep.split.relay_state import RelayStats, ending, interest
+from pep.support.errors import describe
 
 # RelayStats lives with the states (pep.split.relay_state); named here too, as the engine's report.
 __all__ = ["RelayStats", "Relayer"]
@@ -252,7 +253,7 @@ class _Conn:
         self.masks[fd] = mask
 
     def _fail(self, side: str, err: OSError) -> None:
-        self.finish(f"{side} error: {err.strerror or err}")
+        self.finish(f"{side} error: {err.strerror or describe(err)}")
 
     def finish(self, failure: str | None) -> None:
         """Out of the engine, closed, and the connection's task woken to account for it.

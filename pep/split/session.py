@@ -34,6 +34,7 @@ from pep.split.relay import Relayer
 from pep.split.relay_state import RelayStats
 from pep.split.sockopts import apply_tuning
 from pep.split.upstream import open_for
+from pep.support.errors import describe
 
 __all__ = ["ListenerCounters", "Sessions"]
 
@@ -165,7 +166,7 @@ class Sessions:
             await refuse(e)
             return
         except OSError as e:
-            log.info("client %s:%d gone before the relay started: %s", *peer, e)
+            log.info("client %s:%d gone before the relay started: %s", *peer, describe(e))
             self.table.close(conn)
             abort(client)
             return

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import trio
 
 from pep.capture import nfq_proc
+from pep.config import paths
 from pep.testing.topology import Topology
 
 # The directory that holds the pep package (the checkout, or site-packages): on the PYTHONPATH
@@ -51,8 +52,11 @@ class PepProcess:
     prefix: Sequence[str] = ()  # command run before python, e.g. setpriv with its options
     config: Path | None = None  # given as --config; a reload test rewrites it
     _tmpdir: str | None = None
+    _run_dir: str | None = None  # the namespace's runtime directory, made for a non-root daemon
 
     def start(self, timeout: float = 15) -> PepProcess:
+        if self.prefix:
+            self._own_runtime_dir()
         fd, name = tempfile.mkstemp(prefix="pep-log-", suffix=".txt")
         self.log_path = Path(name)
         args = list(self.args)
@@ -131,6 +135,19 @@ class PepProcess:
             self.log_path = None  # log() is empty from now on
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
+
+    def _own_runtime_dir(self) -> None:
+        """What RuntimeDirectory=pep does for the installed service (deploy/pep.service): the
+        namespace's runtime directory, owned by the daemon's user, for its ownership lock
+        (pep.kernel.owner). Removed at stop: the user may not remove it from /run/pep/netns."""
+        run_dir = paths.runtime_dir_for(self.topo.ns(self.node))
+        if not os.path.isdir(run_dir):
+            os.makedirs(run_dir, mode=0o755)
+            self._run_dir = run_dir
+        os.chown(run_dir, NOBODY, NOBODY)
 
     def closed_lines(self, expect: int = 0, timeout: float = 5) -> list[dict[str, str]]:
         """The daemon's one-line-per-connection records, as key=value dicts.

@@ -104,7 +104,7 @@ def test_acks_and_errors_produce_no_verdicts() -> None:
 def test_policy_first_match_wins_and_counts_per_rule() -> None:
     policy = [
         {"name": "ssh", "action": "bypass", "dport": [22]},
-        {"name": "lan", "action": "bypass", "dst": "10.0.0.0/8", "dport": "1-1000"},
+        {"name": "lan", "action": "bypass", "dst": ["10.0.0.0/8"], "dport": "1-1000"},
         {"name": "web", "action": "split", "dport": ["80", "8000-8100"]},
     ]
     buf = b"".join(
@@ -121,7 +121,7 @@ def test_policy_first_match_wins_and_counts_per_rule() -> None:
 
 
 def test_interface_rule_uses_ingress_name() -> None:
-    d, _, _ = decider(policy=[{"action": "bypass", "interface": "wan0"}])
+    d, _, _ = decider(policy=[{"action": "bypass", "interface": ["wan0"]}])
     d.ifname = {5: "wan0", 6: "lan0"}.get
     msgs = nfq.parse_messages(
         packet_msg(0, 1, syn_with(1), indev=5) + packet_msg(0, 2, syn_with(2), indev=6)

@@ -48,7 +48,7 @@ def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
         # iptables reads '!' as negation: RuleSpec refused it after config.build had passed it
         ('interfaces = ["eth!1"]', "interfaces", "not a valid interface name"),
         (
-            'interfaces = ["eth1"]\n[[policy]]\naction = "split"\ninterface = "a b"',
+            'interfaces = ["eth1"]\n[[policy]]\naction = "split"\ninterface = ["a b"]',
             "policy[0].interface",
             "not a valid interface name",
         ),
@@ -74,7 +74,7 @@ def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
             "A <= B",
         ),
         (
-            'interfaces = ["eth1"]\n[[policy]]\naction = "split"\ndst = "10.0.0.0/33"',
+            'interfaces = ["eth1"]\n[[policy]]\naction = "split"\ndst = ["10.0.0.0/33"]',
             "policy[0].dst",
             "not an IP network",
         ),
@@ -91,7 +91,7 @@ def test_defaults_and_file_and_flag_precedence(tmp_path: Path) -> None:
             "dst",
         ),
         (
-            'interfaces = ["eth1"]\n[[upstream_override]]\ndst = "10.0.0.0/8"\nsndbuf = 1',
+            'interfaces = ["eth1"]\n[[upstream_override]]\ndst = ["10.0.0.0/8"]\nsndbuf = 1',
             "upstream_override[0].sndbuf",
             "between",
         ),
@@ -131,7 +131,7 @@ dport = [80, "443", "8000-8100"]
 [upstream]
 sndbuf = 65536
 [[upstream_override]]
-dst = "198.51.100.0/24"
+dst = ["198.51.100.0/24"]
 congestion = "reno"
 """,
     )
@@ -179,7 +179,7 @@ def test_typed_values() -> None:
     """Config.policy holds Rules, an override's dst holds networks: checked once, typed."""
     cfg = build(
         {
-            "policy": [{"action": "bypass", "dst": "10.0.0.0/8"}],
+            "policy": [{"action": "bypass", "dst": ["10.0.0.0/8"]}],
             "upstream_override": [{"dst": ["2001:db8::/32"], "nodelay": False}],
         }
     )

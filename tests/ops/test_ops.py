@@ -69,11 +69,11 @@ def test_document_config_with_networks_ranges_and_tables_is_json() -> None:
                     "name": "lan",
                     "action": "bypass",
                     "dst": ["10.0.0.0/8", "2001:db8::/32"],
-                    "src": "192.168.1.0/24",
+                    "src": ["192.168.1.0/24"],
                     "dport": [22, "8000-8080"],
                 }
             ],
-            "upstream_override": [{"dst": "10.9.0.0/16", "nodelay": False, "sndbuf": 1 << 20}],
+            "upstream_override": [{"dst": ["10.9.0.0/16"], "nodelay": False, "sndbuf": 1 << 20}],
             "upstream": {"keepalive": True},
         }
     )
@@ -278,7 +278,7 @@ def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_status_socket_roundtrip_permissions_and_stale_file(tmp_path: Path) -> None:
-    path = str(tmp_path / "run" / "pep.sock")
+    path = str(tmp_path / "pep.sock")
     doc = sample_doc()
 
     async def get() -> status.Doc:
@@ -299,6 +299,15 @@ async def test_status_socket_roundtrip_permissions_and_stale_file(tmp_path: Path
     with pytest.raises(status_socket.NotRunning):
         status_socket.fetch(path)
     status_socket.bind_unix(path).close()
+
+
+def test_a_status_socket_outside_pep_s_directory_creates_nothing(tmp_path: Path) -> None:
+    """D6: pep makes no directories outside its runtime directory (a typo in status_socket
+    once left /nonexistent/dir behind); the error names the directory."""
+    path = tmp_path / "no" / "such" / "dir" / "x.sock"
+    with pytest.raises(status.StatusError, match=r"directory .*/no/such/dir does not exist"):
+        status_socket.bind_unix(str(path))
+    assert not (tmp_path / "no").exists()
 
 
 async def test_fetch_deadline_covers_the_whole_read(tmp_path: Path) -> None:

@@ -183,7 +183,7 @@ async def test_status_works_with_networks_in_the_config(
     the daemon could not encode its status document."""
     pep = start_pep(
         config='[[policy]]\nname = "lan"\naction = "bypass"\ndst = ["10.99.0.0/16"]\n'
-        'src = "fd77:1::/64"\n[[upstream_override]]\ndst = "10.77.2.0/24"\nnodelay = false\n'
+        'src = ["fd77:1::/64"]\n[[upstream_override]]\ndst = ["10.77.2.0/24"]\nnodelay = false\n'
     )
     doc = await status_json(pep)
     assert doc["state"] == "running"

@@ -234,11 +234,11 @@ BAD_CONFIGS: list[tuple[str, str]] = [
     ("[client]\nnodlay = true", "client.nodlay"),
     ("[upstream]\nkeepcnt = 1000", "upstream.keepcnt"),
     ('[[policy]]\naction = "drop"', "policy[0].action"),
-    ('[[policy]]\naction = "split"\ndst = "10.0.0.0/33"', "policy[0].dst"),
+    ('[[policy]]\naction = "split"\ndst = ["10.0.0.0/33"]', "policy[0].dst"),
     ('[[policy]]\naction = "bypass"\ndport = 0', "policy[0].dport"),
     ('[[policy]]\naction = "bypass"\ncolour = "red"', "policy[0].colour"),
     ("[[upstream_override]]\nnodelay = false", "upstream_override[0]"),
-    ('[[upstream_override]]\ndst = "x"\nnodelay = false', "upstream_override[0].dst"),
+    ('[[upstream_override]]\ndst = ["x"]\nnodelay = false', "upstream_override[0].dst"),
     ("listen_prot = 5000", "listen_prot"),
     ("listen_port = ", "--config"),  # not TOML
 ]

@@ -275,10 +275,31 @@ def encode(doc: Doc) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
 
+# What every reader of a document (the text view, --json's consumers, the metrics) relies on:
+# the top-level sections and their JSON types. A document without them is refused whole, with
+# the section named, instead of failing in a reader with a traceback.
+_SHAPE: dict[str, type | tuple[type, ...]] = {
+    "pid": int,
+    "state": str,
+    "uptime": (int, float),
+    "queues": list,
+    "config": dict,
+    "reloads": dict,
+    "connections": list,
+    "totals": dict,
+    "listener": dict,
+    "syn": dict,
+    "upstream_failures": dict,
+    "connect_latency": dict,
+    "flows": dict,
+    "queue_portids": list,
+}
+
+
 def decode(data: bytes) -> Doc:
     try:
         doc = json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # deeply nested: json recurses per level
         raise StatusError(f"the daemon's status is not valid JSON: {e}") from None
     version = doc.get("version") if isinstance(doc, dict) else None
     if version != VERSION:
@@ -286,6 +307,12 @@ def decode(data: bytes) -> Doc:
             f"unexpected status document (version {version}, this pep reads version "
             f"{VERSION}): is the daemon a different pep version?"
         )
+    for key, kind in _SHAPE.items():
+        if not isinstance(doc.get(key), kind):
+            raise StatusError(
+                f"the daemon's status document is malformed: {key!r} is "
+                f"{'missing' if key not in doc else type(doc[key]).__name__}"
+            )
     return doc
 
 

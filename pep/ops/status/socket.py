@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from pep.config import paths
 from pep.ops.status.document import Doc, StatusError, decode, encode
 
 __all__ = [
@@ -61,7 +62,9 @@ def bind_unix(path: str) -> socket.socket:
     """
     directory = os.path.dirname(path)
     try:
-        os.makedirs(directory, mode=0o750, exist_ok=True)
+        paths.ensure_dir(directory, mode=0o750)
+    except FileNotFoundError as e:
+        raise StatusError(f"status_socket {path}: {e}") from None
     except OSError as e:
         raise StatusError(
             f"status_socket {path}: cannot create {directory}: {e.strerror}"
