@@ -23,6 +23,14 @@ from dataclasses import dataclass
 from pep.config import schema as checks
 from pep.config.leg import LegTuning
 from pep.config.schema import key
+from pep.config.terminals import (
+    Terminal,
+    TerminalsFile,
+    TerminalTable,
+    plans_problem,
+    terminal_tables,
+    terminals_file,
+)
 
 __all__ = ["ETH_OVERHEAD", "Link", "default_congestion", "mss_for"]
 
@@ -82,6 +90,35 @@ class Link:
     # The link legs' retransmission timeout never backs off beyond this (TCP_RTO_MAX_MS), so
     # they resend within this long of the link's return. Unset: max(1 s, 1.5 x rtt).
     rto_max: float | None = key(None, checks.duration(RTO_MAX_MIN, RTO_MAX_MAX))
+    # A hub's terminals and their plans (pep.config.terminals), inline and/or from a file: the
+    # carrier is then shared among the terminals that are sending, weighted by plan and never
+    # above one (pep.link.terminalshare). None: one max-min share over all link legs.
+    terminals: tuple[Terminal, ...] = key((), terminal_tables)
+    terminals_file: TerminalsFile | None = key(None, terminals_file)  # noqa: RUF009
+
+    def problem(self) -> tuple[str, object, str] | None:
+        """What is wrong between the terminals, or with a plan against the carrier (config.build
+        reports it), or None."""
+        return plans_problem(
+            self.egress_rate, self.ingress_rate, self.terminals, self.terminals_file
+        )
+
+    def plans(self) -> TerminalTable:
+        """Every terminal, inline and from the file, for lookups by address."""
+        more = self.terminals_file.terminals if self.terminals_file is not None else ()
+        return TerminalTable((*self.terminals, *more))
+
+    def for_terminal(self, terminal: Terminal) -> Link:
+        """The link as one terminal sees it: its plan's rates, the carrier's RTT. Every number
+        derived here (BDP, initial windows, buffers, pacing capacity) then follows the plan, not
+        the carrier: a 1 Gbit/s carrier's 75 MB BDP is never a 10 Mbit/s terminal's window."""
+        return dataclasses.replace(
+            self,
+            egress_rate=terminal.egress_rate,
+            ingress_rate=terminal.ingress_rate,
+            terminals=(),
+            terminals_file=None,
+        )
 
     def bdp(self, direction: str) -> int:
         """Bytes in flight that fill ``egress`` or ``ingress`` for one round trip."""

@@ -278,6 +278,8 @@ def build(settings: Mapping[str, object]) -> Config:
         )
     if cfg.peer is not None and (problem := cfg.peer.problem()) is not None:
         raise ConfigError(*problem)
+    if cfg.link is not None and (problem := cfg.link.problem()) is not None:
+        raise ConfigError(*problem)
     if cfg.workers > 1 and not cfg.status_socket:
         raise ConfigError(
             "status_socket", "", "is needed with workers > 1 (the workers report through it)"

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pep.config import paths
+from pep.config.schema import Net
+from pep.kernel import terminal_routes
 from pep.kernel.tproxy_routes import PEP_PROTO, RoutingError
 
 __all__ = ["STATE_FILE", "LinkRoutes", "install", "remove", "route_text", "routes", "show"]
@@ -55,10 +58,15 @@ def routes() -> LinkRoutes:
     return LinkRoutes(Path(paths.runtime_dir()) / STATE_FILE)
 
 
-def install(interface: str, metrics: dict[int, dict[str, int]]) -> None:
+def install(
+    interface: str,
+    metrics: dict[int, dict[str, int]],
+    terminals: Sequence[tuple[Net, dict[int, dict[str, int]]]] = (),
+) -> None:
     """Initial windows (``metrics`` per family, from pep.config.link.Link.route_metrics) on every
-    route through ``interface``, replacing an earlier run's."""
-    routes().apply(interface, metrics)
+    route through ``interface``, replacing an earlier run's; with terminal plans, the routes to
+    each terminal network get its plan's (pep.kernel.terminal_routes)."""
+    routes().apply(interface, metrics, terminals)
 
 
 def remove() -> int:
@@ -76,48 +84,65 @@ class LinkRoutes:
 
     state: Path
 
-    def apply(self, interface: str, metrics: dict[int, dict[str, int]]) -> list[dict[str, Any]]:
-        """Give every route through ``interface`` these metrics (per family: 4/6), after
+    def apply(
+        self,
+        interface: str,
+        metrics: dict[int, dict[str, int]],
+        terminals: Sequence[tuple[Net, dict[int, dict[str, int]]]] = (),
+    ) -> list[dict[str, Any]]:
+        """Give every route through ``interface`` these metrics (per family: 4/6), or its
+        terminal's (``terminals``: each terminal network's metrics; a network that only a
+        wider route carries gets a route of its own, pep.kernel.terminal_routes), after
         putting back whatever an earlier run left. Returns the originals (what `show` and the
         status report). Raises RoutingError naming the route when one cannot be changed; what
         was changed by then is put back first."""
         self.restore()
         with IPRoute() as ipr:
             index = _ifindex(ipr, interface)
-            originals = [spec for spec in _routes(ipr) if spec["oifs"] and index in spec["oifs"]]
+            every = _routes(ipr)
+            originals = [spec for spec in every if spec["oifs"] and index in spec["oifs"]]
             originals = [s for s in originals if _changeable(s)]
-            if not originals:
+            changed, added = terminal_routes.plan(every, index, originals, metrics, terminals)
+            if not originals and not added:
                 return []
-            self._write(originals)
-            done = []
-            for spec in originals:
+            self._write(originals, [spec for spec, _ in added])
+            done: list[tuple[dict[str, Any], bool]] = []  # (route, added by pep)
+            steps = [(s, m, False) for s, m in changed] + [(s, m, True) for s, m in added]
+            for spec, mine, new in steps:
                 ours = dict(
-                    spec, proto=PEP_PROTO, metrics={**spec["metrics"], **metrics[spec["family"]]}
+                    spec, proto=PEP_PROTO, metrics={**spec["metrics"], **mine[spec["family"]]}
                 )
                 try:
                     _replace(ipr, ours)
                 except NetlinkError as e:
-                    for back in done:
+                    for back, ours_only in done:
                         with contextlib.suppress(NetlinkError):
-                            _replace(ipr, back)
+                            _delete(ipr, back) if ours_only else _replace(ipr, back)
                     self._unlink()
                     raise RoutingError(
                         f"cannot set initcwnd/initrwnd on `{route_text(spec)}`: {e.args[-1]}"
                     ) from None
-                done.append(spec)
+                done.append((spec, new))
         log.info(
             "link %s: initial windows set on %d route(s): %s",
             interface,
             len(originals),
             "; ".join(route_text(s) for s in originals),
         )
+        if added:
+            log.info(
+                "link %s: %d route(s) added for terminal networks that only a wider route "
+                "carried (their plans' initial windows; deleted on exit)",
+                interface,
+                len(added),
+            )
         return originals
 
     def restore(self) -> int:
         """Put back every route pep changed (this run's or a crashed one's); returns how many.
         Best effort: a route that cannot be put back is reported in a RoutingError after the
         others were."""
-        saved = self._read()
+        saved, added = self._read()
         failures = []
         restored = 0
         with IPRoute() as ipr:
@@ -125,7 +150,15 @@ class LinkRoutes:
                 s for s in _routes(ipr) if s["proto"] == PEP_PROTO and s["type"] == RTN_UNICAST
             ]
             by_key = {_key(s): s for s in saved}
+            ours = {_key(s) for s in added}
             for spec in tagged:
+                if _key(spec) in ours:  # a terminal network's own route: pep added it
+                    try:
+                        _delete(ipr, spec)
+                        restored += 1
+                    except NetlinkError as e:
+                        failures.append(f"`{route_text(spec)}` (to delete): {e.args[-1]}")
+                    continue
                 original = by_key.get(_key(spec))
                 if original is None:
                     original = dict(
@@ -159,23 +192,24 @@ class LinkRoutes:
 
     # --- the state file ------------------------------------------------------------------------
 
-    def _write(self, originals: list[dict[str, Any]]) -> None:
+    def _write(self, originals: list[dict[str, Any]], added: list[dict[str, Any]]) -> None:
         paths.ensure_dir(str(self.state.parent))
         tmp = self.state.with_name(self.state.name + ".tmp")
-        tmp.write_text(json.dumps({"routes": originals}, indent=1))
+        tmp.write_text(json.dumps({"routes": originals, "added": added}, indent=1))
         os.replace(tmp, self.state)  # the whole record or none: a crash never leaves half
 
-    def _read(self) -> list[dict[str, Any]]:
+    def _read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the routes pep changed, as they were; the routes pep added)."""
         try:
             data = json.loads(self.state.read_text())
-            routes = data["routes"]
-            assert isinstance(routes, list)
-            return routes
+            routes, added = data["routes"], data.get("added", [])
+            assert isinstance(routes, list) and isinstance(added, list)
+            return routes, added
         except FileNotFoundError:
-            return []
+            return [], []
         except (OSError, ValueError, KeyError, AssertionError) as e:
             log.warning("ignoring unreadable route state %s: %s", self.state, e)
-            return []
+            return [], []
 
     def _unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -266,7 +300,8 @@ def _key(spec: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _replace(ipr: IPRoute, spec: dict[str, Any]) -> None:
+def _identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """What names a route to netlink (the fib key, as ``_key``), as pyroute2 arguments."""
     af = socket.AF_INET6 if spec["family"] == 6 else socket.AF_INET
     kwargs: dict[str, Any] = {
         "family": af,
@@ -274,12 +309,16 @@ def _replace(ipr: IPRoute, spec: dict[str, Any]) -> None:
         "dst_len": spec["dst_len"],
         "tos": spec["tos"],
         "table": spec["table"],
-        "proto": spec["proto"],
-        "scope": spec["scope"],
-        "type": spec["type"],
-        "flags": spec["flags"],
     }
-    for key in ("priority", "gateway", "prefsrc"):
+    if spec["priority"] is not None:
+        kwargs["priority"] = spec["priority"]
+    return kwargs
+
+
+def _replace(ipr: IPRoute, spec: dict[str, Any]) -> None:
+    kwargs = _identity(spec)
+    kwargs.update(proto=spec["proto"], scope=spec["scope"], type=spec["type"], flags=spec["flags"])
+    for key in ("gateway", "prefsrc"):
         if spec[key] is not None:
             kwargs[key] = spec[key]
     if spec["multipath"]:
@@ -291,6 +330,12 @@ def _replace(ipr: IPRoute, spec: dict[str, Any]) -> None:
     if spec["metrics"]:
         kwargs["metrics"] = spec["metrics"]
     ipr.route("replace", **kwargs)
+
+
+def _delete(ipr: IPRoute, spec: dict[str, Any]) -> None:
+    """Delete a route pep added (proto 94 only: never someone else's with the same key; and
+    its scope, which the kernel matches unless told "nowhere")."""
+    ipr.route("del", **_identity(spec), proto=PEP_PROTO, scope=spec["scope"])
 
 
 def route_text(spec: dict[str, Any]) -> str:

@@ -64,6 +64,7 @@ class FlowShare:
     rate: float = 0.0  # payload bytes/s sent during the last tick
     sent: int = 0  # bytes sent, as of the last sample
     written: int = 0  # bytes pep had written into the socket, as of the last sample
+    terminal: str | None = None  # the terminal it sends to ([link] plans; pep.link.terminalshare)
 
 
 class ShareTable:

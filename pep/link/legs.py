@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -19,14 +20,16 @@ import trio
 
 from pep.config import LegTuning
 from pep.config.link import Link
-from pep.config.schema import ConfigError
+from pep.config.schema import ConfigError, Net
 from pep.link.pacer import LinkLeg, Sharer
 from pep.link.routequery import RouteCache
 from pep.link.slots import WorkerSlots
 from pep.link.watch import LinkWatch
 from pep.split.relay import RelayStats
 
-__all__ = ["LinkLegs", "check", "route_metrics"]
+__all__ = ["LinkLegs", "check", "route_metrics", "terminal_route_metrics"]
+
+log = logging.getLogger(__name__)
 
 
 def check(link: Link) -> tuple[int, int]:
@@ -45,6 +48,21 @@ def route_metrics(link: Link) -> dict[int, dict[str, int]]:
     """initcwnd/initrwnd per family for the routes through the link, at its interface's MTU."""
     _, mtu = check(link)
     return {family: link.route_metrics(mtu, family) for family in (4, 6)}
+
+
+def terminal_route_metrics(link: Link) -> list[tuple[Net, dict[int, dict[str, int]]]]:
+    """Each terminal network with its plan's initcwnd/initrwnd per family (the routes to it
+    get those instead of the carrier's: pep.kernel.link_routes)."""
+    plans = link.plans()
+    if not len(plans):
+        return []
+    _, mtu = check(link)
+    out = []
+    for terminal in plans:
+        plan = link.for_terminal(terminal)
+        metrics = {family: plan.route_metrics(mtu, family) for family in (4, 6)}
+        out += [(net, metrics) for net in terminal.networks]
+    return out
 
 
 class LinkLegs:
@@ -75,6 +93,7 @@ class LinkLegs:
             self.link = None
             return
         index, mtu = check(link)
+        self._warn_unrouted(link, index)
         if self.sharer is None:
             self.sharer = Sharer(link, index, mtu, routes=self.routes, slots=self.slots)
             sharer = self.sharer
@@ -89,6 +108,25 @@ class LinkLegs:
         assert self.watch is not None
         self.watch.configure(link)
         self.link = link
+
+    def _warn_unrouted(self, link: Link, index: int) -> None:
+        """A terminal network whose route does not leave through the link interface is a
+        warning, not an error (a route may come up later): its flows are never link legs."""
+        stray = [
+            f"{t.name} {net}"
+            for t in link.plans()
+            for net in t.networks
+            if self.routes.oif(str(net.network_address)) != index
+        ]
+        if stray:
+            shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+            log.warning(
+                "link %s: %d terminal network(s) not routed through it (no route, or one through "
+                "another interface): %s; flows to them are not shared as link legs",
+                link.interface,
+                len(stray),
+                shown,
+            )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The sharer's task, once there is a link (at start, or from the reload that adds
@@ -112,14 +150,21 @@ class LinkLegs:
         """Whether the route to ``host`` leaves through the link interface."""
         return self.link is not None and self.sharer is not None and self.sharer.faces_link(host)
 
-    def tuning(self, tuning: LegTuning) -> LegTuning:
+    def tuning(self, tuning: LegTuning, far: str | None = None) -> LegTuning:
+        """The link's buffers and congestion control; a terminal's leg (``far`` behind it)
+        gets buffers from its plan's BDP, not the carrier's."""
         assert self.link is not None
-        return self.link.leg_tuning(tuning)
+        link = self.link
+        if self.sharer is not None and (name := self.sharer.plans.terminal(far)) is not None:
+            link = link.for_terminal(self.sharer.plans.table.by_name[name])
+        return link.leg_tuning(tuning)
 
-    def join(self, sock: socket.socket, stats: RelayStats, up: bool) -> LinkLeg | None:
+    def join(
+        self, sock: socket.socket, stats: RelayStats, up: bool, far: str | None = None
+    ) -> LinkLeg | None:
         if self.link is None or self.sharer is None:
             return None
-        return self.sharer.open(sock, stats, up)
+        return self.sharer.open(sock, stats, up, far)
 
     @property
     def down(self) -> bool:

@@ -27,9 +27,11 @@ import trio
 
 from pep.config.link import Link
 from pep.link import tcpinfo
-from pep.link.fairshare import FlowShare, ShareTable
+from pep.link.fairshare import FlowShare
+from pep.link.plans import Plans
 from pep.link.routequery import RouteCache
 from pep.link.slots import WorkerSlots
+from pep.link.terminalshare import PlanShareTable
 from pep.split.relay import RelayStats
 from pep.split.sockopts import restart_congestion
 
@@ -57,12 +59,19 @@ class LinkLeg:
     """One link-leg socket in the sharer (pep.split.hooks.Paced: ``active`` is what the relay
     engine checks before it writes)."""
 
-    __slots__ = ("cappable", "flow", "fresh_at", "info", "sharer", "sock", "stats", "up")
+    __slots__ = ("cappable", "far", "flow", "fresh_at", "info", "sharer", "sock", "stats", "up")
 
     def __init__(
-        self, sharer: Sharer, flow: FlowShare, sock: socket.socket, stats: RelayStats, up: bool
+        self,
+        sharer: Sharer,
+        flow: FlowShare,
+        sock: socket.socket,
+        stats: RelayStats,
+        up: bool,
+        far: str | None = None,
     ) -> None:
         self.sharer, self.flow, self.sock, self.stats, self.up = sharer, flow, sock, stats, up
+        self.far = far  # the address across the link: its terminal's (pep.link.plans)
         self.info: tcpinfo.TcpInfo | None = None  # the last sample
         # Whether a cap may be set now. A Fast Open child is relayed while still in SYN_RECV,
         # and the kernel's pacing timer sends nothing in that state (tcp_tsq_write: established
@@ -83,6 +92,10 @@ class LinkLeg:
     @property
     def share(self) -> float:
         return self.flow.cap
+
+    @property
+    def terminal(self) -> str | None:
+        return self.flow.terminal
 
     @property
     def written(self) -> int:
@@ -120,7 +133,8 @@ class Sharer:
     ) -> None:
         self.link, self.ifindex, self.mtu = link, ifindex, mtu
         self.slots = slots  # with workers: the others' active counts
-        self.table = ShareTable(link.pacing_capacity(mtu), link.min_share)
+        self.plans = Plans.of(link, mtu)  # the terminals' plans, when [link] has them
+        self.table = PlanShareTable(link.pacing_capacity(mtu), link.min_share, self.plans.caps)
         self.routes = routes if routes is not None else RouteCache()
         self.legs: dict[int, LinkLeg] = {}
         self.totals = LinkTotals()
@@ -132,12 +146,17 @@ class Sharer:
     def faces_link(self, host: str) -> bool:
         return self.routes.oif(host) == self.ifindex
 
-    def open(self, sock: socket.socket, stats: RelayStats, up: bool) -> LinkLeg:
-        """A link-leg socket joins, idle, with an equal share as its cap until it wakes."""
+    def open(
+        self, sock: socket.socket, stats: RelayStats, up: bool, far: str | None = None
+    ) -> LinkLeg:
+        """A link-leg socket joins, idle, with an equal share as its cap until it wakes;
+        ``far``: the address across the link, whose terminal's plan it shares."""
         self._next_fid += 1
         fid = self._next_fid
-        cap = self.table.add(fid)
-        leg = LinkLeg(self, self.table.flows[fid], sock, stats, up)
+        terminal = self.plans.terminal(far)
+        self.plans.joined(terminal)
+        cap = self.table.add(fid, terminal)
+        leg = LinkLeg(self, self.table.flows[fid], sock, stats, up, far)
         self.legs[fid] = leg
         self.totals.flows += 1
         with contextlib.suppress(OSError):
@@ -156,6 +175,7 @@ class Sharer:
         if leg.info is not None:
             self.totals.bytes_sent += leg.info.bytes_sent
             self.totals.retransmits += leg.info.total_retrans
+            self.plans.closed(leg.terminal, leg.info)
         was_active = leg.flow.active
         self.table.remove(leg.flow.fid)
         if was_active:
@@ -172,6 +192,11 @@ class Sharer:
         """A reloaded [link] with another rate or RTT: the next reshare applies it."""
         self.link, self.mtu = link, mtu
         self.table.resize(link.pacing_capacity(mtu), link.min_share)
+        self.plans = Plans.of(link, mtu, self.plans)  # live legs: their terminal again
+        for leg in self.legs.values():
+            leg.flow.terminal = self.plans.terminal(leg.far)
+            self.plans.joined(leg.terminal)
+        self.table.replan(self.plans.caps)
         self._wakeup.set()
 
     # --- the task ------------------------------------------------------------------------------
@@ -218,6 +243,7 @@ class Sharer:
                 continue  # closing: close() takes it out
             before = leg.info.bytes_sent if leg.info is not None else 0
             sent += info.bytes_sent - before
+            self.plans.sent(flow.terminal, info.bytes_sent - before)
             leg.info = info
             if now - leg.fresh_at >= BBR_REFRESH and info.ca_state == TCP_CA_OPEN:
                 leg.fresh_at = now  # not in recovery: BBR keeps its recovery cwnd until done
@@ -225,6 +251,7 @@ class Sharer:
                     self.totals.congestion_restarts += 1
             self.table.sample(flow.fid, info.bytes_sent, leg.written, info.notsent_bytes, dt)
         self.totals.send_rate = sent / dt if dt > 0 else 0.0
+        self.plans.ticked(dt)
 
     def _apply(self, caps: dict[int, float]) -> None:
         for fid, cap in caps.items():
@@ -263,4 +290,5 @@ class Sharer:
             "bytes_sent": self.totals.bytes_sent + sum(i.bytes_sent for i in live),
             "retransmits": self.totals.retransmits + sum(i.total_retrans for i in live),
             "congestion_restarts": self.totals.congestion_restarts,
+            "terminals": self.plans.snapshot(self.legs.values()),
         }

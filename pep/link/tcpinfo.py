@@ -1,9 +1,9 @@
 """``struct tcp_info`` (getsockopt TCP_INFO): the fields pep reads, decoded with struct.
 
 Layout from include/uapi/linux/tcp.h; every field used here exists since Linux 4.19 (bytes_sent
-and bytes_retrans came last, in 4.19). The struct only ever grows at its end, so a shorter
-answer from an older kernel is padded with zeros rather than refused: a field the kernel does
-not have reads as 0.
+and bytes_retrans came last, in 4.19), but dsack_dups (5.3). The struct only ever grows at its
+end, so a shorter answer from an older kernel is padded with zeros rather than refused: a field
+the kernel does not have reads as 0.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ _FIELDS = (
     ("delivery_rate", 160, "Q"),
     ("bytes_sent", 200, "Q"),
     ("bytes_retrans", 208, "Q"),
+    ("dsack_dups", 216, "I"),  # 5.3
 )
 TCP_INFO_LEN = 232  # up to and including tcpi_snd_wnd (5.4); enough for every field above
 
@@ -69,6 +70,7 @@ class TcpInfo(NamedTuple):
     delivery_rate: int  # bytes/s
     bytes_sent: int  # including retransmissions
     bytes_retrans: int
+    dsack_dups: int  # segments the receiver reported as duplicates (D-SACK): spurious resends
 
 
 def _build() -> struct.Struct:

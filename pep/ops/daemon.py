@@ -89,7 +89,10 @@ def install_rules(cfg: Config) -> None:
     try:
         if cfg.link is not None:
             # a crashed run's changes are put back first
-            link_routes.install(cfg.link.interface, legs.route_metrics(cfg.link))
+            link = cfg.link
+            link_routes.install(
+                link.interface, legs.route_metrics(link), legs.terminal_route_metrics(link)
+            )
             installed.append(("the link's route metrics", link_routes.remove))
         else:
             link_routes.remove()  # a previous run's with [link], if any

@@ -213,7 +213,10 @@ class Runtime:
         if cfg.link != old.link and self.worker is None:  # the routes: the rules' owner's
             try:
                 if cfg.link is not None:
-                    link_routes.install(cfg.link.interface, legs.route_metrics(cfg.link))
+                    link = cfg.link
+                    link_routes.install(
+                        link.interface, legs.route_metrics(link), legs.terminal_route_metrics(link)
+                    )
                 else:
                     link_routes.remove()
             except RoutingError as e:

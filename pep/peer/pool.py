@@ -245,7 +245,7 @@ class PeerPool:
         try:
             tuning = self.cfg.upstream_tuning(host)
             if self.links.faces(host):
-                tuning = self.links.tuning(tuning)  # a link leg: the link's buffers and cc
+                tuning = self.links.tuning(tuning, host)  # a link leg: its buffers and cc
             apply_tuning(sock, tuning)
             apply_tuning(sock, self._keepalive())
             err = sock.connect_ex((host, port))

@@ -58,12 +58,17 @@ class LinkSide(Protocol):
         """Whether the route to ``host`` leaves through the link interface."""
         ...
 
-    def tuning(self, tuning: LegTuning) -> LegTuning:
-        """A link leg's tuning: ``tuning`` with the link's buffers and congestion control."""
+    def tuning(self, tuning: LegTuning, far: str | None = None) -> LegTuning:
+        """A link leg's tuning: ``tuning`` with the link's buffers and congestion control
+        (``far``: the address across the link, whose terminal's plan sizes the buffers)."""
         ...
 
-    def join(self, sock: socket.socket, stats: RelayStats, up: bool) -> Paced | None:
-        """Enter a link-leg socket in the sharer (None: no sharing to join)."""
+    def join(
+        self, sock: socket.socket, stats: RelayStats, up: bool, far: str | None = None
+    ) -> Paced | None:
+        """Enter a link-leg socket in the sharer (None: no sharing to join); ``far``: the
+        address across the link (the client of a connection that arrived on it, the
+        destination of one routed into it), whose terminal's plan it shares."""
         ...
 
     # The link's outages (pep.link.watch): a wait for an answer across the link does not count
@@ -99,10 +104,12 @@ class _NoLink:
     def faces(self, host: str) -> bool:
         return False
 
-    def tuning(self, tuning: LegTuning) -> LegTuning:
+    def tuning(self, tuning: LegTuning, far: str | None = None) -> LegTuning:
         return tuning
 
-    def join(self, sock: socket.socket, stats: RelayStats, up: bool) -> Paced | None:
+    def join(
+        self, sock: socket.socket, stats: RelayStats, up: bool, far: str | None = None
+    ) -> Paced | None:
         return None
 
     down = False

@@ -238,7 +238,9 @@ class Sessions:
         log.debug("split %s:%d -> %s:%d flow=%s connect=%.1fms", *peer, *dst, flow_text, connect_ms)
         stats = RelayStats(up=first)
         self.table.established(conn, stats, connect_ms / 1000)
-        legs = self._link_legs(client, client_via, upstream, upstream_via, stats)
+        legs = self._link_legs(
+            client, (client_via, peer[0]), upstream, (upstream_via, dst[0]), stats
+        )
         conn.links = legs
         try:
             await self.relayer.relay(
@@ -266,9 +268,9 @@ class Sessions:
     def _link_legs(
         self,
         client: socket.socket,
-        client_via: str,
+        client_at: tuple[str, str],
         upstream: socket.socket,
-        upstream_via: str,
+        upstream_at: tuple[str, str],
         stats: RelayStats,
     ) -> tuple[Paced | None, Paced | None]:
         """The legs of this connection that send into the link, entered in its sharer: the
@@ -276,15 +278,18 @@ class Sessions:
         it), the upstream leg when the destination is (its tuning was set before connect,
         pep.split.upstream.open_for). A client leg gets the link's tuning here: its buffers
         are the listener's (pep.split.listener sets them for connections arriving on the
-        link)."""
+        link). Each ``*_at`` is (where the socket goes, the address across the link it
+        serves: the client's, or the destination's; with [peer] the client's own behind the
+        pooled connection), which names a hub's terminal."""
         links = self.links
+        (client_via, client_far), (upstream_via, upstream_far) = client_at, upstream_at
         on_client = None
         if links.faces(client_via):
-            apply_tuning(client, links.tuning(self.cfg.client))
-            on_client = links.join(client, stats, up=False)
+            apply_tuning(client, links.tuning(self.cfg.client, client_far))
+            on_client = links.join(client, stats, up=False, far=client_far)
         on_upstream = None
         if links.faces(upstream_via):
-            on_upstream = links.join(upstream, stats, up=True)
+            on_upstream = links.join(upstream, stats, up=True, far=upstream_far)
         return on_client, on_upstream
 
     async def _first_bytes(self, client: socket.socket) -> bytes:

@@ -133,7 +133,7 @@ async def open_for(
     tuning = cfg.upstream_tuning(dst[0])
     link = NO_LINK
     if links.faces(dst[0]):
-        tuning = links.tuning(tuning)
+        tuning = links.tuning(tuning, dst[0])
         link = links
     give_up = trio.current_time() + link.hold
     while True:

@@ -339,18 +339,24 @@ async def test_workers_share_one_link_between_them(
 def test_bad_link_values_exit_2_with_nothing_installed(
     topo: Topology, tmp_path: Path, table: str, key: str
 ) -> None:
-    before_rules, before_routes = rules_in(topo, "gw"), routes(topo)
     conf = tmp_path / "pep.toml"
     conf.write_text("[link]\n" + table + "\n")
+    assert f"config: {key} = " in refused_with_nothing_installed(topo, conf)
+
+
+def refused_with_nothing_installed(topo: Topology, conf: Path) -> str:
+    """`pep run --config conf` in the gateway exits 2 and leaves its rules and routes as they
+    were: what it said (stderr)."""
+    before_rules, before_routes = rules_in(topo, "gw"), routes(topo)
     r = topo.run(
         "gw",
         [sys.executable, "-m", "pep.ops.cli", "run", "--config", str(conf), "-i", INGRESS],
         timeout=30,
     )
     assert r.returncode == 2, r.stderr
-    assert f"config: {key} = " in r.stderr, r.stderr
     assert rules_in(topo, "gw") == before_rules
     assert routes(topo) == before_routes
+    return r.stderr
 
 
 def test_a_lab_run_of_6_parallel_fetches_is_byte_exact() -> None:

@@ -203,6 +203,25 @@ def _merge_state(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> An
     return {**seen, "up": a["up"] and b["up"], "down_for_s": max(down_for, default=None)}
 
 
+# A terminal's plan, the same in every worker; the rest of its row is summed over workers.
+_PLAN_KEYS = ("egress_bps", "ingress_bps", "plan_capacity_bps")
+
+
+def _merge_terminals(
+    into: list[dict[str, Any]], more: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """Workers' terminal rows (pep.link.plans), one per terminal: each worker paces its own
+    legs of a terminal, so their counts add up."""
+    rows = {row["name"]: row for row in into}
+    for row in more or ():
+        mine = rows.get(row["name"])
+        if mine is None:
+            rows[row["name"]] = dict(row)
+        else:
+            _add(mine, {k: v for k, v in row.items() if k not in _PLAN_KEYS})
+    return list(rows.values())
+
+
 def _add(into: dict[str, Any], more: Mapping[str, Any]) -> None:
     for k, v in more.items():
         if isinstance(v, int | float) and not isinstance(v, bool):
@@ -255,10 +274,15 @@ def merge(master: Doc, workers: Iterable[tuple[int, Doc | str]]) -> Doc:
         if doc.get("peer"):
             out["peer"] = _merge_peer(out.get("peer"), doc["peer"])
         if doc.get("link"):
-            link = out.get("link") or {**doc["link"], **dict.fromkeys(_LINK_SUMS, 0)}
+            link = out.get("link") or {
+                **doc["link"],
+                **dict.fromkeys(_LINK_SUMS, 0),
+                "terminals": [],
+            }
             for k in _LINK_SUMS:
                 link[k] += doc["link"].get(k, 0)
             link["state"] = _merge_state(link.get("state"), doc["link"].get("state"))
+            link["terminals"] = _merge_terminals(link["terminals"], doc["link"].get("terminals"))
             out["link"] = link
         if doc["kernel_queues"] is not None:
             out["kernel_queues"].extend(doc["kernel_queues"])

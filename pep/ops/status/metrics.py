@@ -229,6 +229,45 @@ def _link_families(link: dict[str, Any] | None) -> Iterator[Metric]:
     g.add_metric([link["interface"], "active"], link["flows_active"])
     g.add_metric([link["interface"], "idle"], link["flows"] - link["flows_active"])
     yield g
+    yield from _terminal_families(link.get("terminals") or [])
+
+
+# Per terminal ([link] plans, pep.link.plans): (kind, name, the row's key, help). The label set
+# is bounded: the terminals configured (those that have had a leg) and "(other)" for
+# addresses in none.
+_TERMINAL = (
+    ("gauge", "pep_terminal_share_bits", "share_bps", "Pacing caps of its active legs, payload."),
+    ("gauge", "pep_terminal_send_rate_bits", "send_rate_bps", "Payload bit/s its legs send now."),
+    ("counter", "pep_terminal_sent_bytes", "bytes_sent", "Bytes its link legs sent."),
+    ("counter", "pep_terminal_retransmits", "retransmits", "Segments its legs retransmitted."),
+    ("counter", "pep_terminal_lost", "lost", "Retransmitted segments not D-SACKed: drops."),
+)
+
+
+def _terminal_families(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    if not rows:
+        return
+    for kind, name, key, text in _TERMINAL:
+        cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        m = cls(name, text, labels=["terminal"])
+        for row in rows:
+            m.add_metric([row["name"]], row[key])
+        yield m
+    legs = GaugeMetricFamily(
+        "pep_terminal_legs",
+        "Its link legs open, by whether they send.",
+        labels=["terminal", "state"],
+    )
+    plan = GaugeMetricFamily(
+        "pep_terminal_plan_bits", "Its plan, bit/s.", labels=["terminal", "direction"]
+    )
+    for row in rows:
+        legs.add_metric([row["name"], "active"], row["legs_active"])
+        legs.add_metric([row["name"], "idle"], row["legs"] - row["legs_active"])
+        if row["egress_bps"] is not None:
+            plan.add_metric([row["name"], "egress"], row["egress_bps"])
+            plan.add_metric([row["name"], "ingress"], row["ingress_bps"])
+    yield from (legs, plan)
 
 
 def _peer_families(peer: dict[str, Any] | None) -> Iterator[Metric]:

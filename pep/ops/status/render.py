@@ -39,6 +39,39 @@ def _share(legs: Mapping[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+def _terminals(rows: list[dict[str, Any]] | None, limit: int) -> list[str]:
+    """The terminals that have link legs now ([link] plans; pep.link.plans): plan, share,
+    what they send, their legs, what TCP retransmitted and found lost."""
+    busy = [r for r in rows or () if r["legs"]]
+    if not busy:
+        return []
+    out = [f"terminals with link legs: {len(busy)} (of {len(rows or ())} seen)"]
+    table = [("  TERMINAL", "PLAN OUT/IN", "SHARE", "SENDING", "LEGS", "RETRANS", "LOST")]
+    for r in busy[:limit]:
+        plan = (
+            f"{_rate(r['egress_bps'])} / {_rate(r['ingress_bps'])}"
+            if r["egress_bps"] is not None
+            else "none (no terminal)"
+        )
+        table.append(
+            (
+                f"  {r['name']}",
+                plan,
+                _rate(r["share_bps"]),
+                _rate(r["send_rate_bps"]),
+                f"{r['legs_active']}/{r['legs']} active",
+                str(r["retransmits"]),
+                str(r["lost"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        out.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    if len(busy) > limit:
+        out.append(f"  ... and {len(busy) - limit} more (--json lists all)")
+    return out
+
+
 def _duration(s: float) -> str:
     if s < 60:
         return f"{s:.1f}s"
@@ -112,6 +145,7 @@ def render(doc: Doc, limit: int = 200) -> str:
                 f"link {link['interface']} is {now}: {state['outages']} outage(s), "
                 f"{state['outage_seconds']:.1f} s down in all"
             )
+    lines += _terminals(link.get("terminals") if link else None, limit)
     if doc["kernel_queues"] is None:
         lines.append(f"kernel queues: unavailable ({doc['kernel_queues_error']})")
     else:

@@ -1,0 +1,137 @@
+"""Sharing a hub's carrier among its terminals, then each terminal's part among its flows
+(sans-IO; pep.link.fairshare.ShareTable calls it when [link] has terminal plans).
+
+A hub sends to many terminals through one carrier, and each terminal's plan is a queue at the
+hub's modem that drains at the plan's rate. One max-min share over all flows ignores that: six
+flows to one terminal and one to another get six sevenths and one seventh of the carrier, the
+first terminal's plan queue overflows and the second gets a seventh of what it pays for
+(measured: docs/DESIGN.md, "A hub serves a star of terminals"). So the shares are hierarchical:
+
+1. the carrier is shared among the terminals that have active flows, weighted by their plans
+   and never above a plan (weighted max-min, ``weighted_fill``): a terminal whose flows want
+   less than its weighted share is given what they want (with the usual headroom, applied to
+   each flow's demand before it gets here), and the rest goes to the others;
+2. what the terminals leave goes to the flows of addresses in no terminal, max-min among them,
+   as all flows were shared before plans existed;
+3. what is still left is spread over the terminals below their plans (weighted, up to the
+   plan), so a flow that speeds up is not held back for a tick: the caps add up to the carrier
+   whenever the plans allow it;
+4. each terminal's part is shared max-min among its flows (pep.link.fairshare.fair_shares).
+
+The cost is O(F log F) for F active flows whatever the number of configured terminals: only
+terminals with active flows take part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from pep.link.fairshare import HEADROOM, ShareTable, fair_shares
+
+__all__ = ["PlanShareTable", "hierarchical_shares", "weighted_fill"]
+
+
+def weighted_fill(
+    capacity: float, weights: Sequence[float], limits: Sequence[float]
+) -> list[float]:
+    """Weighted max-min (water-filling): each ``i`` gets ``weights[i] * level`` but at most
+    ``limits[i]``, with the level such that the whole ``capacity`` is given (or every one is
+    at its limit). Taking them in order of limit per weight, a capped one's rest raises the
+    level for those after it."""
+    n = len(weights)
+    alloc = [0.0] * n
+    left, total = max(0.0, capacity), float(sum(weights))
+    for i in sorted(range(n), key=lambda i: limits[i] / weights[i] if weights[i] > 0 else 0.0):
+        if total <= 0:
+            break
+        alloc[i] = min(limits[i], left * weights[i] / total)
+        left -= alloc[i]
+        total -= weights[i]
+    return alloc
+
+
+def hierarchical_shares(
+    capacity: float,
+    terminals: Sequence[str | None],
+    demands: Sequence[float | None],
+    plans: Mapping[str, float],
+    floor: float = 0.0,
+) -> list[float]:
+    """Each flow's cap (payload bytes/s): flow ``i`` belongs to ``terminals[i]`` (None: to no
+    terminal, or to one no longer in ``plans``) and wants ``demands[i]`` (None: all it can
+    get). ``plans``: each terminal's cap, which is also its weight. No cap is below ``floor``
+    (which may, with many flows on a small plan, put a terminal above its plan: the floor keeps
+    each flow's ACK clock alive)."""
+    groups: dict[str, list[int]] = {}
+    others: list[int] = []
+    for i, name in enumerate(terminals):
+        if name is not None and name in plans:
+            groups.setdefault(name, []).append(i)
+        else:
+            others.append(i)
+    names = list(groups)
+    plan = [plans[name] for name in names]
+    wants = []
+    for name, cap in zip(names, plan, strict=True):
+        mine = [demands[i] for i in groups[name]]
+        wants.append(cap if any(d is None for d in mine) else min(cap, sum(mine)))  # type: ignore[arg-type]
+    part = weighted_fill(capacity, plan, wants)  # 1.
+    left = capacity - sum(part)
+    out = [0.0] * len(demands)
+    if others:  # 2.
+        theirs = [demands[i] for i in others]
+        wanted = sum(d for d in theirs if d is not None) if None not in theirs else left
+        given = min(left, wanted)
+        left -= given
+        rest = [p - w for p, w in zip(plan, part, strict=True)]
+        extra = weighted_fill(left, plan, rest) if left > 1e-9 else [0.0] * len(part)  # 3.
+        part = [p + e for p, e in zip(part, extra, strict=True)]
+        left -= sum(extra)
+        for i, cap in zip(others, fair_shares(given + max(0.0, left), theirs, floor), strict=True):
+            out[i] = cap
+    elif left > 1e-9:
+        rest = [p - w for p, w in zip(plan, part, strict=True)]
+        part = [p + e for p, e in zip(part, weighted_fill(left, plan, rest), strict=True)]  # 3.
+    for name, share in zip(names, part, strict=True):  # 4.
+        members = groups[name]
+        for i, cap in zip(
+            members, fair_shares(share, [demands[i] for i in members], floor), strict=True
+        ):
+            out[i] = cap
+    return out
+
+
+class PlanShareTable(ShareTable):
+    """pep.link.fairshare.ShareTable with terminal plans: a flow registered with its terminal
+    is shared hierarchically (``hierarchical_shares``); with no plans, exactly as before."""
+
+    def __init__(
+        self, capacity: float, floor: float = 0.0, plans: Mapping[str, float] | None = None
+    ) -> None:
+        super().__init__(capacity, floor)
+        self.plans: Mapping[str, float] = plans or {}
+
+    def add(self, fid: int, terminal: str | None = None) -> float:
+        """As ShareTable.add; a terminal's flow starts at most at its plan."""
+        cap = super().add(fid)
+        flow = self.flows[fid]
+        flow.terminal = terminal
+        if terminal in self.plans:
+            flow.cap = cap = min(cap, max(self.floor, self.plans[terminal]))  # type: ignore[index]
+        return cap
+
+    def replan(self, plans: Mapping[str, float]) -> None:
+        """Reloaded plans (each flow's terminal is set again by the caller): the next reshare
+        applies them."""
+        self.plans = plans
+        self.dirty = True
+
+    def _shares(self) -> dict[int, float]:
+        if not self.plans:
+            return super()._shares()
+        active = list(self.active.values())
+        demands = [None if f.backlogged else f.rate * HEADROOM for f in active]
+        caps = hierarchical_shares(
+            self.capacity, [f.terminal for f in active], demands, self.plans, self.floor
+        )
+        return {f.fid: cap for f, cap in zip(active, caps, strict=True)}
