@@ -25,36 +25,23 @@ from pathlib import Path
 import trio
 
 from bench.bulk import machine
-from bench.paths import bench_topology, fd_count, path, rss_kib
+from bench.paths import SELECT_SERVER, bench_topology, fd_count, path, rss_kib
 from pep.testing.netenv import SERVER_IP
 from pep.testing.topology import Topology, ns_socket
 
 PORT = 7000
 # A tiny echo server for the server namespace: holds every connection until the peer closes.
-SERVER = """
-import socket, selectors, resource
-resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
-ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("{ip}", {port})); ls.listen(4096); ls.setblocking(False)
-sel = selectors.DefaultSelector(); sel.register(ls, selectors.EVENT_READ)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is ls:
-            try:
-                c, _ = ls.accept()
-            except OSError:
-                continue
-            c.setblocking(False); sel.register(c, selectors.EVENT_READ)
-        else:
-            try:
-                data = key.fileobj.recv(65536)
+SERVER = SELECT_SERVER.replace("{event}", "EVENT_READ").replace(
+    "{action}",
+    """            try:
+                data = conn.recv(65536)
             except OSError:
                 data = b""
             if data:
-                key.fileobj.send(data)
+                conn.send(data)
             else:
-                sel.unregister(key.fileobj); key.fileobj.close()
-"""
+                close(conn)""",
+)
 
 
 async def open_all(topo: Topology, n: int, parallel: int) -> list[trio.socket.SocketType]:

@@ -53,6 +53,33 @@ CONNECTING_NODES = ("client", "gw")
 BENCH_SYSCTLS = {"net.ipv4.tcp_tw_reuse": 1, "net.ipv4.ip_local_port_range": "1024 65535"}
 
 
+# A server for thousands of connections in the server namespace (a script for `python -c`):
+# accepts every connection, registers it for ``event`` (EVENT_READ or EVENT_WRITE) and runs
+# ``action`` (statements on ``conn``, indented 12 spaces) when it is ready; an empty read or an
+# error closes it (``close(conn)``).
+SELECT_SERVER = """
+import socket, selectors, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("{ip}", {port})); ls.listen(4096); ls.setblocking(False)
+sel = selectors.DefaultSelector(); sel.register(ls, selectors.EVENT_READ)
+chunk = bytes(65536)
+def close(conn):
+    sel.unregister(conn); conn.close()
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is ls:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                continue
+            c.setblocking(False); sel.register(c, selectors.{event})
+        else:
+            conn = key.fileobj
+{action}
+"""
+
+
 @contextlib.contextmanager
 def bench_topology(tag: str) -> Iterator[Topology]:
     """The test topology (pep/testing/netenv.py) with the connecting nodes set up for load."""

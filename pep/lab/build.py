@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pep.config.link import default_congestion
 from pep.config.peer import keygen
-from pep.lab import cluster
+from pep.lab import cluster, star_build
 from pep.lab.plan import (
     HOST_TCP_RMEM,
     HOST_TCP_WMEM,
@@ -62,14 +62,18 @@ def up(spec: LabSpec, progress: Callable[[str], None] | None = None) -> Lab:
         topology=spec.topology,
         profile=spec.profile,
         pep=spec.pep,
-        peer=spec.peer and spec.pep and spec.topology == "symmetric",
+        peer=spec.peer and spec.pep and spec.topology in ("symmetric", "star"),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
+    if spec.topology == "star":
+        lab.star = star_build.settings(spec)
     shutil.rmtree(lab.dir, ignore_errors=True)  # a stale state dir without namespaces
     lab.dir.mkdir(parents=True)
     try:
         if lab.topology in cluster.CLUSTERS:
             cluster.build(lab, say)
+        elif lab.topology == "star":
+            star_build.build(lab, say)
         else:
             _build(lab, say)
     except BaseException as e:
@@ -83,7 +87,7 @@ def up(spec: LabSpec, progress: Callable[[str], None] | None = None) -> Lab:
 def _build(lab: Lab, say: Callable[[str], None]) -> None:
     from pyroute2 import NetNS
 
-    from pep.testing.topology import Topology, sysctl
+    from pep.testing.topology import Topology
 
     profile = lab.profile
     nodes, links, routes = plan(lab.topology)
@@ -106,18 +110,7 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
             dst, _, gw = text.partition(" via ")
             topo.route(node, dst, gw)
     for node in nodes:
-        ns = lab.ns(node)
-        notes = lab.settings.setdefault(node, [])
-        # A finished connection's cached ssthresh/RTT would shape the next one (the demo
-        # fetches the same server again and again): every fetch starts from scratch.
-        sysctl(ns, "net.ipv4.tcp_no_metrics_save", 1)
-        if node in ("client", "server"):
-            sysctl(ns, "net.ipv4.tcp_rmem", HOST_TCP_RMEM)
-            sysctl(ns, "net.ipv4.tcp_wmem", HOST_TCP_WMEM)
-            notes += [f"tcp_rmem {HOST_TCP_RMEM}", f"tcp_wmem {HOST_TCP_WMEM}"]
-        elif node in peps:
-            sysctl(ns, "net.ipv4.tcp_fastopen", TFO_SYSCTL)
-            notes.append(f"tcp_fastopen {TFO_SYSCTL:#x}")
+        node_sysctls(lab, node, host=node in ("client", "server"), pep=node in peps)
     if profile.loss > 0:
         # The senders into the link hand it GSO packets of up to 64 KB; `-m statistic` would
         # drop one of those as one packet, i.e. up to 45 segments at a time and far fewer
@@ -190,6 +183,24 @@ def _build(lab: Lab, say: Callable[[str], None]) -> None:
     lab.save()
 
 
+def node_sysctls(lab: Lab, node: str, host: bool, pep: bool) -> None:
+    """What the lab sets on a node (README "What the lab sets on the nodes"): an end ``host``
+    gets the buffers' maximum raised, a ``pep`` node Fast Open without cookies."""
+    from pep.testing.topology import sysctl
+
+    ns, notes = lab.ns(node), lab.settings.setdefault(node, [])
+    # A finished connection's cached ssthresh/RTT would shape the next one (the demo
+    # fetches the same server again and again): every fetch starts from scratch.
+    sysctl(ns, "net.ipv4.tcp_no_metrics_save", 1)
+    if host:
+        sysctl(ns, "net.ipv4.tcp_rmem", HOST_TCP_RMEM)
+        sysctl(ns, "net.ipv4.tcp_wmem", HOST_TCP_WMEM)
+        notes += [f"tcp_rmem {HOST_TCP_RMEM}", f"tcp_wmem {HOST_TCP_WMEM}"]
+    elif pep:
+        sysctl(ns, "net.ipv4.tcp_fastopen", TFO_SYSCTL)
+        notes.append(f"tcp_fastopen {TFO_SYSCTL:#x}")
+
+
 def make_certificate(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for the object server's HTTPS (name "lab", ECDSA P-256, two
     days): the HTTPS workload checks it as its CA, so TLS is real, not skipped."""
@@ -226,7 +237,9 @@ def disable_segmentation_offload(ns: str, ifname: str) -> None:
         ethtool.close()
 
 
-def delayline_argv(lab: Lab) -> list[str]:
+def delayline_argv(lab: Lab, up_if: str = "cl0", down_if: str = "sv0") -> list[str]:
+    """The delay line's command; ``up_if``/``down_if``: where uplink and downlink packets
+    arrive at the link node (the star's: br0 from the terminals, hub0 from the hub)."""
     p = lab.profile
     buffer_ms = max(p.queue_s * 1000, 1.0)  # the tbf queue behind the delay line
     return [
@@ -234,9 +247,9 @@ def delayline_argv(lab: Lab) -> list[str]:
         "-m",
         "pep.lab.delayline",
         "--up-if",
-        "cl0",
+        up_if,
         "--down-if",
-        "sv0",
+        down_if,
         "--delay-ms",
         f"{p.rtt_ms / 2:g}",
         "--up-rate",

@@ -49,16 +49,36 @@ def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
     )
     g.add_argument(
         "--topology",
-        choices=("symmetric", "one-ended", "ha", "ecmp"),
+        choices=("symmetric", "one-ended", "ha", "ecmp", "star"),
         default="symmetric",
         help="client-pepa-link-pepb-server, or client-pepa-link-server (default symmetric); "
-        "ha: two gateways with VRRP (keepalived), ecmp: a router spreading flows over two",
+        "ha: two gateways with VRRP (keepalived), ecmp: a router spreading flows over two; "
+        "star: a hub pep serving --terminals N terminals, each with its plan",
     )
     g.add_argument(
         "--no-peer",
         action="store_true",
         help="symmetric topology: the PEPs without pre-connected legs ([peer]), which they "
         "keep by default",
+    )
+    s = p.add_argument_group("star (--topology star)")
+    s.add_argument(
+        "--terminals",
+        type=int,
+        metavar="N",
+        help="terminals behind the hub, 2 to 32 (default 2; bench 4)",
+    )
+    s.add_argument(
+        "--terminal-pep",
+        choices=("yes", "no"),
+        default="yes",
+        help="whether each terminal runs its own pep with [peer] to the hub (default yes)",
+    )
+    s.add_argument(
+        "--plans",
+        metavar="LIST",
+        help="each terminal's downlink plan, e.g. 10mbit,10mbit,5mbit, or DOWN/UP "
+        "(10mbit/2mbit); one for all or one per terminal (default half the carrier each way)",
     )
 
 
@@ -145,12 +165,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         if name == "bench":
             p.add_argument(
                 "--workloads",
-                default=",".join(DEFAULT_WORKLOADS),
+                default=None,
                 help="comma-separated, of: single (one fetch per size), parallel (1, 3, 6, 20 "
                 "x 1 MB at once), upload (6 x 1 MB at once), page (HTML + 40 objects over 6 "
                 "keep-alive connections), interactive (10 x 10 KB idle and during a 50 MB "
                 "download), loss (10 MB at 0.5 %% loss, its own lab), https (TLS 1.3, 100 KB and 1 "
-                "MB), idle (1 MB after 2 idle minutes); default all but idle",
+                "MB), idle (1 MB after 2 idle minutes); default all but idle. --topology star: "
+                "neighbours (t1 6 x 1 MB while t2 fetches 2 MB), oversubscribed (4 terminals x "
+                "3 x 5 MB), planchange (t1's plan halved during 20 MB); default all three",
             )
             p.add_argument(
                 "--reps",
@@ -216,7 +238,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         prof = _profile(args)  # parse errors before anything else
     check_environment()
     if cmd == "up":
-        spec = LabSpec(prof, args.topology, not args.no_pep, args.prefix, peer=not args.no_peer)
+        spec = LabSpec(
+            prof, args.topology, not args.no_pep, args.prefix, peer=not args.no_peer,
+            **_star(args, prof, 2),
+        )  # fmt: skip
         up(spec, lambda msg: print(msg, file=sys.stderr, flush=True))
         print(status_text(args.prefix))
         return 0
@@ -279,12 +304,15 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
         raise profiles.ParseError(f"--reps {reps}: must be at least 1")
     if args.topology in ("ha", "ecmp"):
         return _cluster_bench(args, prof)
+    if args.topology == "star":
+        return _star_bench(args, prof, reps or 3)
     reps = reps or (1 if args.lab_command == "demo" else 3)
     sizes = profiles.parse_sizes(args.sizes)
     if args.lab_command == "demo":
         chosen = bench.selected(["single", "parallel"], sizes, parallel=(6,))
     else:
-        names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+        names = [n.strip() for n in (args.workloads or ",".join(DEFAULT_WORKLOADS)).split(",")]
+        names = [n for n in names if n]
         unknown = [n for n in names if n not in WORKLOADS]
         if unknown or not names:
             raise profiles.ParseError(
@@ -310,6 +338,42 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
     print(f"chart: {args.out}")
     if getattr(args, "json", None):
         report.write_json(result, args.json)
+        print(f"json: {args.json}")
+    progress.say(f"done in {result.elapsed:.0f} s")
+    return 0
+
+
+def _star(args: argparse.Namespace, prof, terminals: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """LabSpec's star fields from the options (the plans parsed here: exit 2 when bad)."""
+    if args.topology != "star":
+        return {}
+    from pep.lab.star import parse_plans
+
+    n = args.terminals if args.terminals is not None else terminals
+    plans = parse_plans(args.plans, n, prof) if args.plans else ()
+    return {"terminals": n, "plans": plans, "terminal_pep": args.terminal_pep == "yes"}
+
+
+def _star_bench(args: argparse.Namespace, prof, reps: int) -> int:  # type: ignore[no-untyped-def]
+    from pep.lab import profiles, star_bench
+    from pep.lab.bench import Progress
+    from pep.lab.plan import LabError, LabSpec
+
+    if args.lab_command != "bench":
+        raise LabError("--topology star: `pep lab bench` (or `up`) only")
+    names = [n.strip() for n in (args.workloads or ",".join(star_bench.WORKLOADS)).split(",")]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in star_bench.WORKLOADS]
+    if unknown or not names:
+        raise profiles.ParseError(
+            f"--workloads {args.workloads!r}: choose from {', '.join(star_bench.WORKLOADS)}"
+        )
+    spec = LabSpec(prof, "star", True, args.prefix, peer=not args.no_peer, **_star(args, prof, 4))
+    progress = Progress()
+    result = star_bench.run(spec, names, reps, args.timeout, progress)
+    print(star_bench.format_run(result))
+    if getattr(args, "json", None):
+        star_bench.write_json(result, args.json)
         print(f"json: {args.json}")
     progress.say(f"done in {result.elapsed:.0f} s")
     return 0

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pep.lab.profiles import LinkProfile
 
@@ -45,7 +46,7 @@ SERVER_IP = "10.78.4.2"
 SERVER_PORT = 80
 TLS_PORT = 443  # the object server's HTTPS (pep.lab.build.make_certificate)
 TLS_CERT = "tls-cert.pem"  # in the lab's directory
-TOPOLOGIES = ("symmetric", "one-ended", "ha", "ecmp")
+TOPOLOGIES = ("symmetric", "one-ended", "ha", "ecmp", "star")
 # A prefix never contains '-': namespace names are "{prefix}-{node}" and cleanup matches
 # "{prefix}-*", so "lab" must not match the namespaces of a lab called "lab-x".
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,23}$")
@@ -80,6 +81,11 @@ class LabSpec:
     prefix: str = "peplab"
     # The symmetric topology's PEPs keep pre-connected legs ([peer]) unless told not to.
     peer: bool = True
+    # --topology star (pep.lab.star): each terminal's plan (default: the profile's, for
+    # ``terminals`` of them), and whether each terminal runs its own pep.
+    terminals: int = 2
+    plans: tuple[Any, ...] = ()
+    terminal_pep: bool = True
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pep.lab.plan import PEP_NODES, LabError
 from pep.lab.profiles import LinkProfile
@@ -79,6 +80,8 @@ class Lab:
     nodes: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> {iface: addr}
     settings: dict[str, list[str]] = field(default_factory=dict)  # node -> what was set
     procs: dict[str, dict[str, object]] = field(default_factory=dict)
+    # --topology star (pep.lab.star): {"plans": [[down, up] bit/s per terminal], "terminal_pep"}
+    star: dict[str, Any] = field(default_factory=dict)
     _children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     @property
@@ -90,6 +93,8 @@ class Lab:
 
     @property
     def pep_nodes(self) -> list[str]:
+        if self.star:  # the hub, and each terminal when it runs its own pep
+            return ["hub"] + [n for n in self.nodes if n[0] == "t" and self.star["terminal_pep"]]
         return [n for n in PEP_NODES if n in self.nodes]
 
     # --- state file ---------------------------------------------------------------------------
@@ -106,6 +111,7 @@ class Lab:
             "nodes": self.nodes,
             "settings": self.settings,
             "procs": self.procs,
+            "star": self.star,
         }
         tmp = self.dir / "lab.json.tmp"
         tmp.write_text(json.dumps(data, indent=1))
@@ -128,6 +134,7 @@ class Lab:
             nodes=data.get("nodes", {}),
             settings=data.get("settings", {}),
             procs=data.get("procs", {}),
+            star=data.get("star", {}),
         )
 
     # --- processes ----------------------------------------------------------------------------

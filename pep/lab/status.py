@@ -83,7 +83,7 @@ def status_text(prefix: str) -> str:
         present = "" if ns in namespaces else "  (namespace MISSING)"
         addrs = ", ".join(f"{i} {a}" for i, a in ifaces.items()) or "a switch (bridge br0)"
         lines.append(f"  {node:<7} {ns:<{len(prefix) + 8}} {addrs}{present}")
-        if node in PEP_NODES:
+        if node in PEP_NODES or node in lab.pep_nodes:
             if not lab.pep:
                 lines.append("          pep: not used (--no-pep)")
             elif node in lab.procs:
@@ -101,6 +101,7 @@ def status_text(prefix: str) -> str:
             lines.append(f"          object server :{SERVER_PORT}: {state}")
         for note in lab.settings.get(node, []):
             lines.append(f"          {note}")
+    lines += _plans(lab)
     conf = lab.dir / "keepalived-gwa.conf"
     if conf.exists():
         lines.append(f"keepalived.conf of gwa ({conf}; gwb's differs in priority only):")
@@ -109,9 +110,35 @@ def status_text(prefix: str) -> str:
     return "\n".join(lines)
 
 
+def _plans(lab: Lab) -> list[str]:
+    """A star lab's terminals: each plan (the modem's classes and the hub's plans file), its
+    addresses, and what its queue at the modem dropped so far (root only; else not shown)."""
+    if not lab.star:
+        return []
+    from pep.lab.star_build import queue_drops, star_of
+
+    star = star_of(lab)
+    try:
+        drops: dict[str, int] | None = queue_drops(lab)
+    except OSError:
+        drops = None
+    file = lab.dir / "terminals.txt"
+    lines = [
+        f"terminals: {len(star.plans)}, plans {'in ' + str(file) if file.exists() else '(no pep)'}"
+        + f"; terminal peps {'yes' if star.terminal_pep else 'no'}"
+    ]
+    for i, (name, plan) in enumerate(zip(star.names, star.plans, strict=True), start=1):
+        dropped = "" if drops is None else f", {drops[name]} dropped at its queue"
+        lines.append(
+            f"  {name}: plan {plan.text()} down/up, client c{i} {star.client(i)}, "
+            f"networks {' '.join(star.networks(i))}{dropped}"
+        )
+    return lines
+
+
 def _interfaces(lab: Lab, node: str) -> str:
     """What this pep was told to split: its config's ``interfaces`` (the lab wrote it)."""
     try:
         return ", ".join(tomllib.loads(lab.config(node).read_text())["interfaces"])
     except (OSError, tomllib.TOMLDecodeError, KeyError):
-        return PEP_NODES[node][0]
+        return PEP_NODES.get(node, ("?",))[0]

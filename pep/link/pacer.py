@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 import trio
@@ -98,6 +99,11 @@ class LinkLeg:
         return self.flow.terminal
 
     @property
+    def rate(self) -> float:
+        """Payload bytes/s it sent during the last tick (pep status's per-terminal rates)."""
+        return self.flow.rate
+
+    @property
     def written(self) -> int:
         """Bytes pep has written into this socket (the relay's count for its direction)."""
         return self.stats.up if self.up else self.stats.down
@@ -118,6 +124,8 @@ class LinkTotals:
     retransmits: int = 0  # segments, by closed link-leg sockets
     congestion_restarts: int = 0  # BBR restarted before its PROBE_RTT (BBR_REFRESH)
     send_rate: float = 0.0  # payload bytes/s over the last tick, all active flows
+    ticks: int = 0  # ticks that sampled the active flows
+    tick_cpu: float = 0.0  # CPU seconds those ticks took (sample, reshare, apply): its cost
 
 
 class Sharer:
@@ -217,12 +225,16 @@ class Sharer:
             self._wakeup = trio.Event()
             now = trio.current_time()
             ticked = now >= next_tick
+            cpu = time.thread_time()
             if ticked:
                 self._sample(now, now - last)
                 last, next_tick = now, now + self.link.tick
             if ticked or self.table.dirty:
                 self._rescale(len(self.table.active))
                 self._apply(self.table.reshare())
+            if ticked:
+                self.totals.ticks += 1
+                self.totals.tick_cpu += time.thread_time() - cpu
 
     def _rescale(self, active: int) -> None:
         """With workers, this worker's part of the link: in proportion to its active legs."""
@@ -243,7 +255,6 @@ class Sharer:
                 continue  # closing: close() takes it out
             before = leg.info.bytes_sent if leg.info is not None else 0
             sent += info.bytes_sent - before
-            self.plans.sent(flow.terminal, info.bytes_sent - before)
             leg.info = info
             if now - leg.fresh_at >= BBR_REFRESH and info.ca_state == TCP_CA_OPEN:
                 leg.fresh_at = now  # not in recovery: BBR keeps its recovery cwnd until done
@@ -251,7 +262,6 @@ class Sharer:
                     self.totals.congestion_restarts += 1
             self.table.sample(flow.fid, info.bytes_sent, leg.written, info.notsent_bytes, dt)
         self.totals.send_rate = sent / dt if dt > 0 else 0.0
-        self.plans.ticked(dt)
 
     def _apply(self, caps: dict[int, float]) -> None:
         for fid, cap in caps.items():
@@ -290,5 +300,7 @@ class Sharer:
             "bytes_sent": self.totals.bytes_sent + sum(i.bytes_sent for i in live),
             "retransmits": self.totals.retransmits + sum(i.total_retrans for i in live),
             "congestion_restarts": self.totals.congestion_restarts,
+            "ticks": self.totals.ticks,
+            "tick_cpu_s": round(self.totals.tick_cpu, 6),
             "terminals": self.plans.snapshot(self.legs.values()),
         }

@@ -31,13 +31,11 @@ def lost(info: TcpInfo) -> int:
 
 @dataclass(slots=True)
 class TerminalCounts:
-    """One terminal's legs that have closed, and its send rate over the last tick."""
+    """What one terminal's legs that have closed did."""
 
     bytes_sent: int = 0
     retransmits: int = 0
     lost: int = 0
-    send_rate: float = 0.0  # payload bytes/s
-    ticking: float = 0.0  # bytes sent so far in the current tick
 
 
 class _Leg(Protocol):
@@ -51,6 +49,8 @@ class _Leg(Protocol):
     def share(self) -> float: ...
     @property
     def info(self) -> TcpInfo | None: ...
+    @property
+    def rate(self) -> float: ...
 
 
 @dataclass
@@ -60,19 +60,13 @@ class Plans:
     table: TerminalTable = field(default_factory=TerminalTable)
     caps: dict[str, float] = field(default_factory=dict)  # payload bytes/s per terminal
     counts: dict[str, TerminalCounts] = field(default_factory=dict)
-    # The terminals whose legs sent during this tick or the last: the only ones whose rate
-    # changes at the tick (a tick costs what the active legs cost, not the terminals seen).
-    _ticking: set[str] = field(default_factory=set)
-    _rated: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, link: Link, mtu: int, previous: Plans | None = None) -> Plans:
         """The plans of ``link``; a reload's keep the ``previous`` ones' counters."""
         table = link.plans()
         caps = {t.name: link.for_terminal(t).pacing_capacity(mtu) for t in table}
-        if previous is None:
-            return cls(table, caps)
-        return cls(table, caps, previous.counts, previous._ticking, previous._rated)
+        return cls(table, caps, previous.counts if previous is not None else {})
 
     def terminal(self, far: str | None) -> str | None:
         """The name of the terminal behind ``far`` (the address across the link), or None."""
@@ -90,20 +84,6 @@ class Plans:
         """A leg of this terminal joined: it is listed from now on."""
         self._counts(name)
 
-    def sent(self, name: str | None, nbytes: int) -> None:
-        """Bytes one of its legs sent during the current tick."""
-        key = name if name is not None else OTHER
-        self._counts(key).ticking += nbytes
-        self._ticking.add(key)
-
-    def ticked(self, dt: float) -> None:
-        """A tick's samples are in: each terminal's send rate over it."""
-        for name in self._ticking | self._rated:
-            c = self.counts[name]
-            c.send_rate = c.ticking / dt if dt > 0 else 0.0
-            c.ticking = 0
-        self._rated, self._ticking = self._ticking, set()
-
     def closed(self, name: str | None, info: TcpInfo) -> None:
         c = self._counts(name)
         c.bytes_sent += info.bytes_sent
@@ -120,6 +100,7 @@ class Plans:
             if leg.active:
                 row["legs_active"] += 1
                 row["share_bps"] += leg.share * 8
+                row["send_rate_bps"] += leg.rate * 8
             if leg.info is not None:
                 row["bytes_sent"] += leg.info.bytes_sent
                 row["retransmits"] += leg.info.total_retrans
@@ -137,7 +118,7 @@ class Plans:
                     "legs": row["legs"],
                     "legs_active": row["legs_active"],
                     "share_bps": round(row["share_bps"]),
-                    "send_rate_bps": round(c.send_rate * 8),
+                    "send_rate_bps": round(row["send_rate_bps"]),
                     "bytes_sent": c.bytes_sent + row["bytes_sent"],
                     "retransmits": c.retransmits + row["retransmits"],
                     "lost": c.lost + row["lost"],
@@ -148,6 +129,6 @@ class Plans:
 
 def _row() -> dict[str, Any]:
     return {
-        "legs": 0, "legs_active": 0, "share_bps": 0.0, "bytes_sent": 0, "retransmits": 0,
-        "lost": 0,
+        "legs": 0, "legs_active": 0, "share_bps": 0.0, "send_rate_bps": 0.0, "bytes_sent": 0,
+        "retransmits": 0, "lost": 0,
     }  # fmt: skip

@@ -41,7 +41,8 @@ def weighted_fill(
     n = len(weights)
     alloc = [0.0] * n
     left, total = max(0.0, capacity), float(sum(weights))
-    for i in sorted(range(n), key=lambda i: limits[i] / weights[i] if weights[i] > 0 else 0.0):
+    ratios = [lim / w if w > 0 else 0.0 for lim, w in zip(limits, weights, strict=True)]
+    for i in sorted(range(n), key=ratios.__getitem__):
         if total <= 0:
             break
         alloc[i] = min(limits[i], left * weights[i] / total)
@@ -66,17 +67,19 @@ def hierarchical_shares(
     others: list[int] = []
     for i, name in enumerate(terminals):
         if name is not None and name in plans:
-            groups.setdefault(name, []).append(i)
+            members = groups.get(name)
+            if members is None:
+                groups[name] = [i]
+            else:
+                members.append(i)
         else:
             others.append(i)
     names = list(groups)
     plan = [plans[name] for name in names]
-    wants = []
-    for name, cap in zip(names, plan, strict=True):
-        mine = [demands[i] for i in groups[name]]
-        wants.append(cap if any(d is None for d in mine) else min(cap, sum(mine)))  # type: ignore[arg-type]
+    wants = [_wants(cap, groups[name], demands) for name, cap in zip(names, plan, strict=True)]
     part = weighted_fill(capacity, plan, wants)  # 1.
     left = capacity - sum(part)
+    tiny = capacity * 1e-9  # rounding, not capacity left over
     out = [0.0] * len(demands)
     if others:  # 2.
         theirs = [demands[i] for i in others]
@@ -84,21 +87,34 @@ def hierarchical_shares(
         given = min(left, wanted)
         left -= given
         rest = [p - w for p, w in zip(plan, part, strict=True)]
-        extra = weighted_fill(left, plan, rest) if left > 1e-9 else [0.0] * len(part)  # 3.
+        extra = weighted_fill(left, plan, rest) if left > tiny else [0.0] * len(part)  # 3.
         part = [p + e for p, e in zip(part, extra, strict=True)]
         left -= sum(extra)
         for i, cap in zip(others, fair_shares(given + max(0.0, left), theirs, floor), strict=True):
             out[i] = cap
-    elif left > 1e-9:
+    elif left > tiny:
         rest = [p - w for p, w in zip(plan, part, strict=True)]
         part = [p + e for p, e in zip(part, weighted_fill(left, plan, rest), strict=True)]  # 3.
     for name, share in zip(names, part, strict=True):  # 4.
         members = groups[name]
-        for i, cap in zip(
-            members, fair_shares(share, [demands[i] for i in members], floor), strict=True
-        ):
+        if len(members) == 1:  # most terminals have one flow: fair_shares' answer, at once
+            out[members[0]] = max(floor, share)
+            continue
+        mine = [demands[i] for i in members]
+        for i, cap in zip(members, fair_shares(share, mine, floor), strict=True):
             out[i] = cap
     return out
+
+
+def _wants(cap: float, members: list[int], demands: Sequence[float | None]) -> float:
+    """What a terminal's flows want together, at most its plan (None: all they can get)."""
+    total = 0.0
+    for i in members:
+        d = demands[i]
+        if d is None:
+            return cap
+        total += d
+    return min(cap, total)
 
 
 class PlanShareTable(ShareTable):

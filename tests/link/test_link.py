@@ -336,6 +336,8 @@ LINK_DOC = {
     "bytes_sent": 9_000_000,
     "retransmits": 12,
     "congestion_restarts": 3,
+    "ticks": 400,
+    "tick_cpu_s": 0.02,
 }
 
 

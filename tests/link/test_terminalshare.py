@@ -147,8 +147,11 @@ def _info(sent: int, retrans: int, dsack: int) -> TcpInfo:
 
 
 class _Leg:
-    def __init__(self, terminal: str | None, active: bool, share: float, info: TcpInfo) -> None:
+    def __init__(
+        self, terminal: str | None, active: bool, share: float, info: TcpInfo, rate: float = 0.0
+    ) -> None:
         self.terminal, self.active, self.share, self.info = terminal, active, share, info
+        self.rate = rate
 
 
 def test_plans_count_per_terminal_for_status() -> None:
@@ -159,11 +162,10 @@ def test_plans_count_per_terminal_for_status() -> None:
     assert plans.terminal("10.1.0.9") == "t1" and plans.terminal("10.2.0.1") is None
     plans.joined("t1")
     plans.joined(None)
-    plans.sent("t1", 5000)
-    plans.ticked(0.5)
     plans.closed("t1", _info(3000, 4, 1))
     rows = plans.snapshot(
-        [_Leg("t1", True, 1000.0, _info(500, 2, 2)), _Leg("t1", False, 7.0, _info(1, 0, 0)),
+        [_Leg("t1", True, 1000.0, _info(500, 2, 2), 10_000.0),
+         _Leg("t1", False, 7.0, _info(1, 0, 0), 99.0),  # idle: its last rate does not count
          _Leg(None, True, 10.0, _info(9, 0, 0))]
     )  # fmt: skip
     assert [r["name"] for r in rows] == ["t1", OTHER]
@@ -181,7 +183,6 @@ def test_plans_count_per_terminal_for_status() -> None:
         "lost": 3,
     }
     assert rows[1]["egress_bps"] is None and rows[1]["legs"] == 1
-    plans.ticked(0.5)  # a tick with nothing sent: the rate is 0 again
-    assert plans.snapshot([])[0]["send_rate_bps"] == 0
+    assert plans.snapshot([])[0]["send_rate_bps"] == 0  # no legs: not sending
     again = Plans.of(link, 1500, plans)  # a reload keeps the counters
     assert again.snapshot([])[0]["retransmits"] == 4

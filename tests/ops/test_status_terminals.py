@@ -44,6 +44,8 @@ def with_link(doc: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
         "bytes_sent": 5000,
         "retransmits": 6,
         "congestion_restarts": 0,
+        "ticks": 20,
+        "tick_cpu_s": 0.001,
         "terminals": rows,
     }
     return doc

@@ -189,6 +189,8 @@ _LINK_SUMS = (
     "bytes_sent",
     "retransmits",
     "congestion_restarts",
+    "ticks",
+    "tick_cpu_s",
 )
 
 

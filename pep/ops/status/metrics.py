@@ -197,6 +197,8 @@ _SECTIONS = (
     ("link", "counter", "pep_link_sent_bytes", "bytes_sent", "Bytes sent, resends included."),
     ("link", "counter", "pep_link_retransmits", "retransmits", "Segments retransmitted."),
     ("link", "counter", "pep_link_congestion_restarts", "congestion_restarts", "BBR refreshes."),
+    ("link", "counter", "pep_link_sharer_ticks", "ticks", "Ticks the sharer sampled its legs."),
+    ("link", "counter", "pep_link_sharer_cpu_seconds", "tick_cpu_s", "CPU those ticks took."),
     ("link_state", "gauge", "pep_link_up", "up", "1 while the link is up, 0 while it is down."),
     ("link_state", "counter", "pep_link_outages", "outages", "Outages of the link so far."),
     ("link_state", "counter", "pep_link_outage_seconds", "outage_seconds", "Time it was down."),
