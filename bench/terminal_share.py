@@ -5,7 +5,8 @@ over 1,000 terminals.
 
 One tick of pep.link.pacer.Sharer is, for each active leg, a tcp_info read and
 ``ShareTable.sample``, then one ``reshare`` (the shares of all of them) and a setsockopt per
-changed cap. This measures the pure part (``sample`` for every leg, then ``reshare``) on a
+changed cap; a leg that joins between ticks takes its share at once (``wake``). This measures
+the pure part (``sample`` for every leg, then ``reshare``; and one ``wake``) on a
 PlanShareTable with the terminals' plans, legs spread over the terminals at random, half of
 them backlogged and half below their share with measured rates that move between ticks (so
 caps change and every tick recomputes them); and the same on the flat table without plans, as
@@ -69,6 +70,17 @@ def measure(legs: int, terminals: int, plans: bool, ticks: int = 40) -> dict[str
         one_tick(table, fids, tick, rng)
         costs.append(time.process_time() - t0)
     per_tick = statistics.median(costs)
+    wakes = []
+    for k in range(max(5, ticks)):  # a new leg joins and wakes: its share at once
+        fid = legs + k
+        if isinstance(table, PlanShareTable):
+            table.add(fid, f"t{rng.randrange(terminals)}")
+        else:
+            table.add(fid)
+        t0 = time.process_time()
+        table.wake(fid)
+        wakes.append(time.process_time() - t0)
+        table.remove(fid)
     reshare = []
     for _ in range(max(5, ticks // 4)):
         table.dirty = True
@@ -80,6 +92,7 @@ def measure(legs: int, terminals: int, plans: bool, ticks: int = 40) -> dict[str
         "plans": plans,
         "tick_ms": round(per_tick * 1000, 3),
         "reshare_ms": round(statistics.median(reshare) * 1000, 3),
+        "wake_ms": round(statistics.median(wakes) * 1000, 4),
         **{f"core_share_{k}": round(per_tick / t, 4) for k, t in TICKS.items()},
     }
 
@@ -99,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             what = f"{args.terminals} terminals' plans" if plans else "no plans (flat)"
             print(
                 f"{legs:>6} active legs, {what:<24}: {row['tick_ms']:>8.3f} ms per tick "
-                f"(reshare {row['reshare_ms']:.3f} ms); {row['core_share_geo']:.1%} of a core "
+                f"(reshare {row['reshare_ms']:.3f} ms, a leg waking {row['wake_ms']:.3f} ms); "
+                f"{row['core_share_geo']:.1%} of a core "
                 f"at GEO's 20 ticks/s, {row['core_share_leo']:.1%} at LEO's 100"
             )
     if args.json:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pep.link.fairshare import HEADROOM, ShareTable, fair_shares
+from pep.link.fairshare import HEADROOM, ShareTable, _changed, fair_shares
 
 __all__ = ["PlanShareTable", "hierarchical_shares", "weighted_fill"]
 
@@ -135,6 +135,34 @@ class PlanShareTable(ShareTable):
         if terminal in self.plans:
             flow.cap = cap = min(cap, max(self.floor, self.plans[terminal]))  # type: ignore[index]
         return cap
+
+    def wake(self, fid: int) -> float | None:
+        """As ShareTable.wake, but a terminal's flow is given its share without resharing
+        everyone (one pass over the active flows instead of the whole computation: a busy
+        hub wakes legs all the time): the terminal's weighted part of the carrier among the
+        active terminals, at most its plan, split equally among its active flows. That is
+        the exact share when they all want more; when some want less it is below it, and the
+        reshare moments later (pep.link.pacer.COALESCE) raises it."""
+        flow = self.flows[fid]
+        plan = self.plans.get(flow.terminal) if flow.terminal is not None else None
+        if plan is None:
+            return super().wake(fid)
+        flow.active, flow.backlogged = True, True
+        self.active[fid] = flow
+        self.dirty = True
+        mine, weights = 0, {}
+        for other in self.active.values():
+            name = other.terminal
+            if name == flow.terminal:
+                mine += 1
+            elif name is not None and name in self.plans:
+                weights[name] = self.plans[name]
+        part = min(plan, self.capacity * plan / (plan + sum(weights.values())))
+        cap = max(self.floor, part / mine)
+        if _changed(flow.cap, cap):
+            flow.cap = cap
+            return cap
+        return None
 
     def replan(self, plans: Mapping[str, float]) -> None:
         """Reloaded plans (each flow's terminal is set again by the caller): the next reshare

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pep.config.link import Link
 from pep.config.terminals import OTHER, Terminal
-from pep.link.fairshare import HEADROOM, ShareTable
+from pep.link.fairshare import HEADROOM, TOLERANCE, ShareTable
 from pep.link.plans import Plans
 from pep.link.tcpinfo import TcpInfo
 from pep.link.terminalshare import PlanShareTable, hierarchical_shares, weighted_fill
@@ -186,3 +186,32 @@ def test_plans_count_per_terminal_for_status() -> None:
     assert plans.snapshot([])[0]["send_rate_bps"] == 0  # no legs: not sending
     again = Plans.of(link, 1500, plans)  # a reload keeps the counters
     assert again.snapshot([])[0]["retransmits"] == 4
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["t1", "t2", "t3", None]), st.booleans()), max_size=12),
+    st.sampled_from(["t1", "t2", "t3"]),
+    plans,
+)
+def test_a_waking_flows_share_is_the_reshares_or_below_it(
+    others: list[tuple[str | None, bool]], terminal: str, pl: dict[str, float]
+) -> None:
+    """The cheap share a flow wakes with (one pass over the active flows) is exact when every
+    active flow wants more, and never above what the reshare then gives it."""
+    table = PlanShareTable(40.0, 0.0, pl)
+    for fid, (name, _) in enumerate(others):
+        table.add(fid, name)
+        table.wake(fid)
+    for fid, (_, backlogged) in enumerate(others):
+        if not backlogged:  # sends 1 B/s and keeps being fed: active, wants little
+            table.sample(fid, 1, 2, 0, 1.0)
+    table.reshare()
+    new = len(others)
+    table.add(new, terminal)
+    table.wake(new)
+    woke = table.flows[new].cap
+    table.reshare()
+    # within the table's TOLERANCE: a cap that close to the one it had is not re-set
+    assert woke <= table.flows[new].cap * (1 + TOLERANCE) + 1e-9
+    if all(b for _, b in others):
+        assert woke == pytest.approx(table.flows[new].cap, rel=TOLERANCE)
