@@ -8,8 +8,9 @@ above it in this list, checked by tests/test_layout.py):
   ``errors`` (an exception in words, never empty). Imports nothing of pep.
 - ``pep.config``: everything pep is told. ``settings`` (the top-level keys and the file),
   one module per table (``leg`` [client]/[upstream], ``link`` [link] and every number derived
-  from it, ``peer`` [peer] and its key file, ``policy`` [[policy]]), ``schema`` (how a key is
-  declared and checked), ``units`` (rates, durations), ``paths`` (runtime files per netns).
+  from it, ``terminals`` a hub's terminal plans, ``peer`` [peer] and its key file, ``policy``
+  [[policy]]), ``schema`` (how a key is declared and checked), ``units`` (rates, durations),
+  ``paths`` (runtime files per netns).
 - ``pep.capture``: a new connection's SYN, queued by netfilter. ``nfq_codec`` (the nfnetlink
   messages, sans-IO), ``nfq_socket`` (the bound queue), ``nfq_proc`` (the kernel's queue
   counters), ``syn`` (SYN parsing, pure), ``syn_queue`` (the SYN reader: ``Decider`` is its
@@ -23,15 +24,16 @@ above it in this list, checked by tests/test_layout.py):
   protocols the daemon wires in).
 - ``pep.link``: the satellite link as one shared resource. ``legs`` (which legs face it),
   ``pacer`` (the sharer's IO shell: tcp_info, SO_MAX_PACING_RATE), ``fairshare`` (max-min
-  shares, pure), ``slots`` (workers' shared counts), ``routequery``, ``tcpinfo``; ``state``
-  (is the link up, pure) and ``watch`` (its sampler).
+  shares, pure), ``terminalshare`` (per terminal, then per flow, pure), ``plans`` (the
+  terminals' caps and counts), ``slots`` (workers' shared counts), ``routequery``, ``tcpinfo``;
+  ``state`` (is the link up, pure) and ``watch`` (its sampler).
 - ``pep.peer``: pre-connected legs between two PEPs. ``wire`` (the format, sans-IO),
   ``pool`` (the near end), ``server`` (the far end's peer listener).
 - ``pep.kernel``: everything pep changes in the kernel, and its removal. ``nfrule`` (a rule
   described once), ``rule_plan`` (pep's rules, pure), ``iptables_setup`` (install, remove),
   ``rule_show``, ``tproxy_routes`` (TPROXY's policy routing), ``link_routes`` ([link]'s
-  initial windows), ``cleanup`` (all of it, best effort), ``owner`` (one pep owns it per
-  namespace: a lock). Depends on config only.
+  initial windows; ``terminal_routes`` per terminal, pure), ``cleanup`` (all of it, best
+  effort), ``owner`` (one pep owns it per namespace: a lock). Depends on config only.
 - ``pep.ops``: the running daemon. ``cli`` (the ``pep`` command), ``daemon`` (wires the layers
   together for ``pep run``), ``runtime`` (signals, drain), ``reload``, ``services``,
   ``workers``, ``systemd``, ``entry``; ``pep.ops.status``: ``document``, ``render``,

@@ -13,7 +13,8 @@ drops of each terminal's queue at the modem read around each case:
   spread between them, against each one's weighted part of the carrier in payload;
 - ``planchange``: t1 fetches 20 MB; 8 s in, its downlink plan is halved (at the modem and in
   the hub's plans file, SIGHUP): its rate before and after, and how long after the change the
-  rate settles (every 0.5 s window within 10 % of the new plan's payload rate from then on).
+  rate settles (every 0.5 s window within 10 % of the new plan's payload rate from then on),
+  and how soon the hub's pep holds t1's legs to the new plan (its pep status).
 """
 
 from __future__ import annotations
@@ -134,12 +135,15 @@ async def planchange(lab: Lab) -> dict[str, Any]:
     original = plans_of(lab)[0]
     halved = Plan(original.down // 2, original.up)
     changed: list[float] = []
+    followed: list[float | None] = []
     t0 = time.monotonic()
 
     async def change() -> None:
         await trio.sleep(CHANGE_AT)
         changed.append(time.monotonic() - t0)
         await trio.to_thread.run_sync(change_plan, lab, 1, halved)
+        if lab.running("hub"):
+            followed.append(await caps_follow(lab, "t1", halved.down, changed[0] + t0))
 
     try:
         async with trio.open_nursery() as n:
@@ -160,7 +164,27 @@ async def planchange(lab: Lab) -> dict[str, Any]:
         "plan_before_mbit": round(payload(original.down) / 1e6, 3),
         "plan_after_mbit": round(payload(halved.down) / 1e6, 3),
         "settled_after_s": settled_after(transfer.samples, tc, end, target),
+        "caps_followed_s": followed[0] if followed else None,
     }
+
+
+async def caps_follow(lab: Lab, terminal: str, plan: int, since: float) -> float | None:
+    """Seconds from ``since`` until the hub's pep holds ``terminal``'s legs to the new plan:
+    their caps together within 2 % of its payload rate (pep status, every 20 ms, up to 3 s)."""
+    from pep.ops.status.socket import StatusError, fetch
+
+    want = payload(plan)
+    deadline = since + 3.0
+    while time.monotonic() < deadline:
+        try:
+            doc = await trio.to_thread.run_sync(fetch, str(lab.dir / "hub.sock"))
+        except StatusError:
+            doc = {}
+        for row in (doc.get("link") or {}).get("terminals", []):
+            if row["name"] == terminal and row["legs_active"] and row["share_bps"] <= want * 1.02:
+                return round(time.monotonic() - since, 3)
+        await trio.sleep(0.02)
+    return None
 
 
 WORKLOADS: dict[str, Callable[[Lab], Awaitable[dict[str, Any]]]] = {
@@ -316,6 +340,7 @@ def format_run(r: StarRun) -> str:
             "",
         )
         row("plan change: settled within 10 % after (s)", "planchange", _settled, "s")
+        row("plan change: hub's caps at the new plan after (s)", "planchange", _followed, "s")
         row("plan change: drops at t1's plan queue", "planchange", lambda c: c["drops"]["t1"], "")
     return "\n".join(lines)
 
@@ -324,6 +349,11 @@ def _settled(case: dict[str, Any]) -> float:
     """A case's settling time; never settled counts as infinitely long."""
     value = case.get("settled_after_s")
     return float("inf") if value is None else float(value)
+
+
+def _followed(case: dict[str, Any]) -> float:
+    value = case.get("caps_followed_s")
+    return float("nan") if value is None else float(value)
 
 
 def write_json(r: StarRun, path: Path) -> None:

@@ -197,3 +197,9 @@ def test_lookup_agrees_with_a_linear_scan(nets: list[tuple[int, int]], data: st.
         else:
             assert found is not None and found.networks[0].prefixlen == best
             assert ip in found.networks[0]
+
+
+def test_the_shipped_sample_plans_file_parses() -> None:
+    sample = Path(__file__).parents[2] / "deploy" / "terminals.txt"
+    terminals, _ = parse_file(sample.read_text())
+    assert [t.name for t in terminals] == ["t1", "t2", "t3"]
