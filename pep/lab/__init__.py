@@ -17,5 +17,8 @@ Pieces, each usable alone:
 - ``bench``: the with/without-PEP comparison behind ``pep lab demo`` and ``pep lab bench``;
   ``report`` its tables, JSON record and chart;
 - ``cluster``: the two-gateway labs (``ha``, ``ecmp``), ``cluster_bench`` what they measure;
+- ``star``: the hub's lab (a hub serving N terminals, each with its plan; pure),
+  ``star_build`` builds it (the modem's htb) and changes a plan, ``star_bench`` what it measures,
+  ``star_report`` its tables and JSON;
 - ``cli``: the ``pep lab`` subcommands.
 """

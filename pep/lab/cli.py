@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from pep.lab.star import add_options as add_star_options
+
 __all__ = ["add_parser", "main"]
 
 DEFAULT_PREFIX = "peplab"  # `pep lab up/down/status/exec/split`
@@ -61,25 +63,7 @@ def _link_options(p: argparse.ArgumentParser, default_profile: str) -> None:
         help="symmetric topology: the PEPs without pre-connected legs ([peer]), which they "
         "keep by default",
     )
-    s = p.add_argument_group("star (--topology star)")
-    s.add_argument(
-        "--terminals",
-        type=int,
-        metavar="N",
-        help="terminals behind the hub, 2 to 32 (default 2; bench 4)",
-    )
-    s.add_argument(
-        "--terminal-pep",
-        choices=("yes", "no"),
-        default="yes",
-        help="whether each terminal runs its own pep with [peer] to the hub (default yes)",
-    )
-    s.add_argument(
-        "--plans",
-        metavar="LIST",
-        help="each terminal's downlink plan, e.g. 10mbit,10mbit,5mbit, or DOWN/UP "
-        "(10mbit/2mbit); one for all or one per terminal (default half the carrier each way)",
-    )
+    add_star_options(p)
 
 
 def _prefix(p: argparse.ArgumentParser, default: str) -> None:
@@ -227,6 +211,7 @@ def main(args: argparse.Namespace) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from pep.lab.build import check_environment, down, up
     from pep.lab.plan import LabError, LabSpec
+    from pep.lab.star import spec_fields
     from pep.lab.state import Lab
     from pep.lab.status import status_text
 
@@ -236,11 +221,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if cmd in ("up", "demo", "bench"):
         prof = _profile(args)  # parse errors before anything else
+        star = spec_fields(args, prof, 2 if cmd == "up" else 4)  # --topology star's
     check_environment()
     if cmd == "up":
         spec = LabSpec(
             prof, args.topology, not args.no_pep, args.prefix, peer=not args.no_peer,
-            **_star(args, prof, 2),
+            **star,  # type: ignore[arg-type]
         )  # fmt: skip
         up(spec, lambda msg: print(msg, file=sys.stderr, flush=True))
         print(status_text(args.prefix))
@@ -305,7 +291,9 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
     if args.topology in ("ha", "ecmp"):
         return _cluster_bench(args, prof)
     if args.topology == "star":
-        return _star_bench(args, prof, reps or 3)
+        from pep.lab import star_report
+
+        return star_report.command(args, prof, reps or 3)
     reps = reps or (1 if args.lab_command == "demo" else 3)
     sizes = profiles.parse_sizes(args.sizes)
     if args.lab_command == "demo":
@@ -338,42 +326,6 @@ def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-de
     print(f"chart: {args.out}")
     if getattr(args, "json", None):
         report.write_json(result, args.json)
-        print(f"json: {args.json}")
-    progress.say(f"done in {result.elapsed:.0f} s")
-    return 0
-
-
-def _star(args: argparse.Namespace, prof, terminals: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    """LabSpec's star fields from the options (the plans parsed here: exit 2 when bad)."""
-    if args.topology != "star":
-        return {}
-    from pep.lab.star import parse_plans
-
-    n = args.terminals if args.terminals is not None else terminals
-    plans = parse_plans(args.plans, n, prof) if args.plans else ()
-    return {"terminals": n, "plans": plans, "terminal_pep": args.terminal_pep == "yes"}
-
-
-def _star_bench(args: argparse.Namespace, prof, reps: int) -> int:  # type: ignore[no-untyped-def]
-    from pep.lab import profiles, star_bench
-    from pep.lab.bench import Progress
-    from pep.lab.plan import LabError, LabSpec
-
-    if args.lab_command != "bench":
-        raise LabError("--topology star: `pep lab bench` (or `up`) only")
-    names = [n.strip() for n in (args.workloads or ",".join(star_bench.WORKLOADS)).split(",")]
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in star_bench.WORKLOADS]
-    if unknown or not names:
-        raise profiles.ParseError(
-            f"--workloads {args.workloads!r}: choose from {', '.join(star_bench.WORKLOADS)}"
-        )
-    spec = LabSpec(prof, "star", True, args.prefix, peer=not args.no_peer, **_star(args, prof, 4))
-    progress = Progress()
-    result = star_bench.run(spec, names, reps, args.timeout, progress)
-    print(star_bench.format_run(result))
-    if getattr(args, "json", None):
-        star_bench.write_json(result, args.json)
         print(f"json: {args.json}")
     progress.say(f"done in {result.elapsed:.0f} s")
     return 0

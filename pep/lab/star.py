@@ -18,7 +18,9 @@ namespaces. Everything here is pure: pep.lab.star_build builds it.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from typing import Any
 
 from pep.lab.plan import Iface
 from pep.lab.profiles import LinkProfile, ParseError, parse_rate
@@ -29,8 +31,10 @@ __all__ = [
     "HtbClass",
     "Plan",
     "Star",
+    "add_options",
     "default_plans",
     "parse_plans",
+    "spec_fields",
 ]
 
 SERVER_IP = "10.81.0.2"
@@ -82,6 +86,35 @@ def parse_plans(text: str, n: int, profile: LinkProfile) -> tuple[Plan, ...]:
             )
         out.append(Plan(down, up))
     return tuple(out * n if len(out) == 1 else out)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """``pep lab up/bench``'s options for ``--topology star``."""
+    g = parser.add_argument_group("star (--topology star)")
+    g.add_argument(
+        "--terminals", type=int, metavar="N",
+        help="terminals behind the hub, 2 to 32 (default 2; bench 4)",
+    )  # fmt: skip
+    g.add_argument(
+        "--terminal-pep", choices=("yes", "no"), default="yes",
+        help="whether each terminal runs its own pep with [peer] to the hub (default yes)",
+    )  # fmt: skip
+    g.add_argument(
+        "--plans", metavar="LIST",
+        help="each terminal's downlink plan, e.g. 10mbit,10mbit,5mbit, or DOWN/UP "
+        "(10mbit/2mbit); one for all or one per terminal (default half the carrier each way)",
+    )  # fmt: skip
+
+
+def spec_fields(options: Any, profile: LinkProfile, terminals: int) -> dict[str, object]:
+    """LabSpec's star fields from ``pep lab``'s options (``--terminals``, default
+    ``terminals``; ``--plans``, parsed here, so a bad one is a usage error before anything is
+    built; ``--terminal-pep``); none for another topology."""
+    if options.topology != "star":
+        return {}
+    n = options.terminals if options.terminals is not None else terminals
+    plans = parse_plans(options.plans, n, profile) if options.plans else ()
+    return {"terminals": n, "plans": plans, "terminal_pep": options.terminal_pep == "yes"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,11 +27,9 @@ from pep.config import paths
 from pep.config.link import Link
 from pep.config.terminals import Terminal
 from pep.testing.daemon import PepProcess, StartPep, pep_status, status_json
-from pep.testing.netenv import (
-    GW_SERVER_IP,
-    INGRESS,
-    SERVER_IP,
-    Layout,
+from pep.testing.netenv import GW_SERVER_IP, INGRESS, SERVER_IP, Layout
+from pep.testing.topology import Topology
+from pep.testing.traffic import (
     Pattern,
     connect,
     hash_to_eof,
@@ -40,7 +38,6 @@ from pep.testing.netenv import (
     send_pattern,
     serving,
 )
-from pep.testing.topology import Topology
 from tests.link.test_link_daemon import refused_with_nothing_installed
 
 pytestmark = pytest.mark.netns
