@@ -203,26 +203,48 @@ async def duplex(
     at the same time, so both directions of the split connection carry data at once."""
     got: dict[str, tuple[str, int]] = {}
 
-    async def side(sock: trio.socket.SocketType, key: str, send: Sender) -> None:
-        async with trio.open_nursery() as n:
+    async def server_side(sock: trio.socket.SocketType) -> None:
+        got["server"] = await send_and_hash(sock, send_down)
 
-            async def rx() -> None:
-                got[key] = await hash_to_eof(sock)
-
-            n.start_soon(rx)
-            await send(sock)
-            sock.shutdown(socket.SHUT_WR)
-
-    server_side = functools.partial(side, key="server", send=send_down)
     with trio.fail_after(timeout):
         async with serving(topo, (server, port), server_side) as accepted:
             sock = await connect(topo.ns("client"), (server, port))
             client_port = sock.getsockname()[1]
             with sock:
-                await side(sock, "client", send_up)
+                got["client"] = await send_and_hash(sock, send_up)
             while "server" not in got:
                 await trio.sleep(0.01)
     return Duplex(got["server"], got["client"], accepted, client_port)
+
+
+async def both_ways(
+    a: trio.socket.SocketType, b: trio.socket.SocketType, send_a: Sender, send_b: Sender
+) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The two ends of a connection send at once (``duplex`` on sockets a test already has):
+    (what ``a`` read, what ``b`` read), each (sha256 hex, bytes)."""
+    got: dict[int, tuple[str, int]] = {}
+
+    async def side(i: int, sock: trio.socket.SocketType, send: Sender) -> None:
+        got[i] = await send_and_hash(sock, send)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(side, 0, a, send_a)
+        n.start_soon(side, 1, b, send_b)
+    return got[0], got[1]
+
+
+async def send_and_hash(sock: trio.socket.SocketType, send: Sender) -> tuple[str, int]:
+    """Send (then FIN) while reading to EOF: (sha256 hex, bytes) of what was read."""
+    got: list[tuple[str, int]] = []
+    async with trio.open_nursery() as n:
+
+        async def rx() -> None:
+            got.append(await hash_to_eof(sock))
+
+        n.start_soon(rx)
+        await send(sock)
+        sock.shutdown(socket.SHUT_WR)
+    return got[0]
 
 
 def sending(data: bytes) -> Sender:

@@ -34,6 +34,7 @@ from pep.testing.traffic import (
     serving,
     sha,
 )
+from tests.helpers.peer import near_handshake
 
 pytestmark = [
     pytest.mark.netns,
@@ -167,22 +168,9 @@ async def test_a_refused_destination_resets_the_client(
 
 
 async def handshake(topo: Topology, node: str, secret: bytes) -> trio.socket.SocketType:
-    """A hand-made near end: the handshake with ``secret``; returns the socket after READY."""
+    """A hand-made near end in ``node``: the handshake with ``secret``; the socket after READY."""
     sock = await connect(topo.ns(node), ("10.78.2.2", 5001))
-    nonce = os.urandom(16)
-    await send_all(sock, peerwire.encode_hello(nonce))
-    challenge = b""
-    while len(challenge) < peerwire.CHALLENGE_LEN:
-        chunk = await sock.recv(peerwire.CHALLENGE_LEN - len(challenge))
-        if not chunk:
-            raise ConnectionResetError("closed during the handshake")
-        challenge += chunk
-    parsed = peerwire.parse_challenge(challenge)
-    assert parsed is not None
-    await send_all(sock, peerwire.near_proof(secret, nonce, parsed[0].nonce))
-    ready = await sock.recv(1)
-    if ready != peerwire.READY:
-        raise ConnectionResetError("no READY")
+    await near_handshake(sock, secret)
     return sock
 
 
