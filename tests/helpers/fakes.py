@@ -20,8 +20,10 @@ __all__ = ["FakeLink", "FakePool", "Leg"]
 class Leg:
     """A link leg in a sharer (pep.split.hooks.Paced): idle until woken, counting calls."""
 
-    def __init__(self, sock: socket.socket | None = None, up: bool = True) -> None:
-        self.sock, self.up = sock, up
+    def __init__(
+        self, sock: socket.socket | None = None, up: bool = True, far: str | None = None
+    ) -> None:
+        self.sock, self.up, self.far = sock, up, far
         self.active, self.share, self.woken, self.closed = False, 0.0, 0, 0
 
     def wake(self) -> None:
@@ -48,14 +50,14 @@ class FakeLink:
         self.asked.append(host)
         return host in self.hosts
 
-    def tuning(self, tuning: LegTuning) -> LegTuning:
+    def tuning(self, tuning: LegTuning, far: str | None = None) -> LegTuning:
         return dataclasses.replace(tuning, congestion=self.congestion)
 
-    def join(self, sock: socket.socket, stats: RelayStats, up: bool) -> Leg:
+    def join(self, sock: socket.socket, stats: RelayStats, up: bool, far: str | None = None) -> Leg:
         cc = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
         self.joined_with.append(cc.rstrip(b"\0").decode())
         self.fastopen.append(bool(sock.getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT)))
-        leg = Leg(sock, up)
+        leg = Leg(sock, up, far)
         self.legs.append(leg)
         return leg
 

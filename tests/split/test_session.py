@@ -209,7 +209,8 @@ async def test_a_pool_that_serves_the_destination_carries_the_first_bytes() -> N
             assert await recv_to_eof(g.client) == reply
         await settled(g.sessions)
         assert pool.opened == [(g.server, g.client.getsockname(), request)] and pool.done == 1
-        assert [leg.up for leg in link.legs] == [True]  # the pooled leg, through 192.0.2.1
+        # The pooled leg, through 192.0.2.1, serving the destination (a hub's terminal's plan).
+        assert [(leg.up, leg.far) for leg in link.legs] == [(True, g.server[0])]
         assert g.sessions.table.closed_up == len(request)
 
 
