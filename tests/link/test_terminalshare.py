@@ -215,3 +215,25 @@ def test_a_waking_flows_share_is_the_reshares_or_below_it(
     assert woke <= table.flows[new].cap * (1 + TOLERANCE) + 1e-9
     if all(b for _, b in others):
         assert woke == pytest.approx(table.flows[new].cap, rel=TOLERANCE)
+
+
+def test_with_plans_a_reshare_computes_only_when_a_demand_moved() -> None:
+    table = PlanShareTable(20.0, 0.0, {"t1": 10.0, "t2": 10.0})
+    for fid, name in ((1, "t1"), (2, "t1"), (3, "t2")):
+        table.add(fid, name)
+        table.wake(fid)
+    table.reshare()
+    calls: list[int] = []
+    shares = table._shares
+    table._shares = lambda: calls.append(1) or shares()  # type: ignore[method-assign]
+    for fid in (1, 2, 3):
+        table.sample(fid, 100, 200, 50, 0.05)  # all still backlogged
+    assert table.reshare() == {} and calls == []  # nothing moved: nothing computed
+    table.capacity = 16.0  # a worker's part of the link changed (pep.link.pacer._rescale)
+    assert table.reshare() == pytest.approx({1: 4.0, 2: 4.0, 3: 8.0}) and len(calls) == 1
+    table.sample(1, 150, 250, 0, 0.05)  # sent 50 and keeps being fed: below its share now
+    table.reshare()
+    assert len(calls) == 2
+    table.sample(1, 200, 300, 0, 0.05)  # its measured rate moves every tick
+    table.reshare()
+    assert len(calls) == 3
