@@ -32,6 +32,7 @@ from pyroute2.netlink import (
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_QUEUE
 
 from pep.support import netlink
+from pep.support.errors import describe
 
 __all__ = [
     "NETLINK_NETFILTER",
@@ -225,7 +226,7 @@ def build_config(
         length = _HDR_LEN + _NFGEN_LEN + len(body)
         return _head(length, _T_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, queue) + body
     except (struct.error, OverflowError, TypeError) as e:
-        raise CodecError(f"config for queue {queue!r}: {e}") from None
+        raise CodecError(f"config for queue {queue!r}: {describe(e)}") from None
 
 
 def _verdict(
@@ -245,7 +246,9 @@ def _verdict(
             8, _NFQA_MARK, _htonl(mark),
         )  # fmt: skip
     except (struct.error, OverflowError, TypeError) as e:
-        raise CodecError(f"verdict for queue {queue!r} packet {packet_id!r}: {e}") from None
+        raise CodecError(
+            f"verdict for queue {queue!r} packet {packet_id!r}: {describe(e)}"
+        ) from None
 
 
 def build_verdict(

@@ -19,6 +19,7 @@ import string
 from dataclasses import dataclass
 
 from pep.config.schema import ConfigError, Net, integer, ip_port, key, nets
+from pep.support.errors import describe
 
 __all__ = ["KEY_BYTES", "Peer", "keygen", "load_key"]
 
@@ -66,7 +67,7 @@ def load_key(path: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
-        raise ConfigError(k, path, f"cannot be read: {e.strerror}") from None
+        raise ConfigError(k, path, f"cannot be read: {describe(e)}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -8,8 +8,8 @@ parsing, the "unknown key" message and the reload plan are all derived from thos
 places (a CIDR, a port range, an interface name) have one checker each, here.
 
 Every problem is a ``ConfigError`` naming the key, the value and what is allowed. This module
-imports nothing of pep but pep.config.units, so every table of pep.config builds on it
-without an import cycle.
+imports nothing of pep but pep.config.units and pep.support, so every table of pep.config
+builds on it without an import cycle.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pep.config import units  # a leaf module: no import cycle
+from pep.support.errors import describe
 
 __all__ = [
     "Check",
@@ -259,7 +260,7 @@ def _measured(
         try:
             parsed = parse(value)  # type: ignore[arg-type]
         except ValueError as e:
-            raise ConfigError(key, value, str(e)) from None
+            raise ConfigError(key, value, describe(e)) from None
         if not lo <= parsed <= hi:
             raise ConfigError(key, value, f"must be between {fmt(lo)} and {fmt(hi)}")
         return parsed

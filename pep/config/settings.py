@@ -48,6 +48,7 @@ from pep.config.schema import (
     seconds,
     table,
 )
+from pep.support.errors import describe
 
 __all__ = ["Config", "ConfigError", "LegTuning", "build", "load", "read_file"]
 
@@ -330,12 +331,12 @@ def read_file(path: str | Path) -> dict[str, object]:
     except FileNotFoundError:
         raise ConfigError("--config", str(path), "file does not exist") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError("--config", str(path), f"is not valid TOML: {e}") from None
+        raise ConfigError("--config", str(path), f"is not valid TOML: {describe(e)}") from None
     except UnicodeDecodeError as e:  # TOML is UTF-8 (toml.io, "Spec"); tomllib decodes first
         msg = f"is not valid TOML: not UTF-8 (byte {e.start}: {e.reason})"
         raise ConfigError("--config", str(path), msg) from None
     except OSError as e:
-        raise ConfigError("--config", str(path), f"cannot be read: {e.strerror}") from None
+        raise ConfigError("--config", str(path), f"cannot be read: {describe(e)}") from None
 
 
 def load(path: str | Path | None, overrides: Mapping[str, object]) -> Config:

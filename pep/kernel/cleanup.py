@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from pep.kernel import iptables_setup, link_routes, tproxy_routes
+from pep.support.errors import describe
 
 __all__ = ["STEPS", "KernelStateError", "remove"]
 
@@ -46,7 +47,7 @@ def remove(steps: Iterable[tuple[str, Remover]] | None = None) -> int:
             e.add_note(f"(while removing pep's {name})")
             failures.append((name, e))
     if failures:
-        detail = "; ".join(f"{name}: {e}" for name, e in failures)
+        detail = "; ".join(f"{name}: {describe(e)}" for name, e in failures)
         message = f"removing pep's kernel state failed: {detail}"
         raise KernelStateError(message, [e for _, e in failures])
     return removed

@@ -42,6 +42,7 @@ from pep.kernel.rule_show import (
     own_jumps,
     show,
 )
+from pep.support.errors import describe
 
 __all__ = [
     "RuleSpec",
@@ -213,7 +214,7 @@ def install(spec: RuleSpec) -> None:
             try:
                 remove(spec.chain_prefix)
             except RulesError as rollback:
-                e.add_note(f"rollback (remove) also failed: {rollback}")
+                e.add_note(f"rollback (remove) also failed: {describe(rollback)}")
         raise
 
 
@@ -228,7 +229,7 @@ def _install_family(spec: RuleSpec, family: int) -> None:
         try:
             _remove_family(spec.chain_prefix, family)
         except RulesError as rollback:
-            e.add_note(f"rollback (remove) also failed: {rollback}")
+            e.add_note(f"rollback (remove) also failed: {describe(rollback)}")
         raise
 
 

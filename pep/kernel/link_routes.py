@@ -37,6 +37,7 @@ from pep.config import paths
 from pep.config.schema import Net
 from pep.kernel import terminal_routes
 from pep.kernel.tproxy_routes import PEP_PROTO, RoutingError
+from pep.support.errors import describe
 
 __all__ = ["STATE_FILE", "LinkRoutes", "install", "remove", "route_text", "routes", "show"]
 
@@ -208,7 +209,7 @@ class LinkRoutes:
         except FileNotFoundError:
             return [], []
         except (OSError, ValueError, KeyError, AssertionError) as e:
-            log.warning("ignoring unreadable route state %s: %s", self.state, e)
+            log.warning("ignoring unreadable route state %s: %s", self.state, describe(e))
             return [], []
 
     def _unlink(self) -> None:

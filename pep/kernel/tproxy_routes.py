@@ -18,6 +18,8 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pep.support.errors import describe
+
 __all__ = ["PEP_PROTO", "RoutingError", "install", "remove", "show"]
 
 PEP_PROTO = 94  # a routing protocol number (rtm_protocol) unassigned in iproute2 rt_protos
@@ -65,7 +67,7 @@ def install(mark: int, table: int, families: Iterable[int]) -> None:
                 try:
                     remove()
                 except RoutingError as rollback:
-                    error.add_note(f"rollback (remove) also failed: {rollback}")
+                    error.add_note(f"rollback (remove) also failed: {describe(rollback)}")
                 raise error from e
 
 

@@ -35,6 +35,7 @@ from pep.lab.plan import (
     plan,
 )
 from pep.lab.state import Lab, exists, lab_namespaces, state_root
+from pep.support.errors import describe
 
 __all__ = ["check_environment", "delayline_argv", "down", "up"]
 
@@ -79,7 +80,7 @@ def up(spec: LabSpec, progress: Callable[[str], None] | None = None) -> Lab:
     except BaseException as e:
         down(spec.prefix, lab)
         if isinstance(e, LabError | OSError | ValueError):
-            raise LabError(f"building lab {spec.prefix!r} failed: {e}") from e
+            raise LabError(f"building lab {spec.prefix!r} failed: {describe(e)}") from e
         raise
     return lab
 
@@ -280,7 +281,7 @@ def _validate_config(path: Path) -> None:
     try:
         config_mod.load(path, {})
     except config_mod.ConfigError as e:
-        raise LabError(f"the lab's pep config {path} is refused: {e}") from e
+        raise LabError(f"the lab's pep config {path} is refused: {describe(e)}") from e
 
 
 def down(prefix: str, lab: Lab | None = None) -> list[str]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pep.lab.star import add_options as add_star_options
+from pep.support.errors import describe
 
 __all__ = ["add_parser", "main"]
 
@@ -201,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         return _dispatch(args)
     except (LabError, ParseError) as e:
-        print(f"pep lab: {e}", file=sys.stderr)
+        print(f"pep lab: {describe(e)}", file=sys.stderr)
         return 2 if isinstance(e, ParseError) else 1
     except KeyboardInterrupt:
         print("pep lab: interrupted", file=sys.stderr)

@@ -52,6 +52,7 @@ from pep.lab.link_rules import LinkRules
 from pep.lab.outages import Handover, Outages, parse_handover, read_control
 from pep.lab.timing import Timer, realtime
 from pep.ops.entry import exit_code
+from pep.support.errors import describe
 
 __all__ = ["Direction", "main", "read_proc_queues", "serve"]
 
@@ -285,7 +286,7 @@ async def serve(opts: Options) -> None:
             try:
                 LinkRules.remove()
             except Exception as e:  # on the way out: report, keep closing
-                log.error("removing the link rules failed: %s", e)
+                log.error("removing the link rules failed: %s", describe(e))
         for d in dirs:
             d.flush()
             d.qs.close()

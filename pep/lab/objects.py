@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from pep.ops.entry import exit_code
+from pep.support.errors import describe
 
 __all__ = [
     "FetchError",
@@ -132,7 +133,7 @@ async def handle(stream: trio.abc.Stream) -> None:
             if not keep:
                 return
     except (FetchError, trio.BrokenResourceError, OSError) as e:
-        log.info("request from %s failed: %s", peer, e)
+        log.info("request from %s failed: %s", peer, describe(e))
     finally:
         await stream.aclose()
 

@@ -27,6 +27,7 @@ from pep.lab.fade import start_fade, stop_fade
 from pep.lab.plan import SERVER_IP, SERVER_PORT
 from pep.lab.profiles import format_size
 from pep.lab.state import Lab
+from pep.support.errors import describe
 
 __all__ = ["fade", "fade300", "handover"]
 
@@ -52,7 +53,7 @@ async def _fetch_or_fail(ns: str, size: int, t_start: list[float]) -> objects.Tr
     try:
         return await objects.fetch(ns, SERVER, size)
     except (OSError, objects.FetchError) as e:
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {describe(e)}"
 
 
 async def _across(lab: Lab, seconds: float) -> tuple[objects.Transfer | str, list[dict[str, Any]]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pep.config import units
+from pep.support.errors import describe
 
 __all__ = ["Handover", "Outages", "parse_handover", "read_control", "write_control"]
 
@@ -49,7 +50,7 @@ def parse_handover(text: str) -> Handover:
         period = units.parse_duration(m.group(1), "s")
         outage = units.parse_duration(m.group(2), "ms")
     except ValueError as e:
-        raise ValueError(f"must be PERIOD/OUTAGE, e.g. 15s/100ms ({e})") from None
+        raise ValueError(f"must be PERIOD/OUTAGE, e.g. 15s/100ms ({describe(e)})") from None
     if not (0 < outage < period):
         raise ValueError("the outage must be longer than 0 and shorter than the period")
     return Handover(period, outage)

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, replace
 
 from pep.config import units
+from pep.support.errors import describe
 
 __all__ = [
     "MSS",
@@ -177,7 +178,7 @@ def parse_handover(text: str) -> tuple[float, float]:
     try:
         h = parse(text)
     except ValueError as e:
-        raise ParseError(f"handover {text!r}: {e}") from None
+        raise ParseError(f"handover {text!r}: {describe(e)}") from None
     return h.period, h.outage
 
 

@@ -12,6 +12,8 @@ import os
 
 import trio
 
+from pep.support.errors import describe
+
 __all__ = ["Timer", "realtime"]
 
 log = logging.getLogger("pep.lab.delayline")
@@ -68,6 +70,6 @@ def realtime(priority: int = 10) -> None:
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except (OSError, AttributeError) as e:
-        log.warning("no real-time scheduling (%s): delays may run long under CPU load", e)
+        log.warning("no real-time scheduling (%s): delays may run long under CPU load", describe(e))
     else:
         log.info("scheduling: SCHED_FIFO priority %d", priority)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 
 from pep import config as config_mod
 from pep.ops.entry import exit_code
+from pep.support.errors import describe
 
 __all__ = ["main"]
 
@@ -143,7 +144,7 @@ def _status(args: argparse.Namespace) -> int:
         try:
             cfg = config_mod.build(config_mod.read_file(args.config) if args.config else {})
         except config_mod.ConfigError as e:
-            print(f"pep: {e}", file=sys.stderr)
+            print(f"pep: {describe(e)}", file=sys.stderr)
             return 2
         path = cfg.status_socket
         if not path:
@@ -152,18 +153,18 @@ def _status(args: argparse.Namespace) -> int:
     try:
         doc = status_socket.fetch(path)
     except status_socket.NotRunning as e:
-        print(f"pep: {e}", file=sys.stderr)
+        print(f"pep: {describe(e)}", file=sys.stderr)
         return 3
     except status.StatusError as e:
-        print(f"pep: {e}", file=sys.stderr)
+        print(f"pep: {describe(e)}", file=sys.stderr)
         return 1
     try:
         status.fill_kernel_queues(doc)  # a daemon without root cannot read them; we may
         text = json.dumps(doc, indent=2) + "\n" if args.json else status_render.render(doc)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         # decode checked the sections; one malformed deeper down is refused the same way
-        print(f"pep: the daemon's status document is malformed ({type(e).__name__}: {e})",
-              file=sys.stderr)  # fmt: skip
+        why = f"{type(e).__name__}: {describe(e)}"
+        print(f"pep: the daemon's status document is malformed ({why})", file=sys.stderr)
         return 1
     print(text, end="")
     return 0
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tproxy_routes.RoutingError,
             cleanup.KernelStateError,  # remove_rules: names each kind that failed
         ) as e:
-            print(f"pep: {e}", file=sys.stderr)
+            print(f"pep: {describe(e)}", file=sys.stderr)
             return 1
         return 0
 
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         check_environment(cfg)  # what start needs besides the file: nothing installed without
     except config_mod.ConfigError as e:
-        print(f"pep: {e}", file=sys.stderr)
+        print(f"pep: {describe(e)}", file=sys.stderr)
         return 2
     # After the config check: a bad file is refused without loading pyroute2 (0.3 s).
     from pep.kernel import iptables_setup, tproxy_routes
@@ -240,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 install_rules(cfg)
             except (iptables_setup.RulesError, tproxy_routes.RoutingError) as e:
-                print(f"pep: {e}", file=sys.stderr)
+                print(f"pep: {describe(e)}", file=sys.stderr)
                 return 1
         return 0
 
@@ -295,11 +296,11 @@ def _owning(status_socket: str) -> Iterator[bool]:
     try:
         held = owner.acquire(status_socket)
     except owner.Owned as e:
-        print(f"pep: {e}", file=sys.stderr)
+        print(f"pep: {describe(e)}", file=sys.stderr)
         yield True
         return
     except OSError as e:
-        print(f"pep: cannot take the ownership lock: {e}", file=sys.stderr)
+        print(f"pep: cannot take the ownership lock: {describe(e)}", file=sys.stderr)
         yield True
         return
     with held:

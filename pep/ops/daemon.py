@@ -33,6 +33,7 @@ from pep.peer.server import PeerListener
 from pep.split.listener import Listener
 from pep.split.session import Sessions
 from pep.split.upstream import open_for
+from pep.support.errors import describe
 
 __all__ = ["install_rules", "remove_rules", "rule_spec", "serve", "stop_new_flows"]
 
@@ -107,7 +108,7 @@ def install_rules(cfg: Config) -> None:
             try:
                 undo()
             except tproxy_routes.RoutingError as rollback:
-                e.add_note(f"removing {name} again also failed: {rollback}")
+                e.add_note(f"removing {name} again also failed: {describe(rollback)}")
         raise
 
 

@@ -30,6 +30,7 @@ from pep.ops.services import Services, watch_signals
 from pep.ops.status import document as status
 from pep.ops.status import socket as status_socket
 from pep.split.listener import listener_tuning
+from pep.support.errors import describe
 
 if TYPE_CHECKING:  # the data path's parts; the workers' master imports this module without them
     from pep.capture.syn_queue import SynQueue
@@ -180,8 +181,8 @@ class Runtime:
             check_environment(new)  # what start would refuse: the running config stays
         except ConfigError as e:
             self.reloads["failed"] += 1
-            self.reloads["last_error"] = str(e)
-            log.error("SIGHUP: reload rejected, the running configuration stays: %s", e)
+            self.reloads["last_error"] = describe(e)
+            log.error("SIGHUP: reload rejected, the running configuration stays: %s", describe(e))
             return False
         plan = plan_reload(self.cfg, new)
         self.apply(plan.config)
@@ -220,7 +221,7 @@ class Runtime:
                 else:
                     link_routes.remove()
             except RoutingError as e:
-                log.error("SIGHUP: the link's routes could not be changed: %s", e)
+                log.error("SIGHUP: the link's routes could not be changed: %s", describe(e))
         logging.getLogger().setLevel(log_level_number(cfg.log_level))
 
     # --- stopping

@@ -50,6 +50,7 @@ from pep.ops.services import Services, watch_signals
 from pep.ops.status import document as status
 from pep.ops.status import socket as status_socket
 from pep.split.connections import ConnectionTable
+from pep.support.errors import describe
 
 __all__ = ["MASTER_PID_ENV", "WorkerError", "WorkerProcess", "supervise"]
 
@@ -211,7 +212,7 @@ class Master:
             try:
                 docs[i] = await status_socket.afetch(self.worker_path(i), timeout=2)
             except status.StatusError as e:
-                docs[i] = str(e)
+                docs[i] = describe(e)
 
         async with trio.open_nursery() as nursery:
             for i in range(self.n):
@@ -256,8 +257,8 @@ class Master:
             check_environment(new)  # what start would refuse: the running config stays
         except ConfigError as e:
             self.reloads["failed"] += 1
-            self.reloads["last_error"] = str(e)
-            log.error("SIGHUP: reload rejected, the running configuration stays: %s", e)
+            self.reloads["last_error"] = describe(e)
+            log.error("SIGHUP: reload rejected, the running configuration stays: %s", describe(e))
             return
         plan = plan_reload(self.cfg, new)
         self.cfg = plan.config

@@ -361,7 +361,7 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
     try:
         await lifecycle.send_all(sock, data)
     except OSError as e:
-        raise PeerGone(f"sending: {e.strerror}") from None
+        raise PeerGone(f"sending: {describe(e)}") from None
 
 
 async def read_exactly(sock: socket.socket, n: int) -> bytes:
@@ -376,7 +376,7 @@ async def read_exactly(sock: socket.socket, n: int) -> bytes:
             await trio.lowlevel.wait_readable(sock)
             continue
         except OSError as e:
-            raise PeerGone(f"receiving: {e.strerror}") from None
+            raise PeerGone(f"receiving: {describe(e)}") from None
         if not chunk:
             raise PeerGone("closed by the far end")
         buf += chunk

@@ -90,7 +90,7 @@ class PeerListener:
             sock.listen(self.cfg.backlog)
         except OSError as e:
             sock.close()
-            raise OSError(e.errno, f"peer listener [{host}]:{port}: {e.strerror}") from None
+            raise OSError(e.errno, f"peer listener [{host}]:{port}: {describe(e)}") from None
         self.sock = sock
 
     def close(self) -> None:
@@ -191,7 +191,7 @@ class PeerListener:
                 await send_all(conn, bytes([peerwire.CONNECTED]))
             except PeerGone as e:
                 abort(upstream)
-                raise ConnectionResetError(f"the near end left: {e}") from None
+                raise ConnectionResetError(f"the near end left: {describe(e)}") from None
             c.flows += 1
             return Opened(upstream, dst[0])
 

@@ -23,6 +23,7 @@ from pep.config import Config, LegTuning
 from pep.split.lifecycle import abort, reset_if_killed
 from pep.split.session import Sessions
 from pep.split.sockopts import STREAM, apply_tuning, transparent
+from pep.support.errors import describe
 from pep.support.ratelog import Every
 
 __all__ = ["ACCEPT_BACKOFF", "ACCEPT_CAPACITY_ERRNOS", "Listener", "listener_tuning"]
@@ -112,7 +113,7 @@ class Listener:
                 sock.bind((host, self.cfg.listen_port))
             except OSError as e:
                 raise OSError(
-                    e.errno, f"cannot listen on [{host}]:{self.cfg.listen_port}: {e.strerror}"
+                    e.errno, f"cannot listen on [{host}]:{self.cfg.listen_port}: {describe(e)}"
                 ) from None
             sock.listen(self.cfg.backlog)
 
@@ -152,7 +153,7 @@ class Listener:
                 if e.errno in _NO_FD_ERRNOS and await self._refuse_one(sock):
                     return True
                 if e.errno in ACCEPT_CAPACITY_ERRNOS:
-                    log.warning("accept: %s; pausing %.0f ms", e.strerror, ACCEPT_BACKOFF * 1e3)
+                    log.warning("accept: %s; pausing %.0f ms", describe(e), ACCEPT_BACKOFF * 1e3)
                     await trio.sleep(ACCEPT_BACKOFF)
                     return False
                 if e.errno in _ACCEPT_GONE_ERRNOS:

@@ -11,6 +11,8 @@ import fcntl
 import logging
 import os
 
+from pep.support.errors import describe
+
 __all__ = ["PipePool"]
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class PipePool:
                     "not running as root, over fs.pipe-user-pages-soft "
                     "(see deploy/pep-sysctl.conf)",
                     size,
-                    e.strerror,
+                    describe(e),
                 )
         return r, w
 

@@ -253,7 +253,7 @@ class _Conn:
         self.masks[fd] = mask
 
     def _fail(self, side: str, err: OSError) -> None:
-        self.finish(f"{side} error: {err.strerror or describe(err)}")
+        self.finish(f"{side} error: {describe(err)}")
 
     def finish(self, failure: str | None) -> None:
         """Out of the engine, closed, and the connection's task woken to account for it.

@@ -18,6 +18,7 @@ from pep.capture import nfq_proc
 from pep.capture.flows import FlowTable
 from pep.config import Config
 from pep.split.connections import ConnectionTable
+from pep.support.errors import describe
 
 __all__ = [
     "Doc",
@@ -326,7 +327,7 @@ def decode(data: bytes) -> Doc:
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as e:  # deeply nested: json recurses per level
-        raise StatusError(f"the daemon's status is not valid JSON: {e}") from None
+        raise StatusError(f"the daemon's status is not valid JSON: {describe(e)}") from None
     version = doc.get("version") if isinstance(doc, dict) else None
     if version != VERSION:
         raise StatusError(
@@ -354,7 +355,7 @@ def read_kernel_queues(
     try:
         return nfq_proc.read(queues, path), None
     except OSError as e:
-        return None, f"{path}: {e.strerror}"
+        return None, f"{path}: {describe(e)}"
 
 
 def fill_kernel_queues(doc: Doc, path: str = nfq_proc.NFQUEUE_PROC) -> None:

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 
 from pep.config.schema import parse_listen_address
+from pep.support.errors import describe
 
 __all__ = ["exposition", "families", "open_listeners", "reason_label", "serve_metrics"]
 
@@ -346,7 +347,7 @@ async def open_listeners(listen: str) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as e:
-        raise OSError(e.errno, f"metrics_listen {listen}: cannot listen: {e.strerror}") from None
+        raise OSError(e.errno, f"metrics_listen {listen}: cannot listen: {describe(e)}") from None
 
 
 async def serve_metrics(

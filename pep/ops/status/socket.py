@@ -24,6 +24,7 @@ import trio
 
 from pep.config import paths
 from pep.ops.status.document import Doc, StatusError, decode, encode
+from pep.support.errors import describe
 
 __all__ = [
     "NotRunning",
@@ -64,10 +65,10 @@ def bind_unix(path: str) -> socket.socket:
     try:
         paths.ensure_dir(directory, mode=0o750)
     except FileNotFoundError as e:
-        raise StatusError(f"status_socket {path}: {e}") from None
+        raise StatusError(f"status_socket {path}: {describe(e)}") from None
     except OSError as e:
         raise StatusError(
-            f"status_socket {path}: cannot create {directory}: {e.strerror}"
+            f"status_socket {path}: cannot create {directory}: {describe(e)}"
         ) from None
     try:
         st = os.lstat(path)
@@ -90,7 +91,7 @@ def bind_unix(path: str) -> socket.socket:
         sock.bind(path)
     except OSError as e:
         sock.close()
-        raise StatusError(f"status_socket {path}: cannot bind: {e.strerror}") from None
+        raise StatusError(f"status_socket {path}: cannot bind: {describe(e)}") from None
     finally:
         os.umask(old)
     sock.listen(64)
