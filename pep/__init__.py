@@ -10,7 +10,7 @@ above it in this list, checked by tests/test_layout.py):
   one module per table (``leg`` [client]/[upstream], ``link`` [link] and every number derived
   from it, ``terminals`` a hub's terminal plans, ``peer`` [peer] and its key file, ``policy``
   [[policy]]), ``schema`` (how a key is declared and checked), ``units`` (rates, durations),
-  ``paths`` (runtime files per netns).
+  ``paths`` (runtime files per netns), ``files`` (the guard on every file a setting names).
 - ``pep.capture``: a new connection's SYN, queued by netfilter. ``nfq_codec`` (the nfnetlink
   messages, sans-IO), ``nfq_socket`` (the bound queue), ``nfq_proc`` (the kernel's queue
   counters), ``syn`` (SYN parsing, pure), ``syn_queue`` (the SYN reader: ``Decider`` is its

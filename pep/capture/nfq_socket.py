@@ -36,14 +36,24 @@ def holder(queue: int) -> int | None:
 
 
 def _process(portid: int) -> str:
-    """A netlink port id is its process's pid for the process's first netlink socket: name it
-    when such a process exists."""
+    """Who has the socket bound to ``portid``: the process that holds it open (pep.capture.
+    nfq_proc.socket_pids), else, where its fds cannot be read, the likely one (a netlink port
+    id is its process's pid for the process's first socket of the protocol)."""
     try:
-        with open(f"/proc/{portid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        with open(nfq_proc.NETLINK_PROC) as f:
+            inode = nfq_proc.netlink_inode(f.read(), nfq.NETLINK_NETFILTER, portid)
+        pids = nfq_proc.socket_pids(inode) if inode is not None else []
     except OSError:
-        return ""
-    return f", likely pid {portid}: {cmd[:80]}" if cmd else ""
+        pids = []
+    for pid, how in [(p, "pid") for p in pids] + [(portid, "likely pid")]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if cmd:
+            return f", {how} {pid}: {cmd[:80]}"
+    return ""
 
 
 class QueueSocket:

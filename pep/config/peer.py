@@ -18,12 +18,13 @@ import stat
 import string
 from dataclasses import dataclass
 
+from pep.config.files import read_small
 from pep.config.schema import ConfigError, Net, integer, ip_port, key, nets
-from pep.support.errors import describe
 
 __all__ = ["KEY_BYTES", "Peer", "keygen", "load_key"]
 
 KEY_BYTES = 32  # 256 bits, HMAC-SHA256's own block of strength (RFC 2104 section 3)
+KEY_FILE_MAX_BYTES = 4096  # a key is 32 bytes, or 64 hex digits and a newline: larger is not a key
 
 
 def _path(key: str, value: object) -> str:
@@ -64,14 +65,8 @@ def load_key(path: str) -> bytes:
     """The shared secret from ``path``; ConfigError (exit 2 at start) when the file is missing,
     readable by group or others, or holds fewer than 32 bytes of key."""
     k = "peer.key_file"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as e:
-        raise ConfigError(k, path, f"cannot be read: {describe(e)}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(k, path, "is not a regular file")
+
+    def private(st: os.stat_result) -> None:
         if st.st_mode & 0o077:
             raise ConfigError(
                 k,
@@ -79,9 +74,8 @@ def load_key(path: str) -> bytes:
                 f"is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                 f"chmod 600 {path}",
             )
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
+
+    data = read_small(k, path, KEY_FILE_MAX_BYTES, what="a key file", nofollow=True, check=private)
     text = data.strip()
     # Hex text when it is all hex digits: 32 random bytes are that by chance with odds of
     # (22/256)^32, about 1 in 10^34. Printable text that is not hex is neither: a mistyped

@@ -22,13 +22,13 @@ import logging
 import os
 import re
 import resource
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pep.config.files import read_small
 from pep.config.leg import LegTuning
 from pep.config.link import Link
 from pep.config.paths import default_status_socket
@@ -314,29 +314,14 @@ def read_file(path: str | Path) -> dict[str, object]:
     """Parse a TOML file; syntax errors become ConfigError with the file's name and line. A
     path that is not a regular file (/dev/zero, a FIFO, a directory), or is over
     CONFIG_MAX_BYTES, is refused before anything is read."""
+    data = read_small("--config", str(path), CONFIG_MAX_BYTES, what="a configuration")
     try:
-        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer before the check.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError("--config", str(path), "is not a regular file")
-            if st.st_size > CONFIG_MAX_BYTES:
-                raise ConfigError(
-                    "--config",
-                    str(path),
-                    f"is {st.st_size} bytes: a configuration is at most {CONFIG_MAX_BYTES}",
-                )
-            return tomllib.loads(f.read(CONFIG_MAX_BYTES + 1).decode())
-    except FileNotFoundError:
-        raise ConfigError("--config", str(path), "file does not exist") from None
+        return tomllib.loads(data.decode())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("--config", str(path), f"is not valid TOML: {describe(e)}") from None
     except UnicodeDecodeError as e:  # TOML is UTF-8 (toml.io, "Spec"); tomllib decodes first
         msg = f"is not valid TOML: not UTF-8 (byte {e.start}: {e.reason})"
         raise ConfigError("--config", str(path), msg) from None
-    except OSError as e:
-        raise ConfigError("--config", str(path), f"cannot be read: {describe(e)}") from None
 
 
 def load(path: str | Path | None, overrides: Mapping[str, object]) -> Config:

@@ -11,9 +11,12 @@ status socket, which the file holds.
 
 flock, not a pid file: the kernel drops the lock when the owner dies, even by kill -9, so a
 crashed owner's state is found and replaced by the next start as before, and no stale pid can
-be mistaken for a live owner. The lock file stays locked only through its open descriptor
-(close-on-exec: a ``workers = N`` master's workers do not inherit it; the master owns the
-state, and a second ``pep run`` is refused by the master's lock). On release the file is
+be mistaken for a live owner. The lock is held through its open descriptor (close-on-exec), and
+a ``workers = N`` master hands that descriptor to each worker it starts (pep.ops.workers): the
+lock belongs to the open file, so it is released only when the last process of the daemon is
+gone. A master killed with kill -9 leaves its workers draining their connections, still bound
+to the daemon's queues; until they have finished, a new start is refused (naming the master's
+pid, and saying it has exited) rather than taking over from under them. On release the file is
 removed; a taker checks that the file it locked is still the one at the path, so a release
 that unlinks it between another's open and flock cannot leave two owners.
 """
@@ -25,10 +28,11 @@ import errno
 import fcntl
 import json
 import os
+import time
 
 from pep.config import paths
 
-__all__ = ["LOCK_FILE", "Owned", "Owner", "acquire", "holder"]
+__all__ = ["LOCK_FILE", "Owned", "Owner", "acquire", "holder", "running"]
 
 LOCK_FILE = "owner.lock"
 
@@ -36,14 +40,23 @@ LOCK_FILE = "owner.lock"
 class Owned(RuntimeError):
     """Another live pep owns this namespace's kernel state; ``str()`` says who."""
 
-    def __init__(self, path: str, pid: int | None, status_socket: str | None) -> None:
+    def __init__(
+        self, path: str, pid: int | None, status_socket: str | None, alive: bool = True
+    ) -> None:
         self.path, self.pid, self.status_socket = path, pid, status_socket
         who = f"pid {pid}" if pid else "a process"
         sock = f", status socket {status_socket}" if status_socket else ", no status socket"
-        super().__init__(
-            f"another pep ({who}{sock}) owns pep's rules and routes in this network namespace "
-            f"({path}): stop it first; `pep status` asks it what it does"
-        )
+        if alive:
+            super().__init__(
+                f"another pep ({who}{sock}) owns pep's rules and routes in this network "
+                f"namespace ({path}): stop it first; `pep status` asks it what it does"
+            )
+        else:  # its workers hold the lock it handed them (see the module's docstring)
+            super().__init__(
+                f"another pep ({who}, which has exited) still owns pep's rules and routes in "
+                f"this network namespace ({path}): its workers are finishing their "
+                "connections (up to its drain_timeout); start again once they have"
+            )
 
 
 class Owner:
@@ -86,6 +99,13 @@ def _read(fd: int) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
+def _record(fd: int) -> tuple[int | None, str | None]:
+    """(pid, status socket) as the owner wrote them; None for what is not there."""
+    held = _read(fd)
+    pid, sock = held.get("pid"), held.get("status_socket")
+    return (pid if isinstance(pid, int) else None), (sock if isinstance(sock, str) else None)
+
+
 def acquire(status_socket: str, directory: str | None = None) -> Owner:
     """Take ownership of this namespace's kernel state, or raise Owned naming the owner.
     OSError when the runtime directory cannot be made or the file cannot be opened."""
@@ -99,13 +119,16 @@ def acquire(status_socket: str, directory: str | None = None) -> Owner:
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 os.close(fd)
                 raise
-            held = _read(fd)
-            os.close(fd)
-            pid = held.get("pid")
-            sock = held.get("status_socket")
-            raise Owned(
-                path, pid if isinstance(pid, int) else None, sock if isinstance(sock, str) else None
-            ) from None
+            try:
+                pid, sock = _record(fd)
+                if pid is None or not running(pid):
+                    # A new owner writes its record just after it locks: a moment to do so,
+                    # so that a dead one's record left in the file is not taken for it.
+                    time.sleep(0.05)
+                    pid, sock = _record(fd)
+            finally:
+                os.close(fd)
+            raise Owned(path, pid, sock, alive=pid is None or running(pid)) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -118,6 +141,16 @@ def acquire(status_socket: str, directory: str | None = None) -> Owner:
         os.pwrite(fd, record, 0)
         return Owner(fd, path)
     raise OSError(errno.EAGAIN, f"{path}: the lock changed hands too often; try again")
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def holder(directory: str | None = None) -> dict[str, object] | None:

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pep import config as config_mod
 from pep.ops.entry import exit_code
 from pep.support.errors import describe
+
+if TYPE_CHECKING:  # imported where needed: `pep --help` loads nothing of the kernel's
+    from pep.kernel.owner import Owner
 
 __all__ = ["main"]
 
@@ -192,9 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.action == "remove":
                 from pep.ops.daemon import remove_rules
 
-                with _owning("") as refused:
-                    if refused:
-                        return 2
+                held = _take_ownership("")
+                if isinstance(held, int):
+                    return held
+                with held:
                     print(f"removed {remove_rules()} rule(s) and route(s)")
             else:
                 for family, tool in ((4, "iptables-legacy"), (6, "ip6tables-legacy")):
@@ -235,9 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rules":
         from pep.ops.daemon import install_rules
 
-        with _owning(cfg.status_socket) as refused:
-            if refused:
-                return 2
+        held = _take_ownership("")  # for as long as it installs: no status socket
+        if isinstance(held, int):
+            return held
+        with held:
             try:
                 install_rules(cfg)
             except (iptables_setup.RulesError, tproxy_routes.RoutingError) as e:
@@ -262,12 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("pep").error("worker %d: its master is gone; exiting", worker)
             return 1
 
-    def run() -> None:
-        if cfg.workers > 1 and worker is None:
-            trio.run(workers.supervise, cfg, argv, reload)
-        else:
-            trio.run(serve, cfg, reload, worker)
-
     daemon_errors = (
         iptables_setup.RulesError,
         tproxy_routes.RoutingError,
@@ -277,34 +276,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers.WorkerError,
         OSError,
     )
-    report = lambda e: logging.getLogger("pep").error("%s", e)  # noqa: E731
-    if worker is not None:  # the master owns the namespace's kernel state
-        return exit_code(run, daemon_errors, report)
-    with _owning(cfg.status_socket) as refused:
-        if refused:
-            return 2
+    report = lambda e: logging.getLogger("pep").error("%s", describe(e))  # noqa: E731
+    if worker is not None:  # its master owns the namespace's kernel state, and its lock
+        return exit_code(lambda: trio.run(serve, cfg, reload, worker), daemon_errors, report)
+    held = _take_ownership(cfg.status_socket)
+    if isinstance(held, int):
+        return held
+    lock = held.fd
+
+    def run() -> None:
+        if cfg.workers > 1:  # the workers inherit the lock: owned until the last one is gone
+            trio.run(workers.supervise, cfg, argv, reload, (lock,))
+        else:
+            trio.run(serve, cfg, reload, None)
+
+    with held:
         return exit_code(run, daemon_errors, report)
 
 
-@contextlib.contextmanager
-def _owning(status_socket: str) -> Iterator[bool]:
-    """Own this namespace's kernel state while the block runs (pep.kernel.owner); yields True,
-    having said who owns it, when another live pep does (the caller exits 2, nothing
-    touched)."""
+def _take_ownership(status_socket: str) -> Owner | int:
+    """This namespace's kernel state, owned (pep.kernel.owner) before anything touches it; or
+    the exit code, having said why not: 2 when another live pep owns it (nothing touched), 1
+    when the lock cannot be taken at all (the runtime directory cannot be made or opened)."""
     from pep.kernel import owner
 
     try:
-        held = owner.acquire(status_socket)
+        return owner.acquire(status_socket)
     except owner.Owned as e:
         print(f"pep: {describe(e)}", file=sys.stderr)
-        yield True
-        return
+        return 2
     except OSError as e:
-        print(f"pep: cannot take the ownership lock: {describe(e)}", file=sys.stderr)
-        yield True
-        return
-    with held:
-        yield False
+        print(
+            f"pep: cannot take ownership of this namespace's rules and routes "
+            f"({owner.lock_path()}): {describe(e)} (pep needs its runtime directory: run as "
+            "root, or as the service does, with /run/pep its RuntimeDirectory)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

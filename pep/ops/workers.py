@@ -111,8 +111,15 @@ class WorkerProcess:
 
 
 class Master:
-    def __init__(self, cfg: Config, argv: Sequence[str], reload: Callable[[], Config] | None):
+    def __init__(
+        self,
+        cfg: Config,
+        argv: Sequence[str],
+        reload: Callable[[], Config] | None,
+        keep_fds: Sequence[int] = (),
+    ):
         self.cfg = cfg
+        self.keep_fds = tuple(keep_fds)  # every worker inherits these (see supervise)
         self.argv = list(argv)
         self._reload = reload
         self.n = cfg.workers
@@ -140,7 +147,7 @@ class Master:
         self.slots.reset(i)  # a restarted worker starts with no link legs
         env[SLOTS_ENV] = str(self.slots.fd)
         # From this (the main) thread: see WorkerProcess.
-        proc = WorkerProcess(cmd, env, pass_fds=(self.slots.fd,))
+        proc = WorkerProcess(cmd, env, pass_fds=(self.slots.fd, *self.keep_fds))
         self.procs[i] = proc
         log.debug("worker %d started (pid %d)", i, proc.pid)
         return proc
@@ -269,16 +276,22 @@ class Master:
 
 
 async def supervise(
-    cfg: Config, argv: Sequence[str], reload: Callable[[], Config] | None = None
+    cfg: Config,
+    argv: Sequence[str],
+    reload: Callable[[], Config] | None = None,
+    keep_fds: Sequence[int] = (),
 ) -> None:
     """Run ``cfg.workers`` workers until SIGINT/SIGTERM; the rules are removed on every way out.
 
     Start: workers, then (all ready) status and metrics, then the rules. Stop: the rules, then
     SIGTERM to the workers, which drain; the master waits drain_timeout plus a margin.
+    ``keep_fds`` are inherited by every worker: the namespace's ownership lock
+    (pep.kernel.owner), so that it stays held while any process of this daemon lives, also
+    workers that outlive a master killed with kill -9 (they drain, still bound to the queues).
     """
     from pep.ops.daemon import install_rules, remove_rules, stop_new_flows  # (imports us)
 
-    master = Master(cfg, argv, reload)
+    master = Master(cfg, argv, reload, keep_fds)
     installed = False
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -314,5 +327,6 @@ async def supervise(
             remove_rules()
         master.kill_all()
         master.services.close()
-        codes = [p.returncode for p in master.procs if p is not None]
-        log.info("stopped: worker exit statuses %s", codes)
+        if master.state != "starting":  # a start that failed says why, not what it did
+            codes = [p.returncode for p in master.procs if p is not None]
+            log.info("stopped: worker exit statuses %s", codes)

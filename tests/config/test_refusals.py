@@ -114,3 +114,22 @@ def test_every_exception_says_something() -> None:
     assert describe(OSError(errno.ECONNRESET, "")) == "ECONNRESET: Connection reset by peer"
     assert describe(Exception()) == "Exception"
     assert describe(ValueError("bad header")) == "bad header"
+
+
+def test_every_file_a_setting_names_has_the_same_guard(tmp_path: Path) -> None:
+    """The terminals file and the key file are read as the config is (pep.config.files): a
+    FIFO is refused at once instead of hanging a start or a SIGHUP, and so is a huge file."""
+    from pep.config.terminals import TERMINALS_MAX_BYTES
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    link = {"interface": "sat0", "rtt": "600ms", "egress_rate": "20mbit", "ingress_rate": "5mbit"}
+    with pytest.raises(ConfigError, match=r"link\.terminals_file.*not a regular file"):
+        build({"interfaces": ["sat0"], "link": {**link, "terminals_file": str(fifo)}})
+    with pytest.raises(ConfigError, match=r"peer\.key_file.*not a regular file"):
+        load_key(str(fifo))
+    big = tmp_path / "terminals.txt"
+    with open(big, "wb") as f:
+        f.truncate(TERMINALS_MAX_BYTES + 1)
+    with pytest.raises(ConfigError, match="a terminals file is at most"):
+        build({"interfaces": ["sat0"], "link": {**link, "terminals_file": str(big)}})
