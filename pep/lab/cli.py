@@ -15,7 +15,7 @@ from pathlib import Path
 from pep.lab.star import add_options as add_star_options
 from pep.support.errors import describe
 
-__all__ = ["add_parser", "main"]
+__all__ = ["add_parser", "main", "split_exec"]
 
 DEFAULT_PREFIX = "peplab"  # `pep lab up/down/status/exec/split`
 DEMO_PREFIX = "pepdemo"  # demo and bench build (and remove) their own lab
@@ -71,8 +71,59 @@ def _prefix(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--prefix",
         default=default,
+        type=_checked_prefix,
         help=f"namespace name prefix: nodes are PREFIX-client ... (default {default})",
     )
+
+
+def _checked_prefix(text: str) -> str:
+    """Every subcommand refuses what ``pep lab down`` refuses (pep.lab.plan.check_prefix): a
+    prefix that could name another lab's namespaces, or a path."""
+    from pep.lab.plan import LabError, check_prefix
+
+    try:
+        check_prefix(text)
+    except LabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+EXEC_USAGE = "pep lab exec NODE [--prefix P] -- CMD ..."
+
+
+def split_exec(rest: list[str]) -> tuple[str | None, list[str]]:
+    """What follows the node in ``pep lab exec NODE ...``: the options before the command
+    (``--prefix P``; argparse hands them over with the command), then the command, after an
+    optional ``--``. Any other option before the command is refused: it would otherwise run as
+    the command, in the wrong lab."""
+    from pep.lab.profiles import ParseError
+
+    prefix = None
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if token == "--":
+            return prefix, rest[i + 1 :]
+        if token == "--prefix" or token.startswith("--prefix="):
+            value = token.partition("=")[2] if "=" in token else None
+            if value is None:
+                if i + 1 == len(rest):
+                    raise ParseError(f"exec: --prefix needs a value ({EXEC_USAGE})")
+                value = rest[i + 1]
+                i += 1
+            try:
+                prefix = _checked_prefix(value)
+            except argparse.ArgumentTypeError as e:
+                raise ParseError(f"exec: --prefix: {e}") from None
+            i += 1
+            continue
+        if token.startswith("-"):
+            raise ParseError(
+                f"exec: unknown option {token!r} before the command; put the command "
+                f"after -- ({EXEC_USAGE})"
+            )
+        break
+    return prefix, rest[i:]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -96,7 +147,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = s.add_parser("status", help="nodes, link parameters, processes")
     _prefix(p, DEFAULT_PREFIX)
 
-    p = s.add_parser("exec", help="run a command in a node: pep lab exec NODE -- CMD ...")
+    p = s.add_parser("exec", help=f"run a command in a node: {EXEC_USAGE}", usage=EXEC_USAGE)
     p.add_argument("node", help=f"one of {', '.join(NODES)}")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     _prefix(p, DEFAULT_PREFIX)
@@ -211,9 +262,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from pep.lab.build import check_environment, down, up
-    from pep.lab.plan import LabError, LabSpec
+    from pep.lab.plan import LabSpec
     from pep.lab.star import spec_fields
-    from pep.lab.state import Lab
+    from pep.lab.state import Lab, not_up
     from pep.lab.status import status_text
 
     cmd = args.lab_command
@@ -223,6 +274,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd in ("up", "demo", "bench"):
         prof = _profile(args)  # parse errors before anything else
         star = spec_fields(args, prof, 2 if cmd == "up" else 4)  # --topology star's
+    if cmd == "exec":
+        prefix, argv = _exec_args(args)  # the same
     check_environment()
     if cmd == "up":
         spec = LabSpec(
@@ -240,44 +293,47 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"no lab with prefix {args.prefix!r}; nothing to remove")
         return 0
     if cmd == "exec":
-        return _exec(args)
+        return _exec(prefix, args.node.lower(), argv)
     if cmd == "fade":
         from pep.lab.fade import fade
 
         return fade(args.prefix, args.seconds, wait=not args.no_wait)
     if cmd == "split":
+        from pep.lab.cluster import refuse_split
+
         lab = Lab.load(args.prefix)
         if lab is None:
-            raise LabError(f"no lab with prefix {args.prefix!r}")
-        if lab.topology in ("ha", "ecmp"):
-            raise LabError(
-                f"lab {args.prefix!r} is a two-gateway lab ({lab.topology}): its peps stay up "
-                f"(with both stopped, keepalived would hold no gateway address). Fail one "
-                f"instead: kill -9 its pep, `ip -n {args.prefix}-gwa link set lan0 down`, or "
-                f"`pep lab bench --topology {lab.topology}`"
-            )
+            raise not_up(args.prefix)
+        refuse_split(lab)
         lab.set_split(args.state != "off", direct=args.state == "direct")
         print(f"pep {args.state} on {', '.join(lab.pep_nodes)}")
         return 0
     return _bench(args, prof)
 
 
-def _exec(args: argparse.Namespace) -> int:
-    from pep.lab.plan import LabError
-    from pep.lab.state import Lab, exists
+def _exec_args(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The lab and the command of ``pep lab exec``; ParseError (exit 2) when they are unclear."""
+    from pep.lab.profiles import ParseError
 
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
+    prefix, cmd = split_exec(list(args.cmd))
+    if prefix is not None and args.prefix not in (DEFAULT_PREFIX, prefix):
+        raise ParseError(f"exec: two prefixes, {args.prefix!r} and {prefix!r}")
     if not cmd:
-        print("pep lab exec: no command (usage: pep lab exec NODE -- CMD ...)", file=sys.stderr)
-        return 2
-    node = args.node.lower()
-    ns = f"{args.prefix}-{node}"
-    if not exists(args.prefix) or not os.path.exists(f"/run/netns/{ns}"):
-        lab = Lab.load(args.prefix)
-        names = list(lab.nodes) if lab is not None else NODES
-        raise LabError(f"no node {node!r} in lab {args.prefix!r} (nodes: {', '.join(names)})")
+        raise ParseError(f"exec: no command (usage: {EXEC_USAGE})")
+    return prefix or args.prefix, cmd
+
+
+def _exec(prefix: str, node: str, cmd: list[str]) -> int:
+    from pep.lab.plan import LabError
+    from pep.lab.state import lab_namespaces, not_up
+
+    ns = f"{prefix}-{node}"
+    namespaces = lab_namespaces(prefix)
+    if not namespaces:
+        raise not_up(prefix)
+    if ns not in namespaces or not os.path.exists(f"/run/netns/{ns}"):
+        names = [n.removeprefix(f"{prefix}-") for n in namespaces]
+        raise LabError(f"no node {node!r} in lab {prefix!r} (nodes: {', '.join(names)})")
     os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
     return 1  # not reached
 

@@ -37,7 +37,15 @@ from collections.abc import Callable
 from pep.lab.plan import LabError, pep_config_text
 from pep.lab.state import Lab
 
-__all__ = ["CLUSTERS", "build", "keepalived_conf", "master", "sigkill", "wait_master"]
+__all__ = [
+    "CLUSTERS",
+    "build",
+    "keepalived_conf",
+    "master",
+    "refuse_split",
+    "sigkill",
+    "wait_master",
+]
 
 CLUSTERS = ("ha", "ecmp")
 GATEWAYS = ("gwa", "gwb")
@@ -206,6 +214,17 @@ def wait_master(lab: Lab, want: str | None = None, timeout: float = 15) -> str:
             )
         time.sleep(0.05)
     return now
+
+
+def refuse_split(lab: Lab) -> None:
+    """A two-gateway lab's peps stay up (``pep lab split``, a test's PEP mode): LabError."""
+    if lab.topology in CLUSTERS:
+        raise LabError(
+            f"lab {lab.prefix!r} is a two-gateway lab ({lab.topology}): its peps stay up "
+            f"(with both stopped, keepalived would hold no gateway address). Fail one "
+            f"instead: kill -9 its pep, `ip -n {lab.prefix}-gwa link set lan0 down`, or "
+            f"`pep lab bench --topology {lab.topology}`"
+        )
 
 
 def build(lab: Lab, say: Callable[[str], None]) -> None:

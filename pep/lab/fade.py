@@ -17,7 +17,7 @@ import time
 from pep.lab.build import fade_control
 from pep.lab.outages import write_control
 from pep.lab.plan import LabError
-from pep.lab.state import Lab
+from pep.lab.state import Lab, not_up
 
 __all__ = ["fade", "start_fade", "stop_fade"]
 
@@ -27,7 +27,7 @@ MAX_FADE = 3600.0  # seconds: a fade longer than an hour is a typo, not an exper
 def _line(prefix: str) -> tuple[Lab, int]:
     lab = Lab.load(prefix)
     if lab is None:
-        raise LabError(f"lab {prefix!r} is not up (start it with `pep lab up --prefix {prefix}`)")
+        raise not_up(prefix)
     info = lab.procs.get("delayline")
     if info is None or not lab.running("delayline"):
         raise LabError(

@@ -22,7 +22,15 @@ from typing import Any
 from pep.lab.plan import PEP_NODES, LabError
 from pep.lab.profiles import LinkProfile
 
-__all__ = ["STATE_ENV", "Lab", "exists", "lab_namespaces", "pid_running", "state_root"]
+__all__ = [
+    "STATE_ENV",
+    "Lab",
+    "exists",
+    "lab_namespaces",
+    "not_up",
+    "pid_running",
+    "state_root",
+]
 
 STATE_ENV = "PEP_LAB_STATE"  # where labs keep their state, /run/pep-lab unless set
 
@@ -43,6 +51,11 @@ def lab_namespaces(prefix: str) -> list[str]:
 
 def exists(prefix: str) -> bool:
     return bool(lab_namespaces(prefix))
+
+
+def not_up(prefix: str) -> LabError:
+    """What every command that needs a running lab says when there is none."""
+    return LabError(f"lab {prefix!r} is not up (start it with `pep lab up --prefix {prefix}`)")
 
 
 def _ns_inode(ns: str) -> int | None:
@@ -139,7 +152,7 @@ class Lab:
 
     # --- processes ----------------------------------------------------------------------------
 
-    def launch(self, name: str, node: str, argv: list[str]) -> None:
+    def launch(self, name: str, node: str, argv: list[str]) -> subprocess.Popen[bytes]:
         """Start ``argv`` in ``node`` in its own session, so it outlives this command, logging
         to ``{name}.log``; ``wait_ready`` then waits for it."""
         log_path = self.dir / f"{name}.log"
@@ -164,16 +177,16 @@ class Lab:
             "log_offset": start,
         }
         self.save()
+        return proc
 
     def wait_ready(self, name: str, ready: str, timeout: float = 20) -> int:
         """Wait for ``ready`` in what the process logged since its launch."""
         info = self.procs[name]
         proc = self._children[name]
         ns = self.ns(str(info["node"]))
-        log_path = Path(str(info["log"]))
         deadline = time.monotonic() + timeout
         while True:
-            text = _read_from(log_path, int(info["log_offset"]))  # type: ignore[call-overload]
+            text = self.output(name)
             if ready in text:
                 return proc.pid
             if proc.poll() is not None:
@@ -183,6 +196,11 @@ class Lab:
             if time.monotonic() > deadline:
                 raise LabError(f"{name} in {ns} not ready after {timeout:g}s:\n" + _tail(text))
             time.sleep(0.05)
+
+    def output(self, name: str) -> str:
+        """What the process ``name`` has logged since its launch."""
+        info = self.procs[name]
+        return _read_from(Path(str(info["log"])), int(info["log_offset"]))  # type: ignore[call-overload]
 
     def running(self, name: str) -> bool:
         info = self.procs.get(name)

@@ -12,8 +12,8 @@ import json
 import tomllib
 
 from pep.lab.cluster import CLUSTERS, vips_held
-from pep.lab.plan import PEP_NODES, SERVER_PORT, LabError
-from pep.lab.state import Lab, lab_namespaces
+from pep.lab.plan import PEP_NODES, SERVER_PORT
+from pep.lab.state import Lab, lab_namespaces, not_up
 
 __all__ = ["status_text"]
 
@@ -55,7 +55,7 @@ def status_text(prefix: str) -> str:
                 f"state file (a crashed `pep lab up`?); remove them with "
                 f"`pep lab down --prefix {prefix}`"
             )
-        raise LabError(f"no lab with prefix {prefix!r} (start one with `pep lab up`)")
+        raise not_up(prefix)
     p = lab.profile
     mode = "PEP" if lab.pep else "no PEP"
     if lab.topology in CLUSTERS:

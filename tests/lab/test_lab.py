@@ -267,3 +267,70 @@ def test_cli_bad_value_is_a_usage_error_before_anything_is_built() -> None:
     )
     assert r.returncode == 2
     assert "pep lab: RTT 'soon'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("rest", "prefix", "cmd"),
+    [
+        (["--", "ip", "addr"], None, ["ip", "addr"]),
+        (["ip", "addr"], None, ["ip", "addr"]),
+        (["--prefix", "x1", "--", "ls", "-l"], "x1", ["ls", "-l"]),
+        (["--prefix=x1", "ls", "--prefix", "y"], "x1", ["ls", "--prefix", "y"]),  # the command's
+        (["--", "--prefix", "y"], None, ["--prefix", "y"]),
+        ([], None, []),
+    ],
+)
+def test_exec_takes_the_options_before_the_command(
+    rest: list[str], prefix: str | None, cmd: list[str]
+) -> None:
+    """D7: `pep lab exec NODE --prefix X -- CMD` runs CMD in lab X, not `--prefix X -- CMD` in
+    the default lab."""
+    from pep.lab.cli import split_exec
+
+    assert split_exec(rest) == (prefix, cmd)
+
+
+@pytest.mark.parametrize(
+    ("rest", "words"),
+    [
+        (["--bogus", "--", "ls"], "unknown option '--bogus' before the command"),
+        (["-h"], "unknown option '-h'"),
+        (["--prefix"], "--prefix needs a value"),
+        (["--prefix", "../etc", "--", "ls"], "prefix '../etc': 1-24 letters"),
+        (["--prefix=", "ls"], "prefix '': 1-24 letters"),
+    ],
+)
+def test_exec_refuses_unclear_options(rest: list[str], words: str) -> None:
+    from pep.lab.cli import split_exec
+
+    with pytest.raises(ParseError) as e:
+        split_exec(rest)
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["status", "--prefix", "../etc"], "argument --prefix: prefix '../etc': 1-24 letters"),
+        (["status", "--prefix="], "argument --prefix: prefix '': 1-24 letters"),
+        (["down", "--prefix", "../etc"], "argument --prefix: prefix '../etc'"),
+        (["fade", "5", "--prefix", "a-b"], "argument --prefix: prefix 'a-b'"),
+        (["exec", "client", "--prefix", "../etc", "--", "ls"], "exec: --prefix: prefix '../etc'"),
+        (["exec", "client", "--bogus", "--", "ls"], "exec: unknown option '--bogus'"),
+        (["exec", "--prefix", "b1", "client", "--prefix", "a1", "ls"], "two prefixes, 'b1'"),
+        (["exec", "client", "--prefix", "a1"], "exec: no command (usage: pep lab exec NODE"),
+    ],
+)
+def test_every_subcommand_refuses_a_bad_prefix_before_anything_else(
+    args: list[str], words: str
+) -> None:
+    """D8: exec and status refuse what down refuses (a prefix that is a path, or empty), as
+    usage errors (exit 2), before the root check or any lookup."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pep.ops.cli", "lab", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr, r.stderr
