@@ -16,9 +16,10 @@ export DEBIAN_FRONTEND=noninteractive
 # iptables: the legacy backend python-iptables writes to; iproute2: `ip netns exec`;
 # gcc + python3-dev: python-iptables compiles a small extension; iperf3, haproxy, nginx-light,
 # wrk: the benchmarks' load and reference paths (bench/); openssl: the lab's HTTPS certificate;
-# keepalived: VRRP for the lab's `ha` topology.
+# keepalived: VRRP for the lab's `ha` topology; curl: the HTTP client of examples/ (its test runs
+# in the suite).
 pkgs=(iptables iproute2 gcc python3-dev python3-venv iperf3 haproxy nginx-light wrk openssl
-    keepalived)
+    keepalived curl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

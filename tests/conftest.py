@@ -2,7 +2,9 @@
 
 Tests that need root and network namespaces carry the ``netns`` marker. Unprivileged runs skip
 them with a reason; under ``CI=true`` they fail instead, so a CI machine that silently lost its
-privileges cannot pass by skipping the integration suite.
+privileges cannot pass by skipping the integration suite. The check is pep's pytest plugin's
+(pep/testing/plugin.py, ``needs_root``), as are the lab fixtures (``satlab``, ...) that the lab
+tests use: one harness for pep's tests and for other projects'.
 
 A namespace test asks for ``topo`` (the gateway topology of pep/testing/netenv.py, under a name
 unique to this run, removed at teardown whatever happened) and starts daemons with
@@ -12,7 +14,6 @@ overriding ``topo_sysctls`` or ``topo_layout``; a single test by parametrizing e
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
@@ -23,29 +24,24 @@ import pytest
 
 from pep.testing import netenv
 from pep.testing.daemon import NOBODY, PepProcess, StartPep
+from pep.testing.plugin import require_root
 from pep.testing.topology import Topology
 
+pytest_plugins = ["pytester"]  # tests/testing/test_plugin.py runs pytest on example projects
 
-@functools.cache
-def netns_unavailable() -> str | None:
-    """Why namespace tests cannot run here, or None when they can."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, iptables, NFQUEUE)"
-    for tool in ("iptables-legacy", "ip"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (Debian packages iptables, iproute2)"
-    return None
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.has_plugin("pep"):
+        raise pytest.UsageError(
+            "pep's pytest plugin (entry point pytest11: pep.testing.plugin) is not loaded: "
+            "install pep with its test extra (bash deploy/setup.sh --test), and no -p no:pep"
+        )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("netns") is None:
-        return
-    reason = netns_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but this test cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
+    """``netns`` is pep's own name for the plugin's ``needs_root``: one check for both."""
+    if item.get_closest_marker("netns") is not None:
+        require_root()
 
 
 # --- topologies ---------------------------------------------------------------------------------

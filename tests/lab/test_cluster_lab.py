@@ -1,8 +1,9 @@
 """Two PEP gateways behind routing machinery: VRRP failover (keepalived) and ECMP spreading.
 
-Each test builds its own lab (pep.lab.cluster) under a unique prefix and removes it however
-it ends. No timing assertions beyond generous bounds: the failover time is the benchmark's
-(``pep lab bench --topology ha``); here what survives a failover is checked, byte for byte.
+Each test gets a lab of its own from pep's pytest plugin (the ``satlab`` fixture: a unique
+prefix, removed however the test ends). No timing assertions beyond generous bounds: the
+failover time is the benchmark's (``pep lab bench --topology ha``); here what survives a
+failover is checked, byte for byte.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import trio
 
-from pep.lab import build as lab_mod
 from pep.lab import cluster, objects
 from pep.lab.cluster import master, wait_master
 from pep.lab.cluster_bench import splits
-from pep.lab.plan import LabSpec
-from pep.lab.profiles import PROFILES
 from pep.lab.state import Lab
-from pep.testing.netenv import unique_prefix
+from pep.testing.satlab import SatLab
 from pep.testing.traffic import connect, listen, send_all
 
 pytestmark = pytest.mark.netns
@@ -33,26 +31,25 @@ SLOW_PORT = 9000
 TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h
 
 
-def lab_of(topology: str) -> Iterator[Lab]:
-    if topology == "ha" and subprocess.run(["which", "keepalived"], capture_output=True).returncode:
+# The two-gateway labs have no emulated link (LAN) and no pre-connected legs; their peps stay up.
+HA = pytest.mark.satlab("lan", topology="ha", pep="direct")
+ECMP = pytest.mark.satlab("lan", topology="ecmp", pep="direct")
+
+
+@pytest.fixture
+def keepalived() -> None:
+    if subprocess.run(["which", "keepalived"], capture_output=True).returncode:
         pytest.fail("keepalived is not installed (deploy/setup.sh installs it)")
-    prefix = unique_prefix("cl")
-    lab = lab_mod.up(LabSpec(PROFILES["lan"], topology, True, prefix, peer=False))
-    try:
-        yield lab
-    finally:
-        lab_mod.down(prefix, lab)
-        assert not [n for n in os.listdir("/run/netns") if n.startswith(prefix + "-")]
 
 
 @pytest.fixture
-def ha() -> Iterator[Lab]:
-    yield from lab_of("ha")
+def ha(keepalived: None, satlab: SatLab) -> Lab:
+    return satlab.lab
 
 
 @pytest.fixture
-def ecmp() -> Iterator[Lab]:
-    yield from lab_of("ecmp")
+def ecmp(satlab: SatLab) -> Lab:
+    return satlab.lab
 
 
 async def fetch(lab: Lab, size: int = 100_000) -> objects.Transfer:
@@ -122,6 +119,7 @@ def closed_by_fin(sock: trio.socket.SocketType) -> bool:
     return state == TCP_CLOSE_WAIT
 
 
+@HA
 async def test_ha_a_dead_pep_moves_the_address_and_the_backup_splits(ha: Lab) -> None:
     first = wait_master(ha)
     other = next(gw for gw in cluster.GATEWAYS if gw != first)
@@ -145,6 +143,7 @@ async def test_ha_a_dead_pep_moves_the_address_and_the_backup_splits(ha: Lab) ->
     assert splits(ha, other) == before + 6
 
 
+@HA
 async def test_ha_the_masters_client_link_down_moves_the_address(ha: Lab) -> None:
     first = wait_master(ha)
     other = next(gw for gw in cluster.GATEWAYS if gw != first)
@@ -165,6 +164,7 @@ async def test_ha_the_masters_client_link_down_moves_the_address(ha: Lab) -> Non
     assert splits(ha, other) == before + 2
 
 
+@ECMP
 async def test_ecmp_spreads_flows_and_a_dead_pep_fails_open(ecmp: Lab) -> None:
     sizes = [10_000 + i for i in range(400)]  # each body different: sha256 checked per fetch
 

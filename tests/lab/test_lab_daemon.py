@@ -1,8 +1,9 @@
 """`pep lab` for real: namespaces, the delay line, tbf, loss rules, pep on the PEP nodes.
 
-Each test builds its own lab under a unique prefix and removes it in a ``finally`` (through the
-``prefix`` fixture), so a failing assertion never leaves a namespace or a process behind.
-Timing tests use the short profiles (LEO 40 ms, MEO 150 ms) to stay well under a minute.
+The labs come from pep's pytest plugin, as any project's would: ``satlab_prefix`` for the tests
+that drive `pep lab` themselves, ``satlab`` for a lab of a test's own, ``satlab_session`` for the
+links several tests share (pep switched to what each asks for). Whatever a test builds is
+removed however it ends. Timing tests use the short profiles (LEO 40 ms, MEO 150 ms).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from pep.lab.profiles import PROFILES
 from pep.lab.state import Lab, pid_running, state_root
 from pep.lab.status import status_text
 from pep.testing.daemon import REPO
-from pep.testing.netenv import unique_prefix
+from pep.testing.satlab import SatLab
 from pep.testing.topology import Topology, ns_socket
 
 pytestmark = pytest.mark.netns
@@ -39,13 +39,9 @@ SERVER = (SERVER_IP, SERVER_PORT)
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    p = unique_prefix("lab")
-    try:
-        yield p
-    finally:
-        lab_mod.down(p)
-        assert not _namespaces(p)
+def prefix(satlab_prefix: str) -> str:
+    """A lab prefix of the test's own (pep's pytest plugin), removed however the test ends."""
+    return satlab_prefix
 
 
 def _namespaces(prefix: str) -> list[str]:
@@ -96,6 +92,14 @@ def test_cli_up_status_exec_split_down_leaves_nothing(prefix: str) -> None:
 
     r = _pep_lab("exec", "--prefix", prefix, "server", "--", "ip", "-4", "-o", "addr")
     assert r.returncode == 0 and SERVER_IP in r.stdout
+    # D7: the prefix after the node names the lab too (it used to become the command).
+    r = _pep_lab("exec", "server", "--prefix", prefix, "--", "ip", "-4", "-o", "addr")
+    assert r.returncode == 0 and SERVER_IP in r.stdout, r.stderr
+    r = _pep_lab("exec", "nosuch", "--prefix", prefix, "--", "true")
+    assert r.returncode == 1, r.stderr
+    assert f"no node 'nosuch' in lab {prefix!r} (nodes: client, link, pepa, pepb, server)" in (
+        r.stderr
+    )
 
     r = _pep_lab("up", "--profile", "leo", "--prefix", prefix)
     assert r.returncode == 1 and "already exists" in r.stderr and "pep lab down" in r.stderr
@@ -117,8 +121,13 @@ def test_cli_up_status_exec_split_down_leaves_nothing(prefix: str) -> None:
     assert not _namespaces(prefix)
     assert not any(_alive(pid) for pid in pids.values())
     assert not (state_root() / prefix).exists()
-    r = _pep_lab("status", "--prefix", prefix)
-    assert r.returncode == 1 and "no lab" in r.stderr
+    # D8: a lab that is not up says so, whatever is asked of it.
+    for args in (["status"], ["exec", "client", "--", "true"], ["split", "on"], ["fade", "1"]):
+        r = _pep_lab(args[0], "--prefix", prefix, *args[1:])
+        assert r.returncode == 1, r.stderr
+        assert f"lab {prefix!r} is not up (start it with `pep lab up --prefix {prefix}`)" in (
+            r.stderr
+        )
 
 
 def test_down_cleans_up_after_crashes_and_half_built_labs(prefix: str) -> None:
@@ -165,10 +174,10 @@ async def _connect_rtt(ns: str) -> float:
         return rtt_us / 1e6
 
 
-@pytest.mark.parametrize("name", ["leo", "meo"])
-def test_rtt_within_5_percent_of_the_profile(prefix: str, name: str) -> None:
-    profile = PROFILES[name]
-    lab = lab_mod.up(LabSpec(profile, pep=False, prefix=prefix))
+@pytest.mark.satlab(profile=["leo", "meo"], pep="none")
+def test_rtt_within_5_percent_of_the_profile(satlab_session: SatLab) -> None:
+    profile, lab = satlab_session.profile, satlab_session.lab
+    name = profile.name
 
     async def measure() -> list[float]:
         with trio.fail_after(30):
@@ -185,7 +194,8 @@ def test_rtt_within_5_percent_of_the_profile(prefix: str, name: str) -> None:
     assert abs(median_ms - profile.rtt_ms) <= 0.05 * profile.rtt_ms, rtts
 
 
-def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
+@pytest.mark.satlab("leo")
+def test_rate_within_10_percent_of_the_profile(satlab_session: SatLab) -> None:
     """Bulk rate through the PEPs, whose BBR link leg keeps the link busy: an end-to-end cubic
     flow loses a third of its segments in slow start on a drop-tail tbf queue (measured), which
     says more about cubic than about the emulated rate.
@@ -199,7 +209,7 @@ def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
         Link("lab", profile.rtt_ms / 1000, rate, 1, None).pacing_capacity(1500) * 8
         for rate in (profile.down_bps, profile.up_bps)
     )
-    lab = lab_mod.up(LabSpec(profile, prefix=prefix))
+    lab = satlab_session.lab
 
     async def downlink() -> float:
         down = await objects.fetch(lab.ns("client"), SERVER, 25_000_000)
@@ -233,9 +243,9 @@ def test_rate_within_10_percent_of_the_profile(prefix: str) -> None:
         assert max(runs) >= 0.9 * ref, runs
 
 
-def test_data_is_byte_exact_through_both_peps_with_loss(prefix: str) -> None:
-    profile = PROFILES["leo"].with_overrides(loss=0.01)
-    lab = lab_mod.up(LabSpec(profile, prefix=prefix))
+@pytest.mark.satlab("leo", loss=1)
+def test_data_is_byte_exact_through_both_peps_with_loss(satlab: SatLab) -> None:
+    lab = satlab.lab  # a lab of its own: the peps' logs count this test's connections only
 
     async def transfers() -> None:
         with trio.fail_after(50):

@@ -26,6 +26,7 @@ from pep.config import paths
 from pep.config.link import Link
 from pep.testing.daemon import PepProcess, StartPep, status_json
 from pep.testing.netenv import INGRESS, SERVER_IP, rules_in
+from pep.testing.satlab import SatLab
 from pep.testing.topology import Topology, sysctl
 from pep.testing.traffic import connect, listen, recv_to_eof, send_all, sha
 
@@ -359,31 +360,21 @@ def refused_with_nothing_installed(topo: Topology, conf: Path) -> str:
     return r.stderr
 
 
-def test_a_lab_run_of_6_parallel_fetches_is_byte_exact() -> None:
+@pytest.mark.satlab("leo")
+def test_a_lab_run_of_6_parallel_fetches_is_byte_exact(satlab_session: SatLab) -> None:
     """The lab's PEP nodes with [link] from the profile: 6 parallel 200 KB fetches over LEO,
     every byte checked (pep.lab.objects raises on a wrong body), nothing dropped unchecked."""
-    from pep.lab import build as lab_mod
     from pep.lab import workloads
-    from pep.lab.plan import LabSpec
-    from pep.lab.profiles import PROFILES
-    from pep.testing.netenv import unique_prefix
 
-    prefix = unique_prefix("lkl")
-    lab = lab_mod.up(LabSpec(PROFILES["leo"], prefix=prefix))
-    try:
-        for node in ("pepa", "pepb"):
-            text = (lab.dir / f"{node}.toml").read_text()
-            assert "[link]" in text and 'interface = "sat0"' in text, text
-        times = trio.run(
-            workloads._together,
-            6,
-            lambda: workloads.objects.fetch(lab.ns("client"), workloads.SERVER, 200_000),
-        )
-        assert len(times) == 6 and all(t > 0 for t in times)
-        r = subprocess.run(
-            ["ip", "netns", "exec", lab.ns("pepb"), "ip", "route"], capture_output=True, text=True
-        )
-        assert "proto 94" in r.stdout and "initcwnd" in r.stdout, r.stdout
-    finally:
-        lab_mod.down(prefix, lab)
-    assert not [n for n in os.listdir("/run/netns") if n.startswith(prefix + "-")]
+    lab = satlab_session.lab
+    for node in ("pepa", "pepb"):
+        text = (lab.dir / f"{node}.toml").read_text()
+        assert "[link]" in text and 'interface = "sat0"' in text, text
+    times = trio.run(
+        workloads._together,
+        6,
+        lambda: workloads.objects.fetch(lab.ns("client"), workloads.SERVER, 200_000),
+    )
+    assert len(times) == 6 and all(t > 0 for t in times)
+    r = satlab_session.run("pepb", ["ip", "route"])
+    assert "proto 94" in r.stdout and "initcwnd" in r.stdout, r.stdout

@@ -1,0 +1,182 @@
+"""pep's pytest plugin: a satellite link in one fixture, for any project's integration tests.
+
+Registered by pep's ``pytest11`` entry point, so installing pep is enough (``-p no:pep``
+switches it off). README "Testing your application over a satellite link" is the user's guide;
+in short:
+
+    @pytest.mark.satlab("geo", pep=["none", "peer"])    # runs twice: without and with pep
+    def test_download(satlab):
+        satlab.start("server", ["python3", "-m", "http.server", "8000"], listen=8000)
+        satlab.run("client", ["curl", "-sSf", f"http://{satlab.addr('server')}:8000/"])
+
+Fixtures: ``satlab`` (a lab for one test), ``satlab_session`` (one lab per link configuration
+for the whole session, each test's PEP mode set on entry), ``satlab_prefix`` (a unique prefix,
+everything under it removed at teardown, for tests that drive ``pep lab`` themselves) and
+``satlab_config`` (what the markers ask for). Markers: ``satlab(...)`` configures the lab (a
+list runs the test once per value; every test that uses a lab is marked with the values it got,
+so ``-m "satlab(profile='geo')"`` selects by profile) and ``needs_root`` (root and the tools, or
+a skip with the reason; under CI=true a failure, so a CI runner that lost its privileges cannot
+pass by skipping). The module stays light to import: pytest loads it in every run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from pep.testing.satlab import SatLab, SharedLabs
+    from pep.testing.satlab_options import LabConfig
+
+__all__ = ["netns_unavailable", "require_root"]
+
+LAB_FIXTURES = ("satlab", "satlab_session")
+MARKERS = (
+    "satlab(profile='geo', topology='symmetric', pep='peer', rtt=, down=, up=, loss=, queue=, "
+    "handover=): the lab the satlab/satlab_session fixtures build (profile geo, meo, leo, lan or "
+    "custom; pep none, direct or peer; values as `pep lab up` takes them); a list runs the test "
+    "once per value. Tests that use a lab carry the values they got: -m \"satlab(profile='geo')\"",
+    "needs_root: needs root, network namespaces, ip and iptables-legacy: skipped with the reason "
+    "otherwise, a failure under CI=true",
+)
+
+
+@functools.cache
+def netns_unavailable() -> str | None:
+    """Why namespace tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, iptables, NFQUEUE)"
+    for tool, package in (("iptables-legacy", "iptables"), ("ip", "iproute2")):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed (Debian package {package})"
+    return None
+
+
+def require_root() -> None:
+    """Skip the running test with the reason it cannot run here; under ``CI=true`` fail it."""
+    reason = netns_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but this test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_root") is not None:
+        require_root()
+
+
+# --- what a test asks for -----------------------------------------------------------------------
+
+
+def _asked(node: pytest.Item | pytest.Function | object) -> list[tuple[str | None, LabConfig]]:
+    from pep.testing.satlab_options import SatlabError, cases, merge
+
+    marks = list(node.iter_markers("satlab"))  # type: ignore[attr-defined]
+    try:
+        return cases(merge([(m.args, m.kwargs) for m in reversed(marks)]))
+    except SatlabError as e:
+        raise pytest.UsageError(f"{node.nodeid}: {e}") from None  # type: ignore[attr-defined]
+
+
+def _uses_lab(fixturenames: object) -> bool:
+    return any(name in fixturenames for name in LAB_FIXTURES)  # type: ignore[operator]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A ``satlab`` marker with lists runs the test once per configuration; a bad marker is a
+    collection error naming the keyword."""
+    if not _uses_lab(metafunc.fixturenames):
+        return
+    asked = _asked(metafunc.definition)
+    if asked[0][0] is not None:
+        ids = [label for label, _ in asked]
+        metafunc.parametrize("satlab_config", [c for _, c in asked], ids=ids)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test that uses a lab is marked ``satlab(profile=, topology=, pep=)`` with what it
+    gets, for ``-m``."""
+    for item in items:
+        if not _uses_lab(getattr(item, "fixturenames", ())):
+            continue
+        callspec = getattr(item, "callspec", None)
+        config = callspec.params.get("satlab_config") if callspec is not None else None
+        if config is None:
+            config = _asked(item)[0][1]
+        item.add_marker(pytest.mark.satlab(**config.marker_kwargs()))
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def satlab_config(request: pytest.FixtureRequest) -> LabConfig:
+    """The lab the test's ``satlab`` markers ask for (module, class, function: the nearest
+    keyword wins); a list in them parametrizes this fixture instead."""
+    return _asked(request.node)[0][1]
+
+
+@pytest.fixture
+def satlab_prefix() -> Iterator[str]:
+    """A lab prefix of the test's own (``pep lab up --prefix ...``); whatever is built under it
+    is removed at teardown, however the test ended."""
+    require_root()
+    from pep.lab import build
+    from pep.lab.state import lab_namespaces
+    from pep.testing.satlab import new_prefix, sweep_orphans
+
+    sweep_orphans()
+    prefix = new_prefix()
+    try:
+        yield prefix
+    finally:
+        build.down(prefix)
+        assert not lab_namespaces(prefix), f"lab {prefix!r} left namespaces behind"
+
+
+@pytest.fixture
+def satlab(satlab_config: LabConfig) -> Iterator[SatLab]:
+    """A lab for this test alone (pep.testing.satlab.SatLab), removed at teardown."""
+    require_root()
+    from pep.testing.satlab import open_lab
+
+    with open_lab(satlab_config) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def satlab_shared() -> Iterator[SharedLabs]:
+    """The labs of ``satlab_session``, one per link configuration, removed when the session
+    (with pytest-xdist: the worker) ends."""
+    from pep.testing.satlab import SharedLabs
+
+    shared = SharedLabs()
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.fixture
+def satlab_session(satlab_config: LabConfig, satlab_shared: SharedLabs) -> Iterator[SatLab]:
+    """A lab shared with every test of the session that asks for the same link (profile,
+    topology, options), in this test's PEP mode. What the test started is stopped when it
+    ends, and a fade it left running is ended; anything else it changes stays for the next."""
+    require_root()
+    lab = satlab_shared.get(satlab_config)
+    try:
+        yield lab
+    finally:
+        lab.end_test()
