@@ -133,17 +133,10 @@ def satlab_prefix() -> Iterator[str]:
     """A lab prefix of the test's own (``pep lab up --prefix ...``); whatever is built under it
     is removed at teardown, however the test ended."""
     require_root()
-    from pep.lab import build
-    from pep.lab.state import lab_namespaces
-    from pep.testing.satlab import new_prefix, sweep_orphans
+    from pep.testing.satlab import reserved_prefix
 
-    sweep_orphans()
-    prefix = new_prefix()
-    try:
+    with reserved_prefix() as prefix:
         yield prefix
-    finally:
-        build.down(prefix)
-        assert not lab_namespaces(prefix), f"lab {prefix!r} left namespaces behind"
 
 
 @pytest.fixture

@@ -42,7 +42,15 @@ from pep.testing.node_commands import (
 from pep.testing.satlab_options import MODES, LabConfig, lab_config
 from pep.testing.topology import in_netns, ns_socket
 
-__all__ = ["LabError", "NodeProcess", "SatLab", "SharedLabs", "new_prefix", "open_lab"]
+__all__ = [
+    "LabError",
+    "NodeProcess",
+    "SatLab",
+    "SharedLabs",
+    "new_prefix",
+    "open_lab",
+    "reserved_prefix",
+]
 
 PREFIX_TAG = "pepsl"
 # pepsl{pid}x{4 hex}: at most 5 + 7 (pid_max 4194304) + 5 = 17 characters of the lab's 24.
@@ -78,6 +86,20 @@ def sweep_orphans() -> list[str]:
     for prefix in gone:
         build.down(prefix)
     return gone
+
+
+@contextlib.contextmanager
+def reserved_prefix() -> Iterator[str]:
+    """A fresh prefix for a lab built some other way (``pep lab up --prefix``); whatever is
+    built under it is removed afterwards, and LabError if anything is left."""
+    sweep_orphans()
+    prefix = new_prefix()
+    try:
+        yield prefix
+    finally:
+        build.down(prefix)
+    if lab_namespaces(prefix):
+        raise LabError(f"lab {prefix!r} left namespaces behind: {lab_namespaces(prefix)}")
 
 
 @dataclass
