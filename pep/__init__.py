@@ -41,8 +41,9 @@ above it in this list, checked by tests/test_layout.py):
 - ``pep.testing``: for pep's tests, its benchmarks (bench/) and the lab: ``topology``
   (namespace topologies), ``netenv`` (the tests' gateway topology, commands in a namespace),
   ``traffic`` (trio peers, byte-exact streams), ``daemon`` (the daemon under test); and pep's
-  pytest plugin (``plugin``, ``satlab``, ``satlab_options``, ``node_commands``: the lab as a
-  fixture for any project's tests), which sits above ``pep.lab``.
+  pytest plugin (``plugin``, ``satlab``, ``lab_prefix``, ``satlab_options``,
+  ``node_commands``: the lab as a fixture for any project's tests), which sits above
+  ``pep.lab``.
 - ``pep.lab``: ``pep lab``, an emulated satellite link in network namespaces (its modules:
   pep/lab/__init__.py).
 

@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "pep.lab": _DATA_PATH | {"pep.kernel", "pep.link", "pep.peer", "pep.ops", "pep.testing"},
     # The pytest plugin's lab (pep.testing.plugin builds on these) sits on top of the lab.
     "pep.testing.satlab": {"*"},
+    "pep.testing.lab_prefix": {"*"},
     "pep.testing.satlab_options": {"*"},
     # The command line is the top: it wires `pep lab` in beside the daemon's commands.
     "pep.ops.cli": {"*"},

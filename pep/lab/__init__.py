@@ -20,5 +20,5 @@ Pieces, each usable alone:
 - ``star``: the hub's lab (a hub serving N terminals, each with its plan; pure),
   ``star_build`` builds it (the modem's htb) and changes a plan, ``star_bench`` what it measures,
   ``star_report`` its tables and JSON;
-- ``cli``: the ``pep lab`` subcommands.
+- ``cli``: the ``pep lab`` subcommands (``exec_node``: what ``pep lab exec`` runs where).
 """

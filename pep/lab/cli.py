@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from pep.lab.star import add_options as add_star_options
 from pep.support.errors import describe
 
-__all__ = ["add_parser", "main", "split_exec"]
+__all__ = ["add_parser", "checked_prefix", "main"]
 
 DEFAULT_PREFIX = "peplab"  # `pep lab up/down/status/exec/split`
 DEMO_PREFIX = "pepdemo"  # demo and bench build (and remove) their own lab
@@ -71,12 +70,12 @@ def _prefix(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--prefix",
         default=default,
-        type=_checked_prefix,
+        type=checked_prefix,
         help=f"namespace name prefix: nodes are PREFIX-client ... (default {default})",
     )
 
 
-def _checked_prefix(text: str) -> str:
+def checked_prefix(text: str) -> str:
     """Every subcommand refuses what ``pep lab down`` refuses (pep.lab.plan.check_prefix): a
     prefix that could name another lab's namespaces, or a path."""
     from pep.lab.plan import LabError, check_prefix
@@ -86,44 +85,6 @@ def _checked_prefix(text: str) -> str:
     except LabError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
-
-
-EXEC_USAGE = "pep lab exec NODE [--prefix P] -- CMD ..."
-
-
-def split_exec(rest: list[str]) -> tuple[str | None, list[str]]:
-    """What follows the node in ``pep lab exec NODE ...``: the options before the command
-    (``--prefix P``; argparse hands them over with the command), then the command, after an
-    optional ``--``. Any other option before the command is refused: it would otherwise run as
-    the command, in the wrong lab."""
-    from pep.lab.profiles import ParseError
-
-    prefix = None
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if token == "--":
-            return prefix, rest[i + 1 :]
-        if token == "--prefix" or token.startswith("--prefix="):
-            value = token.partition("=")[2] if "=" in token else None
-            if value is None:
-                if i + 1 == len(rest):
-                    raise ParseError(f"exec: --prefix needs a value ({EXEC_USAGE})")
-                value = rest[i + 1]
-                i += 1
-            try:
-                prefix = _checked_prefix(value)
-            except argparse.ArgumentTypeError as e:
-                raise ParseError(f"exec: --prefix: {e}") from None
-            i += 1
-            continue
-        if token.startswith("-"):
-            raise ParseError(
-                f"exec: unknown option {token!r} before the command; put the command "
-                f"after -- ({EXEC_USAGE})"
-            )
-        break
-    return prefix, rest[i:]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -146,6 +107,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
     p = s.add_parser("status", help="nodes, link parameters, processes")
     _prefix(p, DEFAULT_PREFIX)
+
+    from pep.lab.exec_node import EXEC_USAGE
 
     p = s.add_parser("exec", help=f"run a command in a node: {EXEC_USAGE}", usage=EXEC_USAGE)
     p.add_argument("node", help=f"one of {', '.join(NODES)}")
@@ -275,7 +238,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         prof = _profile(args)  # parse errors before anything else
         star = spec_fields(args, prof, 2 if cmd == "up" else 4)  # --topology star's
     if cmd == "exec":
-        prefix, argv = _exec_args(args)  # the same
+        from pep.lab.exec_node import exec_args
+
+        prefix, argv = exec_args(args.cmd, args.prefix, DEFAULT_PREFIX)  # the same
     check_environment()
     if cmd == "up":
         spec = LabSpec(
@@ -293,7 +258,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"no lab with prefix {args.prefix!r}; nothing to remove")
         return 0
     if cmd == "exec":
-        return _exec(prefix, args.node.lower(), argv)
+        from pep.lab.exec_node import exec_in
+
+        return exec_in(prefix, args.node.lower(), argv)
     if cmd == "fade":
         from pep.lab.fade import fade
 
@@ -309,33 +276,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"pep {args.state} on {', '.join(lab.pep_nodes)}")
         return 0
     return _bench(args, prof)
-
-
-def _exec_args(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The lab and the command of ``pep lab exec``; ParseError (exit 2) when they are unclear."""
-    from pep.lab.profiles import ParseError
-
-    prefix, cmd = split_exec(list(args.cmd))
-    if prefix is not None and args.prefix not in (DEFAULT_PREFIX, prefix):
-        raise ParseError(f"exec: two prefixes, {args.prefix!r} and {prefix!r}")
-    if not cmd:
-        raise ParseError(f"exec: no command (usage: {EXEC_USAGE})")
-    return prefix or args.prefix, cmd
-
-
-def _exec(prefix: str, node: str, cmd: list[str]) -> int:
-    from pep.lab.plan import LabError
-    from pep.lab.state import lab_namespaces, not_up
-
-    ns = f"{prefix}-{node}"
-    namespaces = lab_namespaces(prefix)
-    if not namespaces:
-        raise not_up(prefix)
-    if ns not in namespaces or not os.path.exists(f"/run/netns/{ns}"):
-        names = [n.removeprefix(f"{prefix}-") for n in namespaces]
-        raise LabError(f"no node {node!r} in lab {prefix!r} (nodes: {', '.join(names)})")
-    os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
-    return 1  # not reached
 
 
 def _bench(args: argparse.Namespace, prof) -> int:  # type: ignore[no-untyped-def]

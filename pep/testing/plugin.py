@@ -133,7 +133,7 @@ def satlab_prefix() -> Iterator[str]:
     """A lab prefix of the test's own (``pep lab up --prefix ...``); whatever is built under it
     is removed at teardown, however the test ended."""
     require_root()
-    from pep.testing.satlab import reserved_prefix
+    from pep.testing.lab_prefix import reserved_prefix
 
     with reserved_prefix() as prefix:
         yield prefix

@@ -6,7 +6,7 @@ command in a node, start a long-running one, read the nodes' addresses, switch t
 fade the link. However the body ends (an assertion, an exception, Ctrl-C), the processes it
 started are stopped and the lab is removed; a run that was killed outright (SIGKILL, a dead
 xdist worker) leaves its lab behind, and the next ``open_lab`` of any process removes it: the
-prefix carries the owner's pid (``sweep_orphans``). The pytest fixtures (pep.testing.plugin)
+prefix carries the owner's pid (pep.testing.lab_prefix). The pytest fixtures (pep.testing.plugin)
 are built on this; it needs no pytest itself.
 """
 
@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import os
 import re
-import secrets
 import socket
 import subprocess
 import time
@@ -29,8 +28,9 @@ import trio
 from pep.lab import build, cluster
 from pep.lab import fade as lab_fade
 from pep.lab.plan import LabError
-from pep.lab.state import Lab, lab_namespaces, pid_running, state_root
+from pep.lab.state import Lab, lab_namespaces, state_root
 from pep.lab.status import status_text
+from pep.testing.lab_prefix import new_prefix, sweep_orphans
 from pep.testing.node_commands import (
     NodeCommandError,
     NodeCommandTimeout,
@@ -42,64 +42,7 @@ from pep.testing.node_commands import (
 from pep.testing.satlab_options import MODES, LabConfig, lab_config
 from pep.testing.topology import in_netns, ns_socket
 
-__all__ = [
-    "LabError",
-    "NodeProcess",
-    "SatLab",
-    "SharedLabs",
-    "new_prefix",
-    "open_lab",
-    "reserved_prefix",
-]
-
-PREFIX_TAG = "pepsl"
-# pepsl{pid}x{4 hex}: at most 5 + 7 (pid_max 4194304) + 5 = 17 characters of the lab's 24.
-_OWNED = re.compile(rf"^{PREFIX_TAG}(\d+)x[0-9a-f]{{4}}$")
-
-
-def new_prefix() -> str:
-    """A prefix unique to this process and call, with this process's full pid in it, so that a
-    later run can tell that its owner is gone (``sweep_orphans``)."""
-    return f"{PREFIX_TAG}{os.getpid()}x{secrets.token_hex(2)}"
-
-
-def orphans() -> list[str]:
-    """The labs of ``open_lab`` whose process is gone: from the namespaces (a lab killed while
-    being built may have no state directory yet) and the state directories. A pid that was
-    reused keeps its lab until that process ends too: never remove a live owner's lab."""
-    from pyroute2 import netns
-
-    names = {n.split("-", 1)[0] for n in netns.listnetns()}
-    with contextlib.suppress(OSError):
-        names |= {p.name for p in state_root().iterdir()}
-    out = []
-    for name in sorted(names):
-        m = _OWNED.match(name)
-        if m and int(m.group(1)) != os.getpid() and not pid_running(int(m.group(1))):
-            out.append(name)
-    return out
-
-
-def sweep_orphans() -> list[str]:
-    """Remove every orphaned lab (``orphans``); returns their prefixes."""
-    gone = orphans()
-    for prefix in gone:
-        build.down(prefix)
-    return gone
-
-
-@contextlib.contextmanager
-def reserved_prefix() -> Iterator[str]:
-    """A fresh prefix for a lab built some other way (``pep lab up --prefix``); whatever is
-    built under it is removed afterwards, and LabError if anything is left."""
-    sweep_orphans()
-    prefix = new_prefix()
-    try:
-        yield prefix
-    finally:
-        build.down(prefix)
-    if lab_namespaces(prefix):
-        raise LabError(f"lab {prefix!r} left namespaces behind: {lab_namespaces(prefix)}")
+__all__ = ["LabError", "NodeProcess", "SatLab", "SharedLabs", "open_lab"]
 
 
 @dataclass

@@ -285,7 +285,7 @@ def test_exec_takes_the_options_before_the_command(
 ) -> None:
     """D7: `pep lab exec NODE --prefix X -- CMD` runs CMD in lab X, not `--prefix X -- CMD` in
     the default lab."""
-    from pep.lab.cli import split_exec
+    from pep.lab.exec_node import split_exec
 
     assert split_exec(rest) == (prefix, cmd)
 
@@ -301,7 +301,7 @@ def test_exec_takes_the_options_before_the_command(
     ],
 )
 def test_exec_refuses_unclear_options(rest: list[str], words: str) -> None:
-    from pep.lab.cli import split_exec
+    from pep.lab.exec_node import split_exec
 
     with pytest.raises(ParseError) as e:
         split_exec(rest)

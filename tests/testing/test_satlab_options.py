@@ -4,6 +4,7 @@ their errors, the listening ports of a namespace. No root needed."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 
 import pytest
@@ -143,3 +144,15 @@ def test_listening_ports_from_proc_net_tcp() -> None:
     )
     assert listening_ports(table) == {8000}
     assert listening_ports("header only\n") == set()
+
+
+def test_a_lab_prefix_names_its_owner_and_is_one_the_lab_takes() -> None:
+    from pep.lab.plan import check_prefix
+    from pep.testing.lab_prefix import _OWNED, new_prefix
+
+    prefix = new_prefix()
+    check_prefix(prefix)  # what `pep lab down` accepts
+    m = _OWNED.match(prefix)
+    assert m is not None and int(m.group(1)) == os.getpid()
+    check_prefix(prefix.replace(str(os.getpid()), "4194304"))  # the largest pid still fits
+    assert new_prefix() != prefix
