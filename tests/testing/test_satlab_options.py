@@ -3,7 +3,6 @@ their errors, the listening ports of a namespace. No root needed."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 
@@ -11,7 +10,6 @@ import pytest
 
 from pep.lab.plan import LabSpec
 from pep.lab.profiles import PROFILES, LinkProfile
-from pep.testing import satlab_options
 from pep.testing.node_commands import (
     NodeCommandError,
     NodeCommandTimeout,
@@ -67,21 +65,15 @@ def test_bad_keywords_are_named(args: tuple[object, ...], kwargs: dict, words: s
     assert str(e.value).startswith("satlab: ") and words in str(e.value), str(e.value)
 
 
-def test_further_labspec_fields_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A topology's own options (the star's terminals, ...) are LabSpec fields: whatever LabSpec
-    declares beyond what the plugin decides goes through, sorted, so the config stays a key."""
-
-    @dataclasses.dataclass(frozen=True)
-    class WithTerminals(LabSpec):
-        terminals: int = 2
-        plans: tuple[str, ...] = ()
-
-    monkeypatch.setattr(satlab_options, "LabSpec", WithTerminals)
-    c = lab_config(topology="symmetric", terminals=4, plans=("10mbit", "5mbit"))
-    assert c.options == (("plans", ("10mbit", "5mbit")), ("terminals", 4))
+def test_further_labspec_fields_pass_through() -> None:
+    """A topology's own options (the star's terminals, plans, terminal_pep) are LabSpec fields:
+    whatever LabSpec declares beyond what the plugin decides goes through, sorted, so the config
+    stays a key."""
+    c = lab_config("leo", topology="star", terminals=4, terminal_pep=False)
+    assert c.options == (("terminal_pep", False), ("terminals", 4))
     spec = c.spec("pfx")
-    assert isinstance(spec, WithTerminals) and (spec.terminals, spec.plans[1]) == (4, "5mbit")
-    assert hash(c)
+    assert (spec.topology, spec.terminals, spec.terminal_pep) == ("star", 4, False)
+    assert hash(c) and c.key != lab_config("leo", topology="star").key
 
 
 def test_lists_make_one_case_each_with_its_id() -> None:
