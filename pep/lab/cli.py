@@ -83,7 +83,7 @@ def checked_prefix(text: str) -> str:
     try:
         check_prefix(text)
     except LabError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(describe(e)) from None
     return text
 
 

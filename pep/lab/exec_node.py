@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from pep.support.errors import describe
+
 __all__ = ["EXEC_USAGE", "exec_args", "exec_in", "split_exec"]
 
 EXEC_USAGE = "pep lab exec NODE [--prefix P] -- CMD ..."
@@ -39,7 +41,7 @@ def split_exec(rest: list[str]) -> tuple[str | None, list[str]]:
             try:
                 check_prefix(value)
             except LabError as e:
-                raise ParseError(f"exec: --prefix: {e}") from None
+                raise ParseError(f"exec: --prefix: {describe(e)}") from None
             prefix = value
             i += 1
             continue

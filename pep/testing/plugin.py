@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pep.support.errors import describe
+
 if TYPE_CHECKING:
     from pep.testing.satlab import SatLab, SharedLabs
     from pep.testing.satlab_options import LabConfig
@@ -87,7 +89,7 @@ def _asked(node: pytest.Item | pytest.Function | object) -> list[tuple[str | Non
     try:
         return cases(merge([(m.args, m.kwargs) for m in reversed(marks)]))
     except SatlabError as e:
-        raise pytest.UsageError(f"{node.nodeid}: {e}") from None  # type: ignore[attr-defined]
+        raise pytest.UsageError(f"{node.nodeid}: {describe(e)}") from None  # type: ignore[attr-defined]
 
 
 def _uses_lab(fixturenames: object) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 from pep.lab import profiles
 from pep.lab.plan import LabError, LabSpec
 from pep.lab.profiles import LinkProfile, ParseError
+from pep.support.errors import describe
 
 __all__ = [
     "DEFAULTS",
@@ -111,7 +112,7 @@ def lab_config(*args: object, **kwargs: object) -> LabConfig:
     try:
         config.spec("satlabcheck")  # what LabSpec itself checks (the topology's name, ...)
     except (LabError, TypeError, ValueError) as e:
-        raise SatlabError(f"satlab: {e}") from None
+        raise SatlabError(f"satlab: {describe(e)}") from None
     return config
 
 
@@ -123,14 +124,14 @@ def _profile(value: object) -> LinkProfile:
     try:
         return profiles.profile(str(value))
     except ParseError as e:
-        raise SatlabError(f"satlab: profile={value!r}: {e}; or 'custom'") from None
+        raise SatlabError(f"satlab: profile={value!r}: {describe(e)}; or 'custom'") from None
 
 
 def _parse(name: str, parse: Callable[[str], object], value: object) -> object:
     try:
         return parse(str(value))
     except ParseError as e:
-        raise SatlabError(f"satlab: {name}={value!r}: {e}") from None
+        raise SatlabError(f"satlab: {name}={value!r}: {describe(e)}") from None
 
 
 def merge(markers: Sequence[tuple[Sequence[object], Mapping[str, object]]]) -> dict[str, object]:
