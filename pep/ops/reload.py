@@ -10,15 +10,25 @@ keys take effect, for new connections (live ones keep what they started with).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pep.config import Config, LegTuning
+from pep.config import Config, ConfigError, LegTuning
 from pep.config.schema import reloadable
 from pep.split.sockopts import apply_tuning
+from pep.support.errors import describe
 
-__all__ = ["RELOADABLE", "ReloadPlan", "check_environment", "plan_reload", "retune_listener"]
+__all__ = [
+    "RELOADABLE",
+    "ReloadPlan",
+    "check_environment",
+    "plan_reload",
+    "read_reload",
+    "retune_listener",
+]
 
 # Keys a SIGHUP applies: those pep.config declares with ``reload=True``. Everything else is
 # fixed at start: it shapes the rules, the queue bindings or the sockets. ``Runtime.apply``
@@ -60,6 +70,32 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
         changes[f.name] = new_value
         changed.append(f.name)
     return ReloadPlan(dataclasses.replace(running, **changes), tuple(changed), tuple(kept))
+
+
+def read_reload(
+    reload: Callable[[], Config] | None,
+    running: Config,
+    reloads: dict[str, Any],
+    log: logging.Logger,
+) -> ReloadPlan | None:
+    """A SIGHUP's configuration, read, checked as start checks it and planned against the
+    running one; None, logged and counted in ``reloads`` (what ``pep status`` shows), when
+    there is none to read or it is refused: the running configuration stays. One place for
+    the daemon and a workers master, which checks for its workers."""
+    if reload is None:
+        log.info("SIGHUP: no configuration to reload")
+        return None
+    try:
+        new = reload()
+        check_environment(new)  # what start would refuse: the running config stays
+    except ConfigError as e:
+        reloads["failed"] += 1
+        reloads["last_error"] = describe(e)
+        log.error("SIGHUP: reload rejected, the running configuration stays: %s", describe(e))
+        return None
+    reloads["ok"] += 1
+    reloads["last_error"] = None
+    return plan_reload(running, new)
 
 
 def check_environment(cfg: Config) -> None:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pep.capture.flows import FlowTable
-from pep.config import Config, ConfigError, log_level_number
+from pep.config import Config, log_level_number
 from pep.kernel import link_routes
 from pep.kernel.tproxy_routes import RoutingError
 from pep.link import legs
-from pep.ops.reload import check_environment, plan_reload, retune_listener
+from pep.ops.reload import read_reload, retune_listener
 from pep.ops.services import Services, watch_signals
 from pep.ops.status import document as status
 from pep.ops.status import socket as status_socket
@@ -173,21 +173,10 @@ class Runtime:
 
     def reload(self) -> bool:
         """Re-read the config; apply it, or keep the running one if it is invalid."""
-        if self._reload is None:
-            log.info("SIGHUP: no configuration to reload")
+        plan = read_reload(self._reload, self.cfg, self.reloads, log)
+        if plan is None:
             return False
-        try:
-            new = self._reload()
-            check_environment(new)  # what start would refuse: the running config stays
-        except ConfigError as e:
-            self.reloads["failed"] += 1
-            self.reloads["last_error"] = describe(e)
-            log.error("SIGHUP: reload rejected, the running configuration stays: %s", describe(e))
-            return False
-        plan = plan_reload(self.cfg, new)
         self.apply(plan.config)
-        self.reloads["ok"] += 1
-        self.reloads["last_error"] = None
         if plan.kept:
             log.warning(
                 "SIGHUP: %s changed but only take effect on restart; running values kept",

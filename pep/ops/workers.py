@@ -42,10 +42,10 @@ from typing import Any
 import trio
 
 from pep.capture.flows import FlowTable
-from pep.config import Config, ConfigError, log_level_number
+from pep.config import Config, log_level_number
 from pep.link.slots import SLOTS_ENV, WorkerSlots
 from pep.ops import systemd
-from pep.ops.reload import check_environment, plan_reload
+from pep.ops.reload import read_reload
 from pep.ops.services import Services, watch_signals
 from pep.ops.status import document as status
 from pep.ops.status import socket as status_socket
@@ -256,22 +256,11 @@ class Master:
     def reload(self) -> None:
         """Validate the file here, so an invalid one is reported once, not by every worker;
         a valid one is forwarded: each worker reloads it itself."""
-        if self._reload is None:
-            log.info("SIGHUP: no configuration to reload")
+        plan = read_reload(self._reload, self.cfg, self.reloads, log)
+        if plan is None:
             return
-        try:
-            new = self._reload()
-            check_environment(new)  # what start would refuse: the running config stays
-        except ConfigError as e:
-            self.reloads["failed"] += 1
-            self.reloads["last_error"] = describe(e)
-            log.error("SIGHUP: reload rejected, the running configuration stays: %s", describe(e))
-            return
-        plan = plan_reload(self.cfg, new)
         self.cfg = plan.config
         logging.getLogger().setLevel(log_level_number(self.cfg.log_level))
-        self.reloads["ok"] += 1
-        self.reloads["last_error"] = None
         self.signal_all(signal.SIGHUP)
 
 
