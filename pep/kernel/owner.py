@@ -130,16 +130,20 @@ def acquire(status_socket: str, directory: str | None = None) -> Owner:
                 os.close(fd)
             raise Owned(path, pid, sock, alive=pid is None or running(pid)) from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:  # released (unlinked) between our open and our lock: again
-            os.close(fd)
-            continue
-        record = json.dumps({"pid": os.getpid(), "status_socket": status_socket}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
-        return Owner(fd, path)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                record = json.dumps({"pid": os.getpid(), "status_socket": status_socket})
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, record.encode(), 0)
+        except OSError:
+            os.close(fd)  # and the lock with it: a failed take holds nothing
+            raise
+        if same:
+            return Owner(fd, path)
+        os.close(fd)  # released (unlinked) between our open and our lock: again
     raise OSError(errno.EAGAIN, f"{path}: the lock changed hands too often; try again")
 
 

@@ -93,7 +93,8 @@ class LinkLegs:
             self.link = None
             return
         index, mtu = check(link)
-        self._warn_unrouted(link, index)
+        if link != self.link:  # a SIGHUP that changed nothing asks the kernel nothing
+            self._warn_unrouted(link, index)
         if self.sharer is None:
             self.sharer = Sharer(link, index, mtu, routes=self.routes, slots=self.slots)
             sharer = self.sharer
@@ -112,12 +113,18 @@ class LinkLegs:
     def _warn_unrouted(self, link: Link, index: int) -> None:
         """A terminal network whose route does not leave through the link interface is a
         warning, not an error (a route may come up later): its flows are never link legs."""
-        stray = [
-            f"{t.name} {net}"
-            for t in link.plans()
-            for net in t.networks
-            if self.routes.oif(str(net.network_address)) != index
-        ]
+        # A cache of its own: the connections' (self.routes) is not flushed by thousands of
+        # network addresses that no connection asks for.
+        probe = RouteCache()
+        try:
+            stray = [
+                f"{t.name} {net}"
+                for t in link.plans()
+                for net in t.networks
+                if probe.oif(str(net.network_address)) != index
+            ]
+        finally:
+            probe.close()
         if stray:
             shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
             log.warning(

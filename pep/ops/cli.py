@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -176,6 +177,11 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if getattr(args, "worker", None) is not None:
+        # A worker (re)started by its master may get the SIGHUP the master forwards before its
+        # handler exists, and SIGHUP's default action ends a process: ignored until the daemon
+        # sets its handler. A worker reads the file when it starts: it misses nothing.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.command == "lab":
         from pep.lab import cli as lab_cli
 

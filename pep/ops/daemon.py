@@ -23,10 +23,10 @@ from pep.capture.syn_queue import SynQueue
 from pep.config import Config
 from pep.config.peer import load_key
 from pep.kernel import cleanup, iptables_setup, link_routes, tproxy_routes
-from pep.link import legs
 from pep.link.legs import LinkLegs
 from pep.link.slots import SLOTS_ENV, WorkerSlots
 from pep.ops import systemd
+from pep.ops.reload import set_link_routes
 from pep.ops.runtime import Runtime
 from pep.peer.pool import PeerPool
 from pep.peer.server import PeerListener
@@ -88,15 +88,9 @@ def install_rules(cfg: Config) -> None:
         )
     installed: list[tuple[str, Callable[[], int]]] = []  # what to take back on failure
     try:
+        set_link_routes(cfg.link)  # a crashed run's changes are put back first
         if cfg.link is not None:
-            # a crashed run's changes are put back first
-            link = cfg.link
-            link_routes.install(
-                link.interface, legs.route_metrics(link), legs.terminal_route_metrics(link)
-            )
             installed.append(("the link's route metrics", link_routes.remove))
-        else:
-            link_routes.remove()  # a previous run's with [link], if any
         if cfg.mode == "tproxy":
             tproxy_routes.install(cfg.tproxy_mark, cfg.route_table, cfg.families)
             installed.append(("the policy routes", tproxy_routes.remove))

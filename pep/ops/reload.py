@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pep.config import Config, ConfigError, LegTuning
+from pep.config.link import Link
 from pep.config.schema import reloadable
 from pep.split.sockopts import apply_tuning
 from pep.support.errors import describe
@@ -27,7 +28,9 @@ __all__ = [
     "check_environment",
     "plan_reload",
     "read_reload",
+    "reroute",
     "retune_listener",
+    "set_link_routes",
 ]
 
 # Keys a SIGHUP applies: those pep.config declares with ``reload=True``. Everything else is
@@ -117,3 +120,31 @@ def retune_listener(sock: Any, leg: LegTuning) -> None:
     """Apply client-leg options to a listening socket; new connections inherit them."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(leg.nodelay))
     apply_tuning(sock, leg)
+
+
+def set_link_routes(link: Link | None) -> None:
+    """The link's route metrics (and a terminal's, with plans) as ``link`` says, or none
+    without a link: at start and on every SIGHUP, by the process that owns the kernel state
+    (the single daemon, or a workers master). Every SIGHUP, not only a changed [link]: a
+    route added since is given its windows then (README, "The satellite link").
+    RoutingError when the kernel refuses."""
+    from pep.kernel import link_routes  # pyroute2: not loaded for a config check
+    from pep.link import legs
+
+    if link is None:
+        link_routes.remove()  # a previous run's with [link], if any
+    else:
+        link_routes.install(
+            link.interface, legs.route_metrics(link), legs.terminal_route_metrics(link)
+        )
+
+
+def reroute(link: Link | None, log: logging.Logger) -> None:
+    """``set_link_routes`` on a SIGHUP: a refusal is logged, the daemon runs on (its rules
+    and connections do not depend on the routes' windows)."""
+    from pep.kernel.tproxy_routes import RoutingError
+
+    try:
+        set_link_routes(link)
+    except RoutingError as e:
+        log.error("SIGHUP: the link's routes could not be changed: %s", describe(e))

@@ -22,15 +22,11 @@ import trio
 
 from pep.capture.flows import FlowTable
 from pep.config import Config, log_level_number
-from pep.kernel import link_routes
-from pep.kernel.tproxy_routes import RoutingError
-from pep.link import legs
-from pep.ops.reload import read_reload, retune_listener
+from pep.ops.reload import read_reload, reroute, retune_listener
 from pep.ops.services import Services, watch_signals
 from pep.ops.status import document as status
 from pep.ops.status import socket as status_socket
 from pep.split.listener import listener_tuning
-from pep.support.errors import describe
 
 if TYPE_CHECKING:  # the data path's parts; the workers' master imports this module without them
     from pep.capture.syn_queue import SynQueue
@@ -190,7 +186,7 @@ class Runtime:
 
     def apply(self, cfg: Config) -> None:
         """Make ``cfg`` the running config (it differs from the old one in RELOADABLE keys)."""
-        old, self.cfg = self.cfg, cfg
+        self.cfg = cfg
         self.sessions.cfg = cfg  # read per connection: timeouts, pipe size, upstream leg
         if self.pool is not None:
             self.pool.cfg = cfg  # read per flow: connect_timeout, transparent_source
@@ -200,17 +196,8 @@ class Runtime:
         for sock in self.listener.socks:
             retune_listener(sock, listener_tuning(cfg))
         self.sessions.links.configure(cfg.link)  # new flows' legs; live ones re-shared
-        if cfg.link != old.link and self.worker is None:  # the routes: the rules' owner's
-            try:
-                if cfg.link is not None:
-                    link = cfg.link
-                    link_routes.install(
-                        link.interface, legs.route_metrics(link), legs.terminal_route_metrics(link)
-                    )
-                else:
-                    link_routes.remove()
-            except RoutingError as e:
-                log.error("SIGHUP: the link's routes could not be changed: %s", describe(e))
+        if self.worker is None:  # the routes: the kernel state's owner's (workers: the master)
+            reroute(cfg.link, log)
         logging.getLogger().setLevel(log_level_number(cfg.log_level))
 
     # --- stopping

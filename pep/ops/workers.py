@@ -30,6 +30,7 @@ The design, and why it is this simple one:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -45,7 +46,7 @@ from pep.capture.flows import FlowTable
 from pep.config import Config, log_level_number
 from pep.link.slots import SLOTS_ENV, WorkerSlots
 from pep.ops import systemd
-from pep.ops.reload import read_reload
+from pep.ops.reload import read_reload, reroute
 from pep.ops.services import Services, watch_signals
 from pep.ops.status import document as status
 from pep.ops.status import socket as status_socket
@@ -59,6 +60,9 @@ log = logging.getLogger(__name__)
 MASTER_PID_ENV = "PEP_MASTER_PID"
 READY_TIMEOUT = 30.0  # seconds for every worker to bind its queue and listener
 RESTART_DELAY = 1.0  # seconds before a dead worker is started again (no crash loop at 100%)
+# Seconds the master waits, at its very end, for workers it killed to be gone (SIGKILL takes
+# effect at once but for a task blocked in the kernel).
+_REAP = 5.0
 
 
 class WorkerError(RuntimeError):
@@ -108,6 +112,12 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self._popen.kill()
+
+    def reap(self, timeout: float) -> None:
+        """Block until it has exited (after ``kill``: at once, but for a task in the kernel),
+        at most ``timeout`` seconds."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout)
 
 
 class Master:
@@ -202,10 +212,15 @@ class Master:
             if proc is not None:
                 await proc.wait()
 
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc is not None and proc.returncode is None:
-                proc.kill()
+    def kill_all(self, reap: float = 0) -> None:
+        """SIGKILL to every worker still running; with ``reap``, wait up to that long for them
+        to be gone (the master's last act: its ownership lock, which the workers share, is
+        released only after them, so a new pep cannot take over from under a live worker)."""
+        live = [p for p in self.procs if p is not None and p.returncode is None]
+        for proc in live:
+            proc.kill()
+        for proc in live if reap else ():
+            proc.reap(reap)
 
     def worker_path(self, i: int) -> str:
         return status_socket.worker_socket(self.cfg.status_socket, i)
@@ -261,6 +276,7 @@ class Master:
             return
         self.cfg = plan.config
         logging.getLogger().setLevel(log_level_number(self.cfg.log_level))
+        reroute(self.cfg.link, log)  # the routes are the master's, as the rules are
         self.signal_all(signal.SIGHUP)
 
 
@@ -312,9 +328,11 @@ async def supervise(
                     await master.wait_all()
                 nursery.cancel_scope.cancel()
     finally:
-        if installed:
-            remove_rules()
-        master.kill_all()
+        try:
+            if installed:
+                remove_rules()
+        finally:
+            master.kill_all(reap=_REAP)
         master.services.close()
         if master.state != "starting":  # a start that failed says why, not what it did
             codes = [p.returncode for p in master.procs if p is not None]

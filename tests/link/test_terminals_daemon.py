@@ -255,6 +255,41 @@ async def test_sighup_applies_new_plans_to_live_legs_and_a_bad_file_keeps_them(
         pep.stop()
 
 
+async def test_a_workers_master_applies_new_plans_to_the_routes_on_sighup(
+    topo: Topology, start_pep: StartPep, tmp_path: Path
+) -> None:
+    """With workers the routes are the master's, as the rules are: a SIGHUP's plans reach
+    them (a terminal's initial windows); a SIGHUP that changes nothing leaves them so."""
+    plans = tmp_path / "terminals.txt"
+    plans.write_text(plans_text())
+    pep = start_pep(config="workers = 2\n" + config(plans), timeout=30)
+
+    def t1_route() -> str:
+        """t1's route ("" for the moment a reload puts the routes back and sets them anew)."""
+        lines = [x for x in routes(topo).splitlines() if x.startswith(TERMINALS["t1"] + " ")]
+        return lines[0] if lines else ""
+
+    async def until_window(want: int) -> None:
+        with trio.fail_after(10):
+            while f"initcwnd {want} " not in t1_route() + " ":
+                await trio.sleep(0.05)
+
+    try:
+        old = plan_metrics(8_000_000, 2_000_000)["initcwnd"]
+        new = plan_metrics(2_000_000, 2_000_000)["initcwnd"]
+        assert old != new
+        await until_window(old)
+        plans.write_text(plans_text(t1="2mbit"))
+        pep.signal(signal.SIGHUP)
+        await until_window(new)
+        pep.signal(signal.SIGHUP)  # nothing changed: the routes stay as the plans say
+        await trio.sleep(0.5)
+        await until_window(new)
+        assert pep.running, pep.log()
+    finally:
+        pep.stop()
+
+
 @pytest.mark.parametrize(
     ("plans", "fragment"),
     [
