@@ -163,7 +163,7 @@ class LinkLegs:
         assert self.link is not None
         link = self.link
         if self.sharer is not None and (name := self.sharer.plans.terminal(far)) is not None:
-            link = link.for_terminal(self.sharer.plans.table.by_name[name])
+            link = self.sharer.plans.links[name]
         return link.leg_tuning(tuning)
 
     def join(

@@ -60,13 +60,17 @@ class Plans:
     table: TerminalTable = field(default_factory=TerminalTable)
     caps: dict[str, float] = field(default_factory=dict)  # payload bytes/s per terminal
     counts: dict[str, TerminalCounts] = field(default_factory=dict)
+    # The link as each terminal sees it (Link.for_terminal), made once per plan: a leg's
+    # buffers are read from it, not rebuilt per connection.
+    links: dict[str, Link] = field(default_factory=dict)
 
     @classmethod
     def of(cls, link: Link, mtu: int, previous: Plans | None = None) -> Plans:
         """The plans of ``link``; a reload's keep the ``previous`` ones' counters."""
         table = link.plans()
-        caps = {t.name: link.for_terminal(t).pacing_capacity(mtu) for t in table}
-        return cls(table, caps, previous.counts if previous is not None else {})
+        links = {t.name: link.for_terminal(t) for t in table}
+        caps = {name: seen.pacing_capacity(mtu) for name, seen in links.items()}
+        return cls(table, caps, previous.counts if previous is not None else {}, links)
 
     def terminal(self, far: str | None) -> str | None:
         """The name of the terminal behind ``far`` (the address across the link), or None."""
