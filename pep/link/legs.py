@@ -99,7 +99,7 @@ class LinkLegs:
             self.sharer = Sharer(link, index, mtu, routes=self.routes, slots=self.slots)
             sharer = self.sharer
             self.watch = LinkWatch(
-                link, lambda: [leg.sock for leg in sharer.legs.values()], self._on_change
+                link, lambda: (leg.sock for leg in sharer.legs.values()), self._on_change
             )
             self._sharing.set()
         elif link != self.sharer.link or index != self.sharer.ifindex:

@@ -11,6 +11,7 @@ with traffic flowing a sample costs one getsockopt, not one per connection.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import socket
@@ -75,7 +76,8 @@ class LinkWatch:
         self.samples += 1
         state = self.state
         heard, stalled = math.inf, False
-        for sock in (*self._watched, *self._legs()):
+        # Lazily: the first socket that heard from the far side lately settles it.
+        for sock in itertools.chain(self._watched, self._legs()):
             try:
                 ago, waiting = evidence(tcpinfo.read(sock))
             except OSError:
