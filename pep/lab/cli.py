@@ -111,7 +111,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     from pep.lab.exec_node import EXEC_USAGE
 
     p = s.add_parser("exec", help=f"run a command in a node: {EXEC_USAGE}", usage=EXEC_USAGE)
-    p.add_argument("node", help=f"one of {', '.join(NODES)}")
+    p.add_argument(
+        "node", help=f"a node of the lab: {', '.join(NODES)} (star: hub, link, server, t1, c1, ...)"
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     _prefix(p, DEFAULT_PREFIX)
 
