@@ -35,9 +35,13 @@ if TYPE_CHECKING:
     from pep.testing.satlab import SatLab, SharedLabs
     from pep.testing.satlab_options import LabConfig
 
+# The configuration each test that uses a lab gets, decided once at collection: the fixture
+# reads it back rather than merging the markers again (the plugin's own marker among them).
+CONFIG_KEY = pytest.StashKey["LabConfig"]()
+
 __all__ = ["netns_unavailable", "require_root"]
 
-LAB_FIXTURES = ("satlab", "satlab_session")
+LAB_FIXTURES = ("satlab", "satlab_session", "satlab_config")
 MARKERS = (
     "satlab(profile='geo', topology='symmetric', pep='peer', rtt=, down=, up=, loss=, queue=, "
     "handover=): the lab the satlab/satlab_session fixtures build (profile geo, meo, leo, lan or "
@@ -117,6 +121,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         config = callspec.params.get("satlab_config") if callspec is not None else None
         if config is None:
             config = _asked(item)[0][1]
+        item.stash[CONFIG_KEY] = config
         item.add_marker(pytest.mark.satlab(**config.marker_kwargs()))
 
 
@@ -127,7 +132,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def satlab_config(request: pytest.FixtureRequest) -> LabConfig:
     """The lab the test's ``satlab`` markers ask for (module, class, function: the nearest
     keyword wins); a list in them parametrizes this fixture instead."""
-    return _asked(request.node)[0][1]
+    config = request.node.stash.get(CONFIG_KEY, None)
+    return config if config is not None else _asked(request.node)[0][1]
 
 
 @pytest.fixture
