@@ -210,23 +210,22 @@ class Lab:
 
     def stop(self, *names: str, timeout: float = 10) -> None:
         """SIGTERM (pep removes its rules on it), then SIGKILL after ``timeout``; all the named
-        processes at once, since each takes a moment to shut down."""
+        processes at once, since each takes a moment to shut down. Each leads its own session
+        (``launch``), so its process group is signalled: what it started goes too."""
         pids = {}
         for name in names:
             info = self.procs.get(name)
             if info and self.running(name):
                 pids[name] = int(info["pid"])  # type: ignore[call-overload]
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pids[name], signal.SIGTERM)
+                _signal_group(pids[name], signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while any(self.running(n) for n in pids) and time.monotonic() < deadline:
             for name in pids:
                 self._reap(name)
             time.sleep(0.02)
         for name, pid in pids.items():
-            if self.running(name):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            # the leader, if it outlived the deadline, and whatever of its group outlived it
+            _signal_group(pid, signal.SIGKILL)
             self._reap(name, wait=True)
 
     def _reap(self, name: str, wait: bool = False) -> None:
@@ -308,6 +307,12 @@ class Lab:
     def reap_all(self) -> None:
         for name in list(self._children):
             self._reap(name, wait=True)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the process group ``pid`` leads (a lab process leads its session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
 
 
 def _read_from(path: Path, offset: int) -> str:

@@ -6,17 +6,23 @@ The lab handle (pep.testing.satlab) runs them; the formats here are pure and uni
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
+import tempfile
 from collections.abc import Sequence
+from typing import IO, Any
 
 __all__ = [
     "NodeCommandError",
     "NodeCommandTimeout",
     "argv_in",
+    "arun_grouped",
     "command",
     "listening_ports",
+    "run_grouped",
     "tail",
 ]
 
@@ -36,6 +42,78 @@ def argv_in(ns: str, cmd: str | Sequence[str]) -> list[str]:
     """``cmd`` run in namespace ``ns`` (``ip netns exec`` also gives it the namespace's /sys
     and /etc/netns files)."""
     return ["ip", "netns", "exec", ns, *command(cmd)]
+
+
+def run_grouped(
+    argv: list[str], *, input: bytes | str | None, timeout: float, text: bool
+) -> subprocess.CompletedProcess[Any]:
+    """Run ``argv`` in a session of its own, its output captured (decoded with errors
+    replaced when ``text``); on a timeout (TimeoutExpired with what it wrote until then) or
+    an interrupt its whole process group is killed, so what it started does not outlive it."""
+    if isinstance(input, str):
+        input = input.encode()
+    with subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    ) as p:
+        try:
+            out, err = p.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(p.pid)
+            out, err = p.communicate()
+            raise subprocess.TimeoutExpired(
+                argv, timeout, _decoded(out, text), _decoded(err, text)
+            ) from None
+        except BaseException:
+            kill_group(p.pid)
+            raise
+    return subprocess.CompletedProcess(argv, p.returncode, _decoded(out, text), _decoded(err, text))
+
+
+async def arun_grouped(
+    argv: list[str], *, input: bytes | str | None, timeout: float, text: bool
+) -> subprocess.CompletedProcess[Any]:
+    """``run_grouped`` for trio: cancelled or timed out, the group is killed."""
+    import trio
+
+    async def deliver_cancel(process: trio.Process) -> None:
+        kill_group(process.pid)
+
+    data = input.encode() if isinstance(input, str) else (input or b"")
+    # Output goes to files, so what it wrote is still there when the timeout kills it.
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        with trio.move_on_after(timeout) as scope:
+            r = await trio.run_process(
+                argv,
+                check=False,
+                stdin=data,
+                stdout=out_f,
+                stderr=err_f,
+                start_new_session=True,
+                deliver_cancel=deliver_cancel,
+            )
+        out, err = _read_back(out_f, text), _read_back(err_f, text)
+    if scope.cancelled_caught:
+        raise subprocess.TimeoutExpired(argv, timeout, out, err)
+    return subprocess.CompletedProcess(argv, r.returncode, out, err)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a command run in its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _decoded(data: bytes | None, text: bool) -> str | bytes | None:
+    return data.decode(errors="replace") if text and data is not None else data
+
+
+def _read_back(f: IO[bytes], text: bool) -> str | bytes | None:
+    f.seek(0)
+    return _decoded(f.read(), text)
 
 
 def shown(cmd: str | Sequence[str]) -> str:

@@ -35,8 +35,10 @@ from pep.testing.node_commands import (
     NodeCommandError,
     NodeCommandTimeout,
     argv_in,
+    arun_grouped,
     command,
     listening_ports,
+    run_grouped,
     tail,
 )
 from pep.testing.satlab_options import MODES, LabConfig, lab_config
@@ -144,7 +146,7 @@ class SatLab:
         takes longer than ``timeout`` seconds. In a trio test, ``await arun(...)``."""
         argv = argv_in(self.ns(node), cmd)
         try:
-            r = subprocess.run(argv, capture_output=True, text=text, input=input, timeout=timeout)
+            r = run_grouped(argv, input=input, timeout=timeout, text=text)
         except subprocess.TimeoutExpired as e:
             raise NodeCommandTimeout(
                 node, self.ns(node), cmd, timeout, e.output, e.stderr
@@ -158,21 +160,17 @@ class SatLab:
         *,
         check: bool = True,
         timeout: float = 60,
-        input: bytes | None = None,
+        input: bytes | str | None = None,
         text: bool = True,
     ) -> subprocess.CompletedProcess[str]:
         """``run`` for trio: the event loop keeps running (a server of the test's own, say)."""
         argv = argv_in(self.ns(node), cmd)
-        with trio.move_on_after(timeout) as scope:
-            r = await trio.run_process(
-                argv, check=False, capture_stdout=True, capture_stderr=True, stdin=input
-            )
-        if scope.cancelled_caught:
-            raise NodeCommandTimeout(node, self.ns(node), cmd, timeout, None, None)
-        if text:
-            r = subprocess.CompletedProcess(
-                r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode()
-            )
+        try:
+            r = await arun_grouped(argv, input=input, timeout=timeout, text=text)
+        except subprocess.TimeoutExpired as e:
+            raise NodeCommandTimeout(
+                node, self.ns(node), cmd, timeout, e.output, e.stderr
+            ) from None
         return self._checked(node, cmd, r, check)
 
     def _checked(
@@ -201,6 +199,8 @@ class SatLab:
             name = f"{node}.{base}.{next(self._count)}"
         if name in self.lab.procs:
             raise LabError(f"lab {self.prefix!r} already runs a process named {name!r}")
+        if listen is not None and listen in self.listening(node):
+            raise LabError(f"port {listen} is already listening in node {node!r}: {name} not run")
         popen = self.lab.launch(name, self._check_node(node), argv)
         proc = NodeProcess(self.lab, name, node, popen)
         self._started.append(proc)

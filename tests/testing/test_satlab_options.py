@@ -7,14 +7,18 @@ import os
 import subprocess
 
 import pytest
+import trio
 
 from pep.lab.plan import LabSpec
 from pep.lab.profiles import PROFILES, LinkProfile
+from pep.lab.state import pid_running
 from pep.testing.node_commands import (
     NodeCommandError,
     NodeCommandTimeout,
     argv_in,
+    arun_grouped,
     listening_ports,
+    run_grouped,
 )
 from pep.testing.satlab_options import SatlabError, cases, lab_config, merge
 
@@ -125,6 +129,35 @@ def test_a_failed_command_names_its_node_and_shows_its_stderr() -> None:
         "in node 'link' (p-link): `sleep 99` did not finish within 2.5 s (killed); its stderr "
         "ends:\n    started"
     )
+
+
+# A shell that starts a child, says its pid (stdout) and something on stderr, then waits.
+FAMILY = ["sh", "-c", "sleep 300 & echo $!; echo waiting >&2; read x; sleep 300"]
+
+
+def test_a_command_that_times_out_is_killed_with_what_it_started() -> None:
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        run_grouped(FAMILY, input="line\n", timeout=1, text=True)
+    assert e.value.stderr == "waiting\n"
+    assert not pid_running(int(e.value.output))
+    r = run_grouped(["sh", "-c", "cat; printf '\\377' >&2"], input="in", timeout=5, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "in", "\ufffd")
+    r = run_grouped(["cat"], input="in", timeout=5, text=False)
+    assert r.stdout == b"in"
+
+
+def test_the_trio_variant_too() -> None:
+    async def main() -> None:
+        with pytest.raises(subprocess.TimeoutExpired) as e:
+            await arun_grouped(FAMILY, input="line\n", timeout=1, text=True)
+        assert e.value.stderr == "waiting\n"
+        await trio.sleep(0.2)  # SIGKILL sent; nothing waits here for the child to die
+        assert not pid_running(int(e.value.output))
+        cmd = ["sh", "-c", "cat; printf '\\377' >&2"]
+        r = await arun_grouped(cmd, input="in", timeout=5, text=True)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "in", "\ufffd")
+
+    trio.run(main)
 
 
 def test_listening_ports_from_proc_net_tcp() -> None:
