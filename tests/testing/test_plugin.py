@@ -96,7 +96,10 @@ def test_that_fails(satlab):
 def test_shared_first(satlab_session):
     record(prefix=satlab_session.prefix, shared="first")
     assert satlab_session.mode == "direct"
-    satlab_session.start("client", ["sleep", "300"], name="first-sleeper")
+    family = satlab_session.start(
+        "client", "sleep 301 & echo child=$!; wait", name="first-sleeper", ready="child="
+    )
+    record(child=int(family.output().split("child=")[1].split()[0]))
 
 @pytest.mark.satlab(pep="peer")
 @pytest.mark.trio
@@ -106,10 +109,18 @@ async def test_shared_second_in_trio(satlab_session):
     assert "first-sleeper" not in satlab_session.lab.procs  # stopped when its test ended
     r = await satlab_session.arun("client", ["ip", "-4", "-o", "addr", "show", "eth0"])
     assert "10.78.1.2/24" in r.stdout
+    satlab_session.lab.stop("pepa")  # the next test in this mode gets it back
+
+@pytest.mark.satlab(pep="peer")
+def test_shared_third(satlab_session):
+    record(prefix=satlab_session.prefix, shared="third")
+    assert satlab_session.lab.running("pepa")
+    with pytest.raises(Exception, match="port 80 is already listening in node 'server'"):
+        satlab_session.start("server", ["sleep", "9"], listen=80)
 '''
     )
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider", timeout=300)
-    result.assert_outcomes(passed=3, failed=1)
+    result.assert_outcomes(passed=4, failed=1)
     result.stdout.fnmatch_lines(["*assert '42\\n' == '43\\n'*"])
     seen = records(record)
     shared = {str(r["prefix"]) for r in seen if "shared" in r}
@@ -117,6 +128,8 @@ async def test_shared_second_in_trio(satlab_session):
     assert_gone({str(r["prefix"]) for r in seen if "prefix" in r})
     [sleeper] = [int(r["pid"]) for r in seen if "pid" in r]  # type: ignore[call-overload]
     assert not pid_running(sleeper)
+    [child] = [int(r["child"]) for r in seen if "child" in r]  # type: ignore[call-overload]
+    assert not pid_running(child)  # started by a process the test started: its group stopped
 
 
 def test_the_root_marker_skips_with_the_reason_and_fails_under_ci(
