@@ -322,23 +322,30 @@ class SatLab:
 
     # --- the end ------------------------------------------------------------------------------
 
-    def end_test(self, say: Callable[[str], None] = print) -> None:
+    def end_test(self, say: Callable[[str], None] = print, *, closing: bool = False) -> None:
         """What a test leaves behind in a lab that outlives it: the processes it started
-        stopped (their output shown), a fade ended."""
+        stopped (their output shown), a fade ended, however each step goes. A link that
+        cannot be restored raises (the next test would get a dead link), unless ``closing``:
+        the lab is removed anyway."""
         started, self._started = self._started, []
-        if started:
-            self.lab.stop(*(p.name for p in started))
-            for p in started:
-                say(f"--- {p.name} in node {p.node} ---\n{p.output().rstrip()}")
-                self.lab.procs.pop(p.name, None)
-            self.lab.save()
-        with contextlib.suppress(LabError, OSError):
-            self.restore_link()
+        try:
+            if started:
+                try:
+                    self.lab.stop(*(p.name for p in started))
+                    for p in started:
+                        say(f"--- {p.name} in node {p.node} ---\n{p.output().rstrip()}")
+                finally:
+                    for p in started:
+                        self.lab.procs.pop(p.name, None)
+                    self.lab.save()
+        finally:
+            with contextlib.suppress(*((LabError, OSError) if closing else ())):
+                self.restore_link()
 
     def close(self, say: Callable[[str], None] = print) -> None:
         """Stop what the test started, remove the lab; LabError if anything is left."""
         try:
-            self.end_test(say)
+            self.end_test(say, closing=True)
         finally:
             build.down(self.prefix, self.lab)
         left = lab_namespaces(self.prefix)
