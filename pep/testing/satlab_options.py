@@ -29,6 +29,7 @@ from pep.support.errors import describe
 __all__ = [
     "DEFAULTS",
     "MODES",
+    "TOPOLOGY_MODES",
     "LabConfig",
     "SatlabError",
     "cases",
@@ -41,6 +42,16 @@ __all__ = [
 MODES = ("none", "direct", "peer")
 # What `pep lab up` builds when told nothing: the GEO profile, a PEP at each end, [peer].
 DEFAULTS: dict[str, object] = {"profile": "geo", "topology": "symmetric", "pep": "peer"}
+# The modes each topology can have (pep.lab.build: [peer] only with a PEP at the far end; the
+# two-gateway labs' peps stay up, without [peer]); the first is the default where pep= is not
+# given: peer where there is one, direct elsewhere.
+TOPOLOGY_MODES: dict[str, tuple[str, ...]] = {
+    "symmetric": ("peer", "direct", "none"),
+    "star": ("peer", "direct", "none"),
+    "one-ended": ("direct", "none"),
+    "ha": ("direct",),
+    "ecmp": ("direct",),
+}
 # A profile of its own: nothing impaired until rtt/down/up/loss say so.
 CUSTOM = LinkProfile("custom", 0, None, None)
 
@@ -94,6 +105,9 @@ def lab_config(*args: object, **kwargs: object) -> LabConfig:
             raise SatlabError("satlab: the profile given twice (positional and profile=)")
         kwargs = {"profile": args[0], **kwargs}
     given = {**DEFAULTS, **kwargs}
+    modes = TOPOLOGY_MODES.get(str(given["topology"]), MODES)
+    if "pep" not in kwargs:
+        given["pep"] = modes[0]
     profile = _profile(given.pop("profile"))
     changes = {}
     for name, (field, parse) in _OVERRIDES.items():
@@ -103,6 +117,12 @@ def lab_config(*args: object, **kwargs: object) -> LabConfig:
     topology, pep = given.pop("topology"), given.pop("pep")
     if pep not in MODES:
         raise SatlabError(f"satlab: pep={pep!r}: choose {', '.join(map(repr, MODES))}")
+    if pep not in modes:
+        raise SatlabError(
+            f"satlab: pep={pep!r} with topology={topology!r}: it can have "
+            f"{', '.join(map(repr, modes))}"
+            + (" ([peer] needs a PEP at each end of the link)" if pep == "peer" else "")
+        )
     fields = {f.name for f in dataclasses.fields(LabSpec)} - _DECIDED
     for name in given:
         if name not in fields:

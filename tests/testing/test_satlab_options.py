@@ -70,6 +70,25 @@ def test_bad_keywords_are_named(args: tuple[object, ...], kwargs: dict, words: s
     assert str(e.value).startswith("satlab: ") and words in str(e.value), str(e.value)
 
 
+def test_a_mode_the_topology_cannot_have_is_refused_before_any_lab() -> None:
+    for topology, pep, words in [
+        ("one-ended", "peer", "pep='peer' with topology='one-ended': it can have 'direct', "
+         "'none' ([peer] needs a PEP at each end of the link)"),
+        ("ha", "none", "pep='none' with topology='ha': it can have 'direct'"),
+        ("ecmp", "peer", "pep='peer' with topology='ecmp': it can have 'direct'"),
+    ]:  # fmt: skip
+        with pytest.raises(SatlabError) as e:
+            lab_config(topology=topology, pep=pep)
+        assert words in str(e.value), str(e.value)
+    with pytest.raises(SatlabError, match="pep='peer' with topology='one-ended'"):
+        cases(merge([((), {"topology": "one-ended", "pep": ["none", "peer"]})]))
+    # Told no mode: peer where the topology has it, direct where it does not.
+    assert [lab_config(topology=t).pep for t in ("symmetric", "star", "one-ended", "ha")] == [
+        "peer", "peer", "direct", "direct",
+    ]  # fmt: skip
+    assert lab_config(topology="one-ended", pep="none").pep == "none"
+
+
 def test_further_labspec_fields_pass_through() -> None:
     """A topology's own options (the star's terminals, plans, terminal_pep) are LabSpec fields:
     whatever LabSpec declares beyond what the plugin decides goes through, sorted, so the config
