@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 # The configuration each test that uses a lab gets, decided once at collection: the fixture
 # reads it back rather than merging the markers again (the plugin's own marker among them).
 CONFIG_KEY = pytest.StashKey["LabConfig"]()
+SIGTERM_KEY = pytest.StashKey[bool]()  # this plugin installed the SIGTERM handler
+_PYTEST_PID = 0  # the process it is installed in (forks inherit it)
 
 __all__ = ["netns_unavailable", "require_root"]
 
@@ -76,6 +80,32 @@ def require_root() -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
+    # SIGTERM (a cancelled CI job, `timeout`) would end pytest with no teardown, leaving the
+    # labs behind: made a KeyboardInterrupt, it tears down as Ctrl-C does. Only where nobody
+    # handles SIGTERM already, and only in the main thread (where handlers can be set).
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
+        global _PYTEST_PID
+        _PYTEST_PID = os.getpid()
+        signal.signal(signal.SIGTERM, _sigterm)
+        config.stash[SIGTERM_KEY] = True
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(SIGTERM_KEY, False) and signal.getsignal(signal.SIGTERM) is _sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    if os.getpid() != _PYTEST_PID:
+        # A fork of pytest that did not exec (pyroute2's NetNS helper) ends as SIGTERM ends
+        # it: running pytest's teardown there would remove the labs under the real pytest.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

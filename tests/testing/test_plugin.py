@@ -194,7 +194,8 @@ def _until_recorded(path: Path, proc: subprocess.Popen[bytes]) -> str:
 
 
 def test_interrupted_or_killed_runs_leave_nothing(pytester: pytest.Pytester, record: Path) -> None:
-    """Ctrl-C: the teardown removes the lab. SIGKILL: nothing runs in the killed process, so
+    """Ctrl-C, SIGTERM (the plugin makes it a KeyboardInterrupt): the teardown removes the
+    lab. SIGKILL: nothing runs in the killed process, so
     its lab stays until the next run's first lab fixture, which removes it (its owner's pid,
     in the prefix, is gone)."""
     pytester.makepyfile(
@@ -207,7 +208,7 @@ def test_waits(satlab):
         test_sweep="def test_sweeps(satlab_prefix): pass\n",
     )
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_slow.py"]
-    for sig in (signal.SIGINT, signal.SIGKILL):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         record.unlink(missing_ok=True)
         proc = pytester.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
