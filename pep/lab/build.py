@@ -36,16 +36,16 @@ from pep.lab.plan import (
 )
 from pep.lab.state import Lab, exists, lab_namespaces, state_root
 from pep.support.errors import describe
+from pep.testing.node_commands import netns_unavailable
 
 __all__ = ["check_environment", "delayline_argv", "down", "up"]
 
 
 def check_environment() -> None:
-    if os.geteuid() != 0:
-        raise LabError("needs root (network namespaces, iptables, NFQUEUE): run it with sudo")
-    for tool, package in (("ip", "iproute2"), ("iptables-legacy", "iptables")):
-        if shutil.which(tool) is None:
-            raise LabError(f"`{tool}` is not installed (Debian package {package})")
+    """LabError saying why no lab can be built here (what the pytest plugin checks too)."""
+    reason = netns_unavailable()
+    if reason is not None:
+        raise LabError(reason + (": run it with sudo" if os.geteuid() != 0 else ""))
 
 
 def up(spec: LabSpec, progress: Callable[[str], None] | None = None) -> Lab:

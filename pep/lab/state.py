@@ -21,6 +21,7 @@ from typing import Any
 
 from pep.lab.plan import PEP_NODES, LabError
 from pep.lab.profiles import LinkProfile
+from pep.testing.node_commands import tail
 
 __all__ = [
     "STATE_ENV",
@@ -191,10 +192,10 @@ class Lab:
                 return proc.pid
             if proc.poll() is not None:
                 raise LabError(
-                    f"{name} in {ns} exited with status {proc.returncode}:\n" + _tail(text)
+                    f"{name} in {ns} exited with status {proc.returncode}:\n" + tail(text)
                 )
             if time.monotonic() > deadline:
-                raise LabError(f"{name} in {ns} not ready after {timeout:g}s:\n" + _tail(text))
+                raise LabError(f"{name} in {ns} not ready after {timeout:g}s:\n" + tail(text))
             time.sleep(0.05)
 
     def output(self, name: str) -> str:
@@ -322,7 +323,3 @@ def _read_from(path: Path, offset: int) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
-
-
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])

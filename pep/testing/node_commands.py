@@ -1,5 +1,6 @@
 """Commands in a lab's node, for a test: the argv that runs them there, the errors that say
-which node and what it printed, and whether something listens on a port in a namespace.
+which node and what it printed, and whether something listens on a port in a namespace; and
+whether namespaces can be made here at all (``netns_unavailable``, for the plugin and the lab).
 
 The lab handle (pep.testing.satlab) runs them; the formats here are pure and unit-tested.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -22,11 +24,22 @@ __all__ = [
     "arun_grouped",
     "command",
     "listening_ports",
+    "netns_unavailable",
     "run_grouped",
     "tail",
 ]
 
 STDERR_LINES = 20  # of a failed command's stderr, in its error: the end says what went wrong
+
+
+def netns_unavailable() -> str | None:
+    """Why namespace labs cannot be built here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, iptables, NFQUEUE)"
+    for tool, package in (("iptables-legacy", "iptables"), ("ip", "iproute2")):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed (Debian package {package})"
+    return None
 
 
 def command(cmd: str | Sequence[str]) -> list[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pep.support.errors import describe
+from pep.testing import node_commands
 
 if TYPE_CHECKING:
     from pep.testing.satlab import SatLab, SharedLabs
@@ -56,15 +56,8 @@ MARKERS = (
 )
 
 
-@functools.cache
-def netns_unavailable() -> str | None:
-    """Why namespace tests cannot run here, or None when they can."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, iptables, NFQUEUE)"
-    for tool, package in (("iptables-legacy", "iptables"), ("ip", "iproute2")):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (Debian package {package})"
-    return None
+# Why namespace tests cannot run here, or None when they can (asked once per run).
+netns_unavailable = functools.cache(node_commands.netns_unavailable)
 
 
 def require_root() -> None:
